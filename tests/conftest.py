@@ -1,0 +1,79 @@
+"""Shared fixtures.
+
+Two ways to reach a real ComfyUI (see scripts/comfy_host.py for how it is found):
+* in-process (fast): ``comfy`` imports ComfyUI on the CPU in this process and loads the plugin
+  the way ComfyUI's own loader does; ``plugin`` gives the plugin's submodules as loaded there.
+* a real server (``comfy_server`` in tests/server_harness.py): ``main.py --cpu`` on a free
+  loopback port, driven over HTTP like a user's browser.
+
+Tests of core/ and training/ need neither: they import those packages with ComfyUI absent.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# Appended, not prepended: ComfyUI's root must win for its top-level ``nodes``/``utils``.
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
+
+pytest_plugins = ["tests.server_harness"]
+
+
+@pytest.fixture(scope="session")
+def comfy_home(tmp_path_factory) -> Path:
+    """A throw-away ComfyUI base directory (models/, output/, input/, user/)."""
+    return tmp_path_factory.mktemp("comfy_home")
+
+
+@pytest.fixture(scope="session")
+def comfy(comfy_home):
+    """ComfyUI's ``nodes`` module, imported in this process with the plugin loaded."""
+    from scripts.comfy_host import import_comfy
+
+    return import_comfy(base_directory=comfy_home)
+
+
+@pytest.fixture(scope="session")
+def plugin(comfy):
+    """``plugin('core.schedules')`` → that submodule of the plugin as ComfyUI loaded it."""
+    from scripts.comfy_host import plugin_module
+
+    return plugin_module
+
+
+@pytest.fixture(scope="session")
+def tiny(comfy) -> dict[str, Path]:
+    """Paths of the on-disk tiny models (built once, then cached under .cache/)."""
+    from scripts.tiny_models import build_all
+
+    return build_all()
+
+
+@pytest.fixture(scope="session")
+def sd15(comfy, tiny):
+    """(model, clip, vae) of the tiny SD1.5 checkpoint, loaded by ComfyUI's own loader."""
+    import comfy.sd
+
+    out = comfy.sd.load_checkpoint_guess_config(str(tiny["tiny_sd15"]))
+    return out[0], out[1], out[2]
+
+
+@pytest.fixture(scope="session")
+def sdxl(comfy):
+    """A tiny SDXL ModelPatcher (in memory: detection pins SDXL's real depths)."""
+    from scripts.tiny_models import sdxl_model_patcher
+
+    return sdxl_model_patcher()
+
+
+@pytest.fixture(scope="session")
+def sd2v(comfy):
+    """A tiny SD2-style v-prediction ModelPatcher."""
+    from scripts.tiny_models import sd2_vpred_model_patcher
+
+    return sd2_vpred_model_patcher()

@@ -1,0 +1,167 @@
+"""One frozen, validated configuration for ADD training (arXiv 2311.17042, Sec. 3 and the spec).
+
+The node layer builds an :class:`ADDConfig` from its widgets and passes it down; nothing in
+``training/`` reads globals or argument bags. Defaults are the spec's starting hyperparameters
+(open code where the paper gives none).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+DISTILL_WEIGHTINGS = ("exponential", "sds")
+DISCRIMINATOR_TYPES = ("teacher", "dinov2")
+TRAINING_MODES = ("lora", "full")
+
+
+@dataclass(frozen=True)
+class ADDConfig:
+    """Every hyperparameter of one ADD run. Validated in ``__post_init__``.
+
+    Timesteps are discrete indices ``0 .. num_train_timesteps-1`` of the model's schedule
+    (999 is the noisiest for SD-class models).
+    """
+
+    # --- student (Sec. 3.1): s ~ Uniform(T_student); tau_N = top timestep gets pure noise ---
+    student_timesteps: tuple[int, ...] = (999, 749, 499, 249)
+    num_train_timesteps: int = 1000
+    pure_noise_at_top: bool = True  # zero-terminal SNR at tau_N (spec step 2)
+    training_mode: str = "lora"  # 'lora' (shares the teacher's weights) | 'full' (deep copy)
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+
+    # --- losses: L_G = L_adv + lambda * L_distill (Eq. 5), R1 gamma on the D side ---
+    distill_weight: float = 2.5  # lambda
+    adv_weight: float = 1.0  # 0 = distillation-only ablation (no discriminator is trained)
+    distill_weighting: str = "exponential"  # c(t) = alpha_t ('exponential') | SDS weighting
+    r1_gamma: float = 1e-5
+    teacher_cfg_scale: float = 1.0  # 1.0 = one conditional teacher pass, no CFG
+    teacher_timestep_range: tuple[int, int] = (1, 999)  # t for re-noising the student output
+    disc_timestep_range: tuple[int, int] = (0, 999)  # t-hat for the teacher-feature D (LADD)
+
+    # --- discriminator ---
+    discriminator: str = "teacher"  # 'teacher' (LADD features, latent space) | 'dinov2'
+    disc_head_channels: int = 0  # 0 = keep each feature's own width
+
+    # --- optimisation (AdamW; open code) ---
+    lr_lora: float = 1e-4
+    lr_full: float = 1e-6
+    lr_disc: float = 1e-4
+    lr_warmup_steps: int = 0
+    gen_betas: tuple[float, float] = (0.9, 0.999)
+    disc_betas: tuple[float, float] = (0.0, 0.999)
+    weight_decay: float = 1e-2
+    grad_clip: float = 1.0
+    batch_size: int = 4
+    ema_decay: float | None = None  # None disables the EMA of the student
+
+    # --- run control ---
+    seed: int = 0
+    max_steps: int = 2000
+    save_every: int = 500  # 0 = only at the end
+    preview_every: int = 100  # 0 = never
+    max_nonfinite_steps: int = 10  # consecutive non-finite iterations before stopping
+
+    def __post_init__(self) -> None:
+        # JSON gives lists; normalise to tuples so the dataclass stays hashable and comparable.
+        for name in ("student_timesteps", "teacher_timestep_range", "disc_timestep_range",
+                     "gen_betas", "disc_betas"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        for name, (check, allowed) in _RULES.items():
+            value = getattr(self, name)
+            ok = False
+            try:
+                ok = bool(check(value, self))
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ValueError(f"ADDConfig.{name}={value!r} is invalid: expected {allowed}.")
+
+    @property
+    def lr_student(self) -> float:
+        """Student learning rate for the chosen training mode (LoRA 1e-4 / full 1e-6 by default)."""
+        return self.lr_lora if self.training_mode == "lora" else self.lr_full
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (tuples become lists)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ADDConfig":
+        """Inverse of :meth:`to_dict`; unknown keys raise so typos are not silently ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"ADDConfig.from_dict: unknown keys {unknown}; known keys are {sorted(known)}.")
+        return cls(**dict(data))
+
+    def replace(self, **changes: Any) -> "ADDConfig":
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _t_range(v: Any, c: ADDConfig) -> bool:
+    return (isinstance(v, tuple) and len(v) == 2 and all(_int(t) for t in v)
+            and 0 <= v[0] <= v[1] <= c.num_train_timesteps - 1)
+
+
+def _betas(v: Any, c: ADDConfig) -> bool:
+    return isinstance(v, tuple) and len(v) == 2 and all(_finite(b) and 0.0 <= b < 1.0 for b in v)
+
+
+# field -> (predicate(value, config), human-readable allowed range for the error message)
+_RULES: dict[str, tuple[Callable[[Any, ADDConfig], bool], str]] = {
+    "num_train_timesteps": (lambda v, c: _int(v) and 2 <= v <= 100_000, "an int in [2, 100000]"),
+    "student_timesteps": (
+        lambda v, c: isinstance(v, tuple) and len(v) >= 1 and all(_int(t) and 0 <= t < c.num_train_timesteps for t in v)
+        and len(set(v)) == len(v),
+        "a non-empty tuple of distinct ints in [0, num_train_timesteps-1], e.g. (999, 749, 499, 249)"),
+    "pure_noise_at_top": (lambda v, c: isinstance(v, bool), "True or False"),
+    "training_mode": (lambda v, c: v in TRAINING_MODES, f"one of {TRAINING_MODES}"),
+    "lora_rank": (lambda v, c: _int(v) and 1 <= v <= 1024, "an int in [1, 1024]"),
+    "lora_alpha": (lambda v, c: _finite(v) and v > 0, "a float > 0 (usually equal to lora_rank)"),
+    "distill_weight": (lambda v, c: _finite(v) and v >= 0, "a float >= 0 (paper: 2.5)"),
+    "adv_weight": (lambda v, c: _finite(v) and v >= 0, "a float >= 0 (1.0 = paper; 0 = distillation only)"),
+    "distill_weighting": (lambda v, c: v in DISTILL_WEIGHTINGS, f"one of {DISTILL_WEIGHTINGS}"),
+    "r1_gamma": (lambda v, c: _finite(v) and v >= 0, "a float >= 0 (paper: 1e-5)"),
+    "teacher_cfg_scale": (lambda v, c: _finite(v) and 0 <= v <= 50, "a float in [0, 50] (1.0 = no CFG)"),
+    "teacher_timestep_range": (_t_range, "(lo, hi) ints with 0 <= lo <= hi <= num_train_timesteps-1"),
+    "disc_timestep_range": (_t_range, "(lo, hi) ints with 0 <= lo <= hi <= num_train_timesteps-1"),
+    "discriminator": (lambda v, c: v in DISCRIMINATOR_TYPES, f"one of {DISCRIMINATOR_TYPES}"),
+    "disc_head_channels": (lambda v, c: _int(v) and 0 <= v <= 4096, "an int in [0, 4096] (0 = feature width)"),
+    "lr_lora": (lambda v, c: _finite(v) and 0 < v <= 1, "a float in (0, 1] (default 1e-4)"),
+    "lr_full": (lambda v, c: _finite(v) and 0 < v <= 1, "a float in (0, 1] (default 1e-6)"),
+    "lr_disc": (lambda v, c: _finite(v) and 0 < v <= 1, "a float in (0, 1]"),
+    "lr_warmup_steps": (lambda v, c: _int(v) and v >= 0, "an int >= 0"),
+    "gen_betas": (_betas, "two floats in [0, 1)"),
+    "disc_betas": (_betas, "two floats in [0, 1) (default (0, 0.999))"),
+    "weight_decay": (lambda v, c: _finite(v) and 0 <= v <= 1, "a float in [0, 1]"),
+    "grad_clip": (lambda v, c: _finite(v) and v > 0, "a float > 0"),
+    "batch_size": (lambda v, c: _int(v) and 1 <= v <= 4096, "an int in [1, 4096] (>= 4 recommended with hinge loss)"),
+    "ema_decay": (lambda v, c: v is None or (_finite(v) and 0 < v < 1), "None (off) or a float in (0, 1)"),
+    "seed": (lambda v, c: _int(v) and 0 <= v < 2**63, "an int in [0, 2**63)"),
+    "max_steps": (lambda v, c: _int(v) and v >= 1, "an int >= 1"),
+    "save_every": (lambda v, c: _int(v) and v >= 0, "an int >= 0 (0 = save only at the end)"),
+    "preview_every": (lambda v, c: _int(v) and v >= 0, "an int >= 0 (0 = no previews)"),
+    "max_nonfinite_steps": (lambda v, c: _int(v) and v >= 1, "an int >= 1"),
+}
+
+_missing = {f.name for f in dataclasses.fields(ADDConfig)} - set(_RULES)
+assert not _missing, f"ADDConfig fields without a validation rule: {_missing}"

@@ -1,0 +1,383 @@
+"""ADD training step and loop (arXiv 2311.17042, Sec. 3 / Fig. 2; spec steps 1-6).
+
+One iteration: x0 -> student input x_s at s ~ U(T_student) -> x_hat_theta = student(x_s, s, c) ->
+phase 'D' on sg(x_hat_theta) (hinge + gamma R1) -> phase 'G' (hinge adv + lambda * c(t) distill).
+Losses are computed by :func:`step` (pure: no optimiser in it); :class:`Trainer` owns optimisers,
+EMA, RNG, non-finite bookkeeping, stop event and callbacks.
+
+Noise form: every x handed to a denoiser here is VE form, x = x0 + sigma * eps (ComfyUI's).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from training.config import ADDConfig
+from training.discriminator import (Discriminator, HookedActivations, TeacherFeatures, check_frozen,
+                                    probe_feature_channels)
+from training.losses import DistillationLoss, HingeDLoss, HingeGLoss, R1Penalty
+from training.schedule import DiscreteSchedule, add_noise_ve, broadcast_like
+from training.student import DenoiseFn, FullStudent, LoRAStudent
+
+Batch = Mapping[str, Any]  # {"x0": (B, ...) latents, "cond": any, "uncond": any?, "pooled": (B, c)?}
+DataFn = Callable[[torch.Generator, int], Batch]  # (generator, batch_size) -> batch; deterministic
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Raised after ``max_nonfinite_steps`` consecutive iterations with a non-finite loss or gradient."""
+
+
+@dataclass
+class ADDModels:
+    """Everything :func:`step` needs. ``student`` is a LoRAStudent or FullStudent."""
+
+    student: LoRAStudent | FullStudent
+    discriminator: Discriminator | None  # None when adv_weight == 0 (distillation-only ablation)
+    schedule: DiscreteSchedule
+
+
+def build_models(network: nn.Module, denoise: DenoiseFn, cfg: ADDConfig, schedule: DiscreteSchedule,
+                 *, feature_modules: Sequence[str] | None = None,
+                 feature_fn: Callable[[Tensor, Any, torch.Generator], list] | None = None,
+                 probe_batch: Batch | None = None, c_dim: int = 0,
+                 target_modules: Sequence[str] | None = None) -> ADDModels:
+    """Build student + discriminator around one host network.
+
+    - ``denoise(network, x_ve, sigma, cond) -> x0`` runs the network (ComfyUI adapter or toy).
+    - 'teacher' discriminator: pass ``feature_modules`` (names of submodules of ``network`` whose
+      outputs are the features; read with forward hooks on the frozen teacher, adapters off).
+    - 'dinov2' (or any custom) discriminator: pass ``feature_fn(x0, cond, generator) -> list``,
+      e.g. a :class:`training.discriminator.DinoV2Features`.
+    ``probe_batch`` (one batch) is used once to read the feature widths. ``c_dim > 0`` makes the
+    heads projection-conditioned on ``batch['pooled']``.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)  # init-only generator, separate from training's
+    if cfg.training_mode == "lora":
+        student: LoRAStudent | FullStudent = LoRAStudent(network, denoise, cfg.lora_rank, cfg.lora_alpha, gen,
+                                                         target_modules=target_modules)
+    else:
+        student = FullStudent(network, denoise)
+    check_frozen(student.teacher_params(), "teacher")
+    disc = None
+    if cfg.adv_weight > 0:
+        if feature_fn is None:
+            if cfg.discriminator != "teacher" or not feature_modules:
+                raise ValueError("build_models: discriminator='teacher' needs feature_modules (submodule names of "
+                                 "the network); discriminator='dinov2' needs feature_fn=DinoV2Features(...).")
+            hooks = HookedActivations(student.teacher_network(), feature_modules)
+
+            def teacher_features(x: Tensor, sigma: Tensor, cond: Any) -> list:
+                return hooks(lambda: student.teacher(x, sigma, cond))
+
+            feature_fn = TeacherFeatures(teacher_features, schedule, cfg.disc_timestep_range,
+                                         frozen_params=student.teacher_params())
+        if probe_batch is None:
+            raise ValueError("build_models: pass probe_batch (one batch from your data) to size the heads.")
+        probe_gen = torch.Generator(device=_gen_device(probe_batch["x0"])).manual_seed(cfg.seed)
+        channels = probe_feature_channels(feature_fn, probe_batch["x0"], probe_batch.get("cond"), probe_gen)
+        disc = Discriminator(feature_fn, channels, c_dim=c_dim, head_channels=cfg.disc_head_channels, generator=gen)
+        disc.to(probe_batch["x0"].device)
+    return ADDModels(student=student, discriminator=disc, schedule=schedule)
+
+
+def _gen_device(x: Tensor) -> str:
+    return "cuda" if x.is_cuda else "cpu"
+
+
+# --------------------------------------------------------------------------------------------
+# the step
+# --------------------------------------------------------------------------------------------
+def student_input(x0: Tensor, models: ADDModels, cfg: ADDConfig, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """Spec step 2: s ~ U(T_student), x = x0 + sigma_s * eps (VE).
+
+    At the top timestep tau_N (index T-1) with ``pure_noise_at_top`` the input is pure noise,
+    x = eps / alpha_top (= ComfyUI's full-denoise noise scaling eps * sqrt(1+sigma^2)): zero
+    terminal SNR without ever dividing by alpha = 0, since alpha_top is the table's finite value.
+    Returns (x_ve (B,...), sigma (B,), t (B,) long).
+    """
+    b = x0.shape[0]
+    ts = torch.tensor(cfg.student_timesteps, dtype=torch.long)
+    idx = torch.randint(0, len(ts), (b,), generator=generator, device=generator.device).cpu()
+    t = ts[idx]
+    sigma = models.schedule.sigma(t, dtype=x0.dtype, device=x0.device)
+    eps = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=x0.dtype).to(x0.device)
+    x = add_noise_ve(x0, sigma, eps)
+    if cfg.pure_noise_at_top:
+        top = (t == models.schedule.num_timesteps - 1).to(x0.device)
+        if bool(top.any()):
+            pure = eps * broadcast_like((1.0 + sigma * sigma).sqrt(), x0)
+            x = torch.where(broadcast_like(top, x0).bool(), pure, x)
+    return x, sigma, t
+
+
+def student_forward(batch: Batch, models: ADDModels, cfg: ADDConfig, generator: torch.Generator) -> Tensor:
+    """Spec step 3: x_hat_theta = student(x_s, s, c), one evaluation, predicting x0 (B, ...)."""
+    x, sigma, _ = student_input(batch["x0"], models, cfg, generator)
+    return models.student.student(x, sigma, batch.get("cond"))
+
+
+def teacher_x0(models: ADDModels, x: Tensor, sigma: Tensor, batch: Batch, cfg_scale: float) -> Tensor:
+    """One teacher denoising step (adapters off), with classifier-free guidance when
+    ``cfg_scale != 1`` and ``batch['uncond']`` is given: x0 = u + w (c - u). Caller decides grad."""
+    cond = models.student.teacher(x, sigma, batch.get("cond"))
+    if cfg_scale == 1.0 or batch.get("uncond") is None:
+        return cond
+    uncond = models.student.teacher(x, sigma, batch["uncond"])
+    return uncond + cfg_scale * (cond - uncond)
+
+
+_HINGE_D, _HINGE_G = HingeDLoss(), HingeGLoss()
+
+
+def step(batch: Batch, models: ADDModels, cfg: ADDConfig, phase: str, *, generator: torch.Generator,
+         fake: Tensor | None = None) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """Losses of one phase. ``fake`` = x_hat_theta (computed here when None).
+
+    phase 'D' (spec step 4): L_D = hinge(real, sg(fake)) + gamma * R1(real head inputs).
+    phase 'G' (spec step 5): L_G = adv_weight * L_adv + lambda * c(t) * ||x_hat - x_hat_psi||^2.
+    Returns ({'total': scalar to backward, parts...}, {name: float for logging}).
+    """
+    if phase not in ("D", "G"):
+        raise ValueError(f"step: phase must be 'D' or 'G', got {phase!r}.")
+    x0, cond, pooled = batch["x0"], batch.get("cond"), batch.get("pooled")
+    disc = models.discriminator
+    if phase == "D":
+        if disc is None:
+            raise ValueError("step(phase='D') needs a discriminator; cfg.adv_weight is 0.")
+        if fake is None:
+            with torch.no_grad():
+                fake = student_forward(batch, models, cfg, generator)
+        fake = fake.detach()  # sg(x_hat_theta): no gradient to the student in the D phase
+        real_logits, real_inputs = disc(x0, cond, pooled, generator=generator, grad_through_features=False,
+                                        return_inputs=True)
+        fake_logits = disc(fake, cond, pooled, generator=generator, grad_through_features=False)
+        hinge = _HINGE_D(real_logits, fake_logits)
+        r1 = R1Penalty(cfg.r1_gamma)(real_logits, real_inputs)
+        total = hinge + r1
+        with torch.no_grad():
+            real_mean = torch.stack([r.mean() for r in real_logits]).mean()
+            fake_mean = torch.stack([f.mean() for f in fake_logits]).mean()
+        losses = {"total": total, "d_hinge": hinge, "r1": r1}
+        logs = {"d_loss": float(total.detach()), "r1": float(r1.detach()),
+                "d_real": float(real_mean), "d_fake": float(fake_mean)}
+        return losses, logs
+
+    if fake is None:
+        fake = student_forward(batch, models, cfg, generator)
+    zero = fake.new_zeros((), dtype=torch.float32)
+    adv = zero
+    if disc is not None and cfg.adv_weight > 0:
+        with _frozen_heads(disc):  # heads are not optimised in phase G; only x_hat gets gradient
+            fake_logits = disc(fake, cond, pooled, generator=generator, grad_through_features=True)
+        adv = _HINGE_G(fake_logits)
+    distill = zero
+    if cfg.distill_weight > 0:
+        b = fake.shape[0]
+        lo, hi = cfg.teacher_timestep_range
+        t = torch.randint(lo, hi + 1, (b,), generator=generator, device=generator.device).cpu()
+        sigma_t = models.schedule.sigma(t, dtype=fake.dtype, device=fake.device)
+        eps = torch.randn(fake.shape, generator=generator, device=generator.device, dtype=fake.dtype).to(fake.device)
+        # Re-noise the STUDENT's output (not x0): x_hat_theta,t = x_hat_theta + sigma_t * eps' (VE form).
+        with torch.no_grad():  # the teacher target x_hat_psi never carries gradient
+            target = teacher_x0(models, add_noise_ve(fake.detach(), sigma_t, eps), sigma_t, batch,
+                                cfg.teacher_cfg_scale)
+        distill = DistillationLoss(cfg.distill_weighting)(fake, target, sigma_t)
+    total = cfg.adv_weight * adv + cfg.distill_weight * distill
+    losses = {"total": total, "adv": adv, "distill": distill}
+    logs = {"g_loss": float(total.detach()), "adv": float(adv.detach()), "distill": float(distill.detach())}
+    return losses, logs
+
+
+@contextlib.contextmanager
+def _frozen_heads(disc: Discriminator) -> Iterator[None]:
+    flags = [p.requires_grad for p in disc.heads.parameters()]
+    disc.heads.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(disc.heads.parameters(), flags):
+            p.requires_grad_(f)
+
+
+# --------------------------------------------------------------------------------------------
+# helpers: EMA, lr schedule
+# --------------------------------------------------------------------------------------------
+class EMA:
+    """Exponential moving average of the student's trainable tensors (DiT's update_ema)."""
+
+    def __init__(self, params: Sequence[nn.Parameter], decay: float) -> None:
+        self.params, self.decay = list(params), decay
+        self.shadow = [p.detach().clone().float() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach().float(), 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        """Temporarily load the EMA weights into the student (for previews / export)."""
+        backup = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, s in zip(self.params, self.shadow):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(self.params, backup):
+                    p.copy_(b)
+
+
+def get_lr(step: int, base_lr: float, warmup_steps: int) -> float:
+    """Linear warm-up then constant; a pure function of the step (nanoGPT style)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    return base_lr
+
+
+def _all_finite(tensors: Sequence[Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+# --------------------------------------------------------------------------------------------
+# the loop
+# --------------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    step: int
+    stopped: bool  # True when the stop event ended the run early
+    nonfinite_total: int
+    last_logs: dict[str, float] = field(default_factory=dict)
+    last_checkpoint: str | None = None
+
+
+class Trainer:
+    """Owns the optimisers, EMA, RNG and counters of one run; :meth:`run` is the loop.
+
+    ``data(generator, batch_size) -> batch`` draws batches from the trainer's generator, so a
+    checkpoint (which stores that generator's state) resumes the data stream as well.
+    """
+
+    def __init__(self, models: ADDModels, cfg: ADDConfig, data: DataFn, device: str | torch.device = "cpu") -> None:
+        self.models, self.cfg, self.data = models, cfg, data
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
+        self.student_params = models.student.trainable_parameters()
+        self.opt_g = torch.optim.AdamW(self.student_params, lr=cfg.lr_student, betas=cfg.gen_betas,
+                                       weight_decay=cfg.weight_decay)
+        self.disc_params = list(models.discriminator.heads.parameters()) if models.discriminator is not None else []
+        self.opt_d = (torch.optim.AdamW(self.disc_params, lr=cfg.lr_disc, betas=cfg.disc_betas,
+                                        weight_decay=cfg.weight_decay) if self.disc_params else None)
+        self.ema = EMA(self.student_params, cfg.ema_decay) if cfg.ema_decay is not None else None
+        self.step = 0
+        self.nonfinite_total = 0
+        self.nonfinite_consecutive = 0
+        self.last_checkpoint: str | None = None
+
+    def _apply(self, loss: Tensor, params: list, opt: torch.optim.Optimizer) -> bool:
+        """backward, clip, step; False (and no update) if the loss or any gradient is not finite."""
+        if not bool(torch.isfinite(loss.detach())):
+            opt.zero_grad(set_to_none=True)
+            return False
+        loss.backward()
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip) if grads else loss.new_zeros(())
+        if not bool(torch.isfinite(norm)) or not _all_finite(grads):
+            opt.zero_grad(set_to_none=True)
+            return False
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return True
+
+    def train_step(self) -> dict[str, float]:
+        """One iteration: D step then G step on the same x_hat_theta. Returns logs."""
+        cfg, models = self.cfg, self.models
+        for group in self.opt_g.param_groups:
+            group["lr"] = get_lr(self.step, cfg.lr_student, cfg.lr_warmup_steps)
+        batch = self.data(self.generator, cfg.batch_size)
+        models.discriminator is not None and models.discriminator.train(True)
+        fake = student_forward(batch, models, cfg, self.generator)  # keeps the graph for phase G
+        logs: dict[str, float] = {}
+        ok = True
+        if self.opt_d is not None:
+            self.opt_d.zero_grad(set_to_none=True)
+            d_losses, d_logs = step(batch, models, cfg, "D", generator=self.generator, fake=fake.detach())
+            ok &= self._apply(d_losses["total"], self.disc_params, self.opt_d)
+            logs.update(d_logs)
+        self.opt_g.zero_grad(set_to_none=True)
+        g_losses, g_logs = step(batch, models, cfg, "G", generator=self.generator, fake=fake)
+        g_ok = self._apply(g_losses["total"], self.student_params, self.opt_g)
+        if g_ok and self.ema is not None:
+            self.ema.update()
+        ok &= g_ok
+        logs.update(g_logs)
+        self.step += 1
+        if ok:
+            self.nonfinite_consecutive = 0
+        else:
+            self.nonfinite_total += 1
+            self.nonfinite_consecutive += 1
+        logs.update(step=self.step, nonfinite=self.nonfinite_total, skipped=float(not ok))
+        return logs
+
+    def run(self, stop_event: threading.Event | None = None,
+            progress: Callable[[int, dict], None] | None = None,
+            preview: Callable[[int, "Trainer"], None] | None = None,
+            checkpoint_dir: str | None = None) -> TrainResult:
+        """Train until ``cfg.max_steps`` or until ``stop_event`` is set (checked between steps).
+
+        Saves to ``checkpoint_dir`` every ``save_every`` steps, only after a finite iteration, and
+        at the end. After ``max_nonfinite_steps`` consecutive skipped iterations raises
+        :class:`NonFiniteTrainingError`; the last good checkpoint is left untouched.
+        """
+        from training.checkpoint import save_checkpoint  # local import: checkpoint imports this module
+
+        cfg, logs, stopped = self.cfg, {}, False
+        while self.step < cfg.max_steps:
+            if stop_event is not None and stop_event.is_set():
+                stopped = True
+                break
+            logs = self.train_step()
+            if self.nonfinite_consecutive >= cfg.max_nonfinite_steps:
+                raise NonFiniteTrainingError(
+                    f"Stopped at step {self.step}: {self.nonfinite_consecutive} consecutive steps had a non-finite "
+                    f"loss or gradient. Last good checkpoint: {self.last_checkpoint or 'none saved'}. Lower the "
+                    "learning rates, check the data for NaN/inf, or keep the VAE/heads in fp32.")
+            if progress is not None:
+                progress(self.step, logs)
+            if preview is not None and cfg.preview_every and self.step % cfg.preview_every == 0:
+                preview(self.step, self)
+            if (checkpoint_dir and cfg.save_every and self.step % cfg.save_every == 0
+                    and self.nonfinite_consecutive == 0):
+                self.last_checkpoint = save_checkpoint(self, checkpoint_dir)
+        if checkpoint_dir and self.nonfinite_consecutive == 0 and (
+                self.last_checkpoint is None or not self.last_checkpoint.endswith(_step_name(self.step))):
+            self.last_checkpoint = save_checkpoint(self, checkpoint_dir)
+        return TrainResult(step=self.step, stopped=stopped, nonfinite_total=self.nonfinite_total,
+                           last_logs=logs, last_checkpoint=self.last_checkpoint)
+
+
+def _step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def train(models: ADDModels, cfg: ADDConfig, data: DataFn, *, device: str | torch.device = "cpu",
+          stop_event: threading.Event | None = None, progress: Callable[[int, dict], None] | None = None,
+          preview: Callable[[int, Trainer], None] | None = None, checkpoint_dir: str | None = None,
+          resume_from: str | None = None) -> tuple[Trainer, TrainResult]:
+    """Convenience: build a :class:`Trainer`, optionally resume from a checkpoint, run it."""
+    trainer = Trainer(models, cfg, data, device=device)
+    if resume_from is not None:
+        from training.checkpoint import load_checkpoint
+        load_checkpoint(trainer, resume_from)
+    return trainer, trainer.run(stop_event=stop_event, progress=progress, preview=preview,
+                                checkpoint_dir=checkpoint_dir)

@@ -1,0 +1,216 @@
+"""The ADD student (arXiv 2311.17042, Sec. 3.1): initialised from the teacher's weights.
+
+Two forms:
+- :class:`LoRAStudent` (default): low-rank adapters on the teacher's own network, so teacher and
+  student share ONE copy of the weights; the teacher pass is the same network with adapters off.
+- :class:`FullStudent`: a deep copy of the network is trained; the original stays the frozen teacher.
+
+Why a small LoRA of our own instead of peft: (1) peft draws the adapters' initial weights from the
+global RNG, and this core must be seeded through ``torch.Generator`` objects only (bit-exact
+resume, no global seeding); (2) peft's ``inject_adapter_in_model`` replaces submodules, which
+changes the host network's ``state_dict`` keys and module tree -- the host here is ComfyUI's live
+UNet, which other code (model patches, key maps) addresses by those names; forward hooks leave the
+network untouched and are removed cleanly; (3) switching adapters off without a ``PeftModel``
+wrapper goes through peft-internal layer APIs; (4) ComfyUI's LoRA key format is written directly.
+The adapters compute in fp32 whatever the host dtype (losses and optimisers stay fp32).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+DenoiseFn = Callable[[nn.Module, Tensor, Tensor, Any], Tensor]  # (network, x_ve, sigma (B,), cond) -> x0
+
+_LORA_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+class LoRAAdapter(nn.Module):
+    """delta(x) = up(down(x)) * alpha / rank for one Linear/Conv layer; ``up`` starts at zero so the
+    student starts exactly at the teacher (Hu et al. 2021)."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, generator: torch.Generator) -> None:
+        super().__init__()
+        if isinstance(base, nn.Linear):
+            self.down = nn.Linear(base.in_features, rank, bias=False)
+            self.up = nn.Linear(rank, base.out_features, bias=False)
+        elif isinstance(base, (nn.Conv1d, nn.Conv2d)):
+            if base.groups != 1 or base.padding_mode != "zeros":
+                raise ValueError(f"LoRA on grouped or non-zero-padded convolutions is not supported ({base}).")
+            conv = nn.Conv1d if isinstance(base, nn.Conv1d) else nn.Conv2d
+            self.down = conv(base.in_channels, rank, base.kernel_size, base.stride, base.padding, base.dilation,
+                             bias=False)
+            self.up = conv(rank, base.out_channels, 1, bias=False)
+        else:
+            raise TypeError(f"LoRA supports {[t.__name__ for t in _LORA_TYPES]}, got {type(base).__name__}.")
+        self.rank, self.alpha = rank, float(alpha)
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5), generator=generator)
+            nn.init.zeros_(self.up.weight)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.up(self.down(x.to(self.down.weight.dtype))) * self.scale
+
+
+def find_lora_targets(network: nn.Module, target_modules: Sequence[str] | None) -> list[str]:
+    """Names of Linear/Conv submodules to adapt: all of them (``None``), or those whose name equals
+    or ends with ``.<entry>`` for an entry of ``target_modules`` (e.g. 'to_q', 'proj_in')."""
+    names = []
+    for name, mod in network.named_modules():
+        if not name or not isinstance(mod, _LORA_TYPES):
+            continue
+        if target_modules is None or any(name == t or name.endswith("." + t) for t in target_modules):
+            names.append(name)
+    if not names:
+        raise ValueError(f"No Linear/Conv submodule matches target_modules={list(target_modules or [])}; "
+                         "pass names or name suffixes of layers in the network.")
+    return names
+
+
+class LoRAStudent:
+    """Student = teacher network + LoRA adapters applied through forward hooks.
+
+    ``denoise(network, x_ve, sigma, cond) -> x0`` runs the host network. ``student(...)`` runs it
+    with adapters on; ``teacher(...)`` with adapters off (same weights, nothing copied). The host
+    network is frozen (``requires_grad_(False)``, eval) -- it IS the teacher.
+    """
+
+    def __init__(self, network: nn.Module, denoise: DenoiseFn, rank: int, alpha: float,
+                 generator: torch.Generator, target_modules: Sequence[str] | None = None) -> None:
+        self.network = network.eval().requires_grad_(False)
+        self.denoise = denoise
+        self.names = find_lora_targets(network, target_modules)
+        modules = dict(network.named_modules())
+        device = next(network.parameters()).device
+        self.adapters = nn.ModuleDict(
+            {_key(n): LoRAAdapter(modules[n], rank, alpha, generator) for n in self.names}).to(device)
+        self._enabled = True
+        self._handles = [modules[n].register_forward_hook(self._make_hook(_key(n))) for n in self.names]
+
+    def _make_hook(self, key: str):
+        def hook(_mod: nn.Module, args: tuple, out: Tensor) -> Tensor | None:
+            if not self._enabled:
+                return None  # teacher pass: the host layer's output is used unchanged
+            return out + self.adapters[key](args[0]).to(out.dtype)
+        return hook
+
+    # ---- the two networks ---------------------------------------------------------------
+    def student(self, x: Tensor, sigma: Tensor, cond: Any) -> Tensor:
+        """x0 prediction of the student (adapters on). VE-form x."""
+        with self.adapters_enabled(True):
+            return self.denoise(self.network, x, sigma, cond)
+
+    def teacher(self, x: Tensor, sigma: Tensor, cond: Any) -> Tensor:
+        """x0 prediction of the frozen teacher (adapters off). Not wrapped in no_grad: the
+        teacher-feature discriminator needs gradient through it w.r.t. x."""
+        with self.adapters_enabled(False):
+            return self.denoise(self.network, x, sigma, cond)
+
+    @contextlib.contextmanager
+    def adapters_enabled(self, flag: bool) -> Iterator[None]:
+        previous, self._enabled = self._enabled, flag
+        try:
+            yield
+        finally:
+            self._enabled = previous
+
+    def teacher_network(self) -> nn.Module:
+        return self.network
+
+    def teacher_params(self) -> list[nn.Parameter]:
+        return list(self.network.parameters())
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.adapters.parameters())
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        return {k: v.detach() for k, v in self.adapters.state_dict().items()}
+
+    def load_trainable_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        self.adapters.load_state_dict(dict(state), strict=True)
+
+    # ---- ComfyUI LoRA format ------------------------------------------------------------
+    def lora_state_dict(self, prefix: str = "diffusion_model.", dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+        """``{prefix}<module>.lora_up.weight`` (out, r[,1,1]), ``.lora_down.weight`` (r, in[,k,k]),
+        ``.alpha`` (scalar) -- the key format ComfyUI's LoRA loader reads."""
+        out: dict[str, Tensor] = {}
+        for name in self.names:
+            a = self.adapters[_key(name)]
+            out[f"{prefix}{name}.lora_up.weight"] = a.up.weight.detach().to(dtype).contiguous().cpu()
+            out[f"{prefix}{name}.lora_down.weight"] = a.down.weight.detach().to(dtype).contiguous().cpu()
+            out[f"{prefix}{name}.alpha"] = torch.tensor(a.alpha, dtype=dtype)
+        return out
+
+    def load_lora_state_dict(self, state: Mapping[str, Tensor], prefix: str = "diffusion_model.") -> None:
+        """Inverse of :meth:`lora_state_dict`; every adapter must be present with matching shapes."""
+        missing = [n for n in self.names if f"{prefix}{n}.lora_up.weight" not in state]
+        if missing:
+            raise KeyError(f"LoRA file lacks {len(missing)} modules with prefix {prefix!r}, e.g. {missing[:3]}; "
+                           "was it trained for this network and saved with the same prefix?")
+        with torch.no_grad():
+            for name in self.names:
+                a = self.adapters[_key(name)]
+                a.up.weight.copy_(state[f"{prefix}{name}.lora_up.weight"])
+                a.down.weight.copy_(state[f"{prefix}{name}.lora_down.weight"])
+                alpha_key = f"{prefix}{name}.alpha"
+                if alpha_key in state:
+                    a.alpha = float(state[alpha_key])
+
+    def remove(self) -> None:
+        """Detach the hooks: the host network is exactly the teacher again."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+class FullStudent:
+    """Full fine-tune: the student is a deep copy of the network; the original is the frozen teacher."""
+
+    def __init__(self, network: nn.Module, denoise: DenoiseFn) -> None:
+        self.network = network.eval().requires_grad_(False)
+        self.copy = copy.deepcopy(network).requires_grad_(True)
+        self.denoise = denoise
+
+    def student(self, x: Tensor, sigma: Tensor, cond: Any) -> Tensor:
+        return self.denoise(self.copy, x, sigma, cond)
+
+    def teacher(self, x: Tensor, sigma: Tensor, cond: Any) -> Tensor:
+        return self.denoise(self.network, x, sigma, cond)
+
+    @contextlib.contextmanager
+    def adapters_enabled(self, flag: bool) -> Iterator[None]:
+        yield  # two separate networks: nothing to switch
+
+    def teacher_network(self) -> nn.Module:
+        return self.network
+
+    def teacher_params(self) -> list[nn.Parameter]:
+        return list(self.network.parameters())
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.copy.parameters())
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        return {k: v.detach() for k, v in self.copy.state_dict().items()}
+
+    def load_trainable_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        self.copy.load_state_dict(dict(state), strict=True)
+
+    def model_state_dict(self, prefix: str = "diffusion_model.") -> dict[str, Tensor]:
+        """The fine-tuned weights with ``prefix`` (for saving a full checkpoint)."""
+        return {f"{prefix}{k}": v.detach().contiguous().cpu() for k, v in self.copy.state_dict().items()}
+
+
+def _key(module_name: str) -> str:
+    # ModuleDict keys cannot contain '.'; '.' never occurs in a single module name.
+    return module_name.replace(".", "__")
