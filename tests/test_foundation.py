@@ -82,10 +82,10 @@ def test_server_loads_plugin_and_lists_nodes_with_tooltips(comfy_server):
     # (core's audio nodes fail here for lack of torchaudio; that is ComfyUI's, not ours)
     assert not [line for line in log.splitlines() if "Cannot import" in line and "comfyui-add" in line]
     info = comfy_server.get("/object_info")
-    from scripts.comfy_host import import_comfy
+    from scripts.comfy_host import import_comfy, plugin_module
 
-    comfy_nodes = import_comfy()
-    expected = {n for n, cls in comfy_nodes.NODE_CLASS_MAPPINGS.items() if cls.RELATIVE_PYTHON_MODULE.endswith("comfyui-add") or "comfyui-add" in cls.RELATIVE_PYTHON_MODULE}
+    import_comfy()
+    expected = set(plugin_module().NODE_CLASS_MAPPINGS)
     listed = {name for name, v in info.items() if "comfyui-add" in v.get("python_module", "")}
     assert expected <= listed, expected - listed
     for name in listed:
