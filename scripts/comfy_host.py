@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -37,7 +38,15 @@ def host_path() -> Path:
     )
 
 
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 _loaded = False
+_plugin_loaded = False
 
 
 def import_comfy(base_directory: str | os.PathLike | None = None, load_plugin: bool = True):
@@ -49,9 +58,13 @@ def import_comfy(base_directory: str | os.PathLike | None = None, load_plugin: b
     working directory is restored. Idempotent.
     Returns ComfyUI's ``nodes`` module.
     """
-    global _loaded
+    global _loaded, _plugin_loaded
     if _loaded:
-        return importlib.import_module("nodes")
+        comfy_nodes = importlib.import_module("nodes")
+        if load_plugin and not _plugin_loaded:
+            _load_plugin(comfy_nodes)
+            _plugin_loaded = True
+        return comfy_nodes
     root = host_path()
     sys.path.insert(0, str(root))
     cwd = os.getcwd()
@@ -70,6 +83,7 @@ def import_comfy(base_directory: str | os.PathLike | None = None, load_plugin: b
 
         if load_plugin:
             _load_plugin(comfy_nodes)
+            _plugin_loaded = True
     finally:
         os.chdir(cwd)
     _loaded = True

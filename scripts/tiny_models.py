@@ -242,6 +242,9 @@ def build_all(out: Path = CACHE) -> dict[str, Path]:
         if all(p.is_file() for p in paths.values()):
             return paths
 
+    from scripts.comfy_host import import_comfy
+
+    import_comfy(load_plugin=False)  # the builders use ComfyUI's own module classes
     paths: dict[str, Path] = {}
     unet = build_sd15_unet()
     enc, dec = build_taesd(4)

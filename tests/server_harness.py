@@ -7,7 +7,6 @@ waits for it and returns its history entry (outputs, status, errors).
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -18,13 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.comfy_host import PLUGIN_LINK_NAME, ROOT, host_path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from scripts.comfy_host import PLUGIN_LINK_NAME, ROOT, free_port, host_path
 
 
 def link_models(home: Path, tiny: dict[str, Path]) -> None:
@@ -121,8 +114,12 @@ class ComfyServer:
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory, tiny):
     """A running ComfyUI server with the plugin and the tiny models (session scope)."""
+    from scripts.demo_models import prepare
+
     home = tmp_path_factory.mktemp("server_home")
     link_models(home, tiny)
+    # Stand-ins for the real names the shipped workflows use (sd_turbo.safetensors, ...).
+    prepare([], home / "models", home / "input", extra=tuple((ROOT / "tests" / "data").glob("*_ui.json")))
     srv = ComfyServer(home, home / "server.log")
     try:
         srv.wait_ready()
