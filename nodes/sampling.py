@@ -1,0 +1,185 @@
+"""ADD sampling nodes: ADD Scheduler (SIGMAS), ADD Sampler (SAMPLER), ADD KSampler (LATENT).
+
+The math lives in core/schedules.py and core/sampling.py; this module only adapts ComfyUI types.
+No CFG anywhere: ADD models are distilled to run on the positive prompt alone, one model
+evaluation per step.
+"""
+from __future__ import annotations
+
+import torch
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+
+from ..core import sampling as add_sampling
+from ..core import schedules
+
+CATEGORY = "ADD/sampling"
+
+_PRESET_TOOLTIP = (
+    "add_trailing: ADD / diffusers 'trailing' timesteps (4 steps: 999,749,499,249; 2: 999,499; 1: 999). "
+    "sdturbo_grid: ComfyUI's SDTurboScheduler grid (999,899,...). "
+    "custom: the timesteps typed in 'custom' (e.g. 999,499). "
+    "stream_t_index: StreamDiffusion t_index_list typed in 'custom' (indices into the 50-step LCM schedule; "
+    "32,45 for img2img, 0,16,32,45 for txt2img)."
+)
+_DENOISE_TOOLTIP = (
+    "1.0 = txt2img. Below 1 (img2img) sampling starts at t < denoise*1000: add_trailing spreads its steps "
+    "over [0, denoise*1000); sdturbo_grid behaves exactly like SDTurboScheduler; custom/stream lists drop "
+    "timesteps >= denoise*1000."
+)
+
+
+def _schedule_inputs() -> dict:
+    return {
+        "steps": ("INT", {"default": 1, "min": schedules.MIN_STEPS, "max": schedules.MAX_STEPS,
+                          "tooltip": "Model evaluations (1-4). Used by add_trailing and sdturbo_grid; custom lists set their own count."}),
+        "schedule": (list(schedules.PRESETS), {"default": "add_trailing", "tooltip": _PRESET_TOOLTIP}),
+        "custom": ("STRING", {"default": "999,499", "multiline": False,
+                              "tooltip": "For schedule=custom: timesteps 0-999, strictly decreasing (e.g. 999,499). "
+                                         "For schedule=stream_t_index: t_index_list, strictly increasing (e.g. 32,45)."}),
+        "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": _DENOISE_TOOLTIP}),
+    }
+
+
+def model_t_max(model_sampling) -> int:
+    """Highest timestep the model was trained on (999 for SD-family discrete schedules)."""
+    table = getattr(model_sampling, "sigmas", None)
+    if table is None or len(table) < 2:
+        return schedules.NUM_TRAIN_TIMESTEPS - 1
+    return min(len(table), schedules.NUM_TRAIN_TIMESTEPS) - 1
+
+
+def build_sigmas(model, schedule: str, steps: int, denoise: float, custom: str) -> torch.Tensor:
+    """SIGMAS (n + 1,) for a preset, from the model's own model_sampling (+ a final 0)."""
+    ms = model.get_model_object("model_sampling")
+    ts = schedules.timesteps_for(schedule, steps, denoise, custom, t_max=model_t_max(ms))
+    return schedules.sigmas_from_timesteps(ts, ms.sigma)
+
+
+def _sample_add_comfy(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
+    """core.sampling.sample_add, re-noising with the model's own noise_scaling (every family).
+
+    ``model`` is ComfyUI's KSamplerX0Inpaint; its guider's inner_model is the BaseModel (the same
+    path k-diffusion's ``sample_lcm`` uses in ComfyUI).
+    """
+    ms = model.inner_model.inner_model.model_sampling
+    return add_sampling.sample_add(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
+                                   renoise=lambda s, n, x0: ms.noise_scaling(s, n, x0), **options)
+
+
+def make_sampler(noise_strength: float = 1.0) -> comfy.samplers.KSAMPLER:
+    return comfy.samplers.KSAMPLER(_sample_add_comfy, extra_options={"noise_strength": float(noise_strength)})
+
+
+class PositiveOnlyGuider(comfy.samplers.CFGGuider):
+    """A guider with no negative: each step runs the model once on the positive batch.
+
+    Like core's Guider_Basic. Because there is no uncond to run, model patches that set
+    ``disable_cfg1_optimization`` cannot add a second pass.
+    """
+
+    def set_conds(self, positive):
+        self.inner_set_conds({"positive": positive})
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        return comfy.samplers.sampling_function(self.inner_model, x, timestep, None, self.conds.get("positive", None),
+                                                1.0, model_options=model_options, seed=seed)
+
+
+def check_latent_channels(model, samples: torch.Tensor) -> None:
+    """A non-empty latent must have the model's latent channel count (empty ones core resizes)."""
+    if getattr(samples, "is_nested", False) or samples.ndim < 2:
+        return
+    fmt = model.get_model_object("latent_format")
+    want, got = int(fmt.latent_channels), int(samples.shape[1])
+    if got != want and torch.count_nonzero(samples) > 0:
+        raise ValueError(
+            f"latent_image has {got} channels but this model ({type(model.model).__name__}, latent format "
+            f"{type(fmt).__name__}) expects {want}. The latent was made by another model family's VAE: encode the "
+            f"image with this checkpoint's VAE (VAE Encode with the same checkpoint's VAE output), or load a "
+            f"checkpoint of the family the latent came from."
+        )
+
+
+def add_sample(model, positive, latent: dict, seed: int, sigmas: torch.Tensor, noise_strength: float = 1.0) -> dict:
+    """Seeded ADD sampling of a LATENT dict with the positive conditioning only; returns a new dict."""
+    samples = latent["samples"]
+    check_latent_channels(model, samples)
+    samples = comfy.sample.fix_empty_latent_channels(model, samples)
+    noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index", None))
+    callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)
+    guider = PositiveOnlyGuider(model)
+    guider.set_conds(positive)
+    out = guider.sample(noise, samples, make_sampler(noise_strength), sigmas, denoise_mask=latent.get("noise_mask", None),
+                        callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    result = latent.copy()
+    result["samples"] = out.to(comfy.model_management.intermediate_device())
+    return result
+
+
+class ADDScheduler:
+    DESCRIPTION = ("ADD / SD-Turbo timesteps as SIGMAS from the model's own noise schedule (works for eps and "
+                   "v-prediction, SD1.5/2.x/XL). Plug into SamplerCustom / SamplerCustomAdvanced with ADD Sampler.")
+    RETURN_TYPES = ("SIGMAS",)
+    OUTPUT_TOOLTIPS = ("One sigma per step plus a final 0.",)
+    FUNCTION = "get_sigmas"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL", {"tooltip": "The model whose noise schedule turns timesteps into sigmas."}),
+                             **_schedule_inputs()}}
+
+    def get_sigmas(self, model, steps, schedule, custom, denoise):
+        return (build_sigmas(model, schedule, steps, denoise, custom),)
+
+
+class ADDSampler:
+    DESCRIPTION = ("ADD sampler: predict x0, re-noise to the next sigma with fresh noise (ADD / LCM update). "
+                   "Use with ADD Scheduler in SamplerCustom (cfg 1) or SamplerCustomAdvanced (BasicGuider).")
+    RETURN_TYPES = ("SAMPLER",)
+    OUTPUT_TOOLTIPS = ("A sampler for SamplerCustom / SamplerCustomAdvanced.",)
+    FUNCTION = "get_sampler"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"noise_strength": ("FLOAT", {
+            "default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+            "tooltip": "Fresh noise between steps. 1 = ADD/LCM (all fresh); lower keeps part of the model's own noise "
+                       "estimate (variance preserved); 0 = deterministic."})}}
+
+    def get_sampler(self, noise_strength):
+        return (make_sampler(noise_strength),)
+
+
+class ADDKSampler:
+    DESCRIPTION = ("All-in-one ADD sampling (SD-Turbo, SDXL-Turbo, your ADD-trained models): 1-4 steps, no CFG, "
+                   "one model evaluation per step. txt2img with an empty latent, img2img with an encoded image and denoise < 1.")
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The denoised latent.",)
+    FUNCTION = "sample"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "An ADD-distilled model (e.g. sd_turbo, sdxl_turbo)."}),
+            "positive": ("CONDITIONING", {"tooltip": "The prompt. No negative: ADD models run without CFG."}),
+            "latent_image": ("LATENT", {"tooltip": "Empty latent for txt2img, or a VAE-encoded image for img2img."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
+                             "tooltip": "Noise seed (same noise as core KSampler for the same seed)."}),
+            **_schedule_inputs(),
+        }}
+
+    def sample(self, model, positive, latent_image, seed, steps, schedule, custom, denoise):
+        sigmas = build_sigmas(model, schedule, steps, denoise, custom)
+        return (add_sample(model, positive, latent_image, seed, sigmas),)
+
+
+NODE_CLASS_MAPPINGS = {"ADDScheduler": ADDScheduler, "ADDSampler": ADDSampler, "ADDKSampler": ADDKSampler}
+NODE_DISPLAY_NAME_MAPPINGS = {"ADDScheduler": "ADD Scheduler", "ADDSampler": "ADD Sampler", "ADDKSampler": "ADD KSampler"}
