@@ -2,7 +2,9 @@
 from importlib import import_module
 
 # One entry per node module; each exports NODE_CLASS_MAPPINGS and NODE_DISPLAY_NAME_MAPPINGS.
-_MODULES: tuple[str, ...] = ()
+_MODULES: tuple[str, ...] = (
+    "tiny_vae",
+)
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}

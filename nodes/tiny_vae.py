@@ -1,0 +1,268 @@
+"""TinyVAE nodes: load any TAESD-family file as a ComfyUI VAE, decode/encode in bounded chunks.
+
+The model itself is ComfyUI's (``comfy.taesd.taesd.TAESD`` built by ``comfy.sd.VAE`` from
+``taesd_encoder.* / taesd_decoder.* / vae_scale / vae_shift`` keys, as core ``VAELoader`` does);
+file layouts, variants and checks live in ``core.taesd``.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+
+import torch
+
+import comfy.model_management as mm
+import comfy.sd
+import comfy.utils
+import folder_paths
+from comfy.taesd.taesd import TAESD
+
+from ..core import taesd as core
+
+FOLDER = "vae_approx"
+VARIANT_CHOICES = ["auto", *core.VARIANTS]
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TinyVAE(comfy.sd.VAE):
+    """A ``comfy.sd.VAE`` holding a TAESD that knows its variant and files, and refuses to encode
+    (instead of returning garbage) when its file had no encoder."""
+
+    def __init__(self, sd: dict, variant: str, decoder_file: str, encoder_file: str | None):
+        super().__init__(sd=sd)
+        self.tiny_variant = variant
+        self.tiny_files = (decoder_file, encoder_file)
+
+    def require_encoder(self) -> None:
+        """Raise unless this TAESD came with encoder weights."""
+        if self.tiny_files[1] is None:
+            dec = self.tiny_files[0]
+            stem = os.path.basename(dec).replace("decoder", "encoder")
+            raise core.TAESDError(
+                f"{dec} is a decoder-only TAESD, so it cannot encode images. Put the matching encoder "
+                f"({stem}, from madebyollin/taesd) next to it in models/vae_approx and reload, or encode with the full VAE.")
+
+    def encode(self, pixel_samples):
+        self.require_encoder()
+        return super().encode(pixel_samples)
+
+    def encode_tiled(self, pixel_samples, *args, **kwargs):
+        self.require_encoder()
+        return super().encode_tiled(pixel_samples, *args, **kwargs)
+
+
+def _video_tae_prefixes() -> tuple[str, ...]:
+    """ComfyUI's own video TAEs (taehv, lighttae...), read from this ComfyUI's VAELoader."""
+    import nodes as comfy_nodes
+
+    return tuple(getattr(comfy_nodes.VAELoader, "video_taes", ()))
+
+
+def _read(name: str) -> dict:
+    """A vae_approx file's tensors; unreadable files raise a TAESDError naming the file."""
+    path = folder_paths.get_full_path_or_raise(FOLDER, name)
+    if os.path.getsize(path) == 0:
+        raise core.TAESDError(f"{name} is empty (0 bytes): re-download it into models/vae_approx.")
+    try:
+        return comfy.utils.load_torch_file(path, safe_load=True)
+    except Exception as e:  # safetensors/pickle raise assorted types; re-raised with the file named
+        raise core.TAESDError(f"{name} could not be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                              "the file is corrupt or not a model file. Re-download it into models/vae_approx.") from e
+
+
+def load_tiny_vae(name: str, variant: str = "auto") -> TinyVAE:
+    """Load ``name`` from vae_approx (pairing ``*_encoder`` with ``*_decoder``) as a TinyVAE."""
+    names = folder_paths.get_filename_list(FOLDER)
+    weights = core.split_state_dict(_read(name), name)
+    if weights.decoder is None:
+        raise core.TAESDError(f"{name} holds only a TAESD encoder; select the matching *_decoder file.")
+    enc_file = name if weights.encoder is not None else core.pair_files(names).get(name)
+    if enc_file is not None and enc_file != name:
+        weights = core.merge(weights, core.split_state_dict(_read(enc_file), enc_file), (name, enc_file))
+    chosen = core.resolve_variant(name, weights.latent_channels, variant, weights.scale_shift)
+    vae = TinyVAE(core.comfy_state_dict(weights, chosen), chosen.name, name, enc_file)
+    logging.info("ADD TinyVAE: %s as %s (%s), %d latent channels, %s layout, encoder: %s",
+                 name, chosen.name, chosen.family, weights.latent_channels, weights.layout, enc_file or "none")
+    return vae
+
+
+def _taesd_of(vae) -> tuple[TAESD, str | None]:
+    """The TAESD inside a VAE and its variant (from our loader, or from its scale/shift)."""
+    model = getattr(vae, "first_stage_model", None)
+    if not isinstance(model, TAESD):
+        raise core.TAESDError(f"this node needs a TAESD VAE (ADD TinyVAE Loader), got {type(model).__name__}; "
+                              "decode full VAEs with core VAE Decode.")
+    variant = getattr(vae, "tiny_variant", None) or core.variant_from_scale(
+        model.vae_scale.item(), model.vae_shift.item(), int(vae.latent_channels))
+    return model, variant
+
+
+def check_model_fits(vae, model) -> None:
+    """Raise when the TAESD does not decode ``model``'s latent format (no-op when model is None)."""
+    if model is None:
+        return
+    taesd, variant = _taesd_of(vae)
+    try:
+        fmt = model.get_model_object("latent_format")
+    except AttributeError:
+        fmt = model.model.latent_format
+    core.check_fits(vae_channels=int(vae.latent_channels), vae_variant=variant,
+                    vae_scale=taesd.vae_scale.item(), vae_shift=taesd.vae_shift.item(),
+                    fmt_name=type(fmt).__name__, fmt_channels=int(fmt.latent_channels),
+                    fmt_scale=float(fmt.scale_factor), fmt_shift=float(getattr(fmt, "shift_factor", 0.0) or 0.0),
+                    fmt_taesd=getattr(fmt, "taesd_decoder_name", None))
+
+
+def working_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """auto: fp32 on CPU (half is slow there), fp16 on accelerators (TAESD is trained for it)."""
+    if choice == "auto":
+        return torch.float32 if device.type == "cpu" else torch.float16
+    return DTYPES[choice]
+
+
+def _runner(vae, dtype: torch.dtype, memory: int) -> tuple[TAESD, torch.device]:
+    """The TAESD on its device in ``dtype``: the loaded one, or a private copy (the VAE is shared)."""
+    mm.load_models_gpu([vae.patcher], memory_required=memory, force_full_load=True)
+    model = vae.first_stage_model
+    if dtype != vae.vae_dtype:
+        model = copy.deepcopy(model).to(dtype=dtype)
+    return model, vae.device
+
+
+def run_chunked(fn, x: torch.Tensor, chunk: int, out_device) -> torch.Tensor:
+    """``fn`` over ``x`` in batch chunks, results gathered on ``out_device``; a progress bar per chunk."""
+    starts = range(0, x.shape[0], chunk)
+    pbar = comfy.utils.ProgressBar(len(starts))
+    out = None
+    for s in starts:
+        y = fn(x[s:s + chunk]).to(out_device)
+        if out is None:
+            out = torch.empty((x.shape[0],) + tuple(y.shape[1:]), dtype=y.dtype, device=out_device)
+        out[s:s + y.shape[0]] = y
+        pbar.update(1)
+    return out
+
+
+def tiny_decode(vae, latent: torch.Tensor, chunk: int = 8, dtype: str = "auto") -> torch.Tensor:
+    """(B, C, h, w) latent → (B, 8h, 8w, 3) image in [0, 1], ``chunk`` latents at a time."""
+    _, variant = _taesd_of(vae)
+    core.check_latent(latent, int(vae.latent_channels), variant)
+    dt = working_dtype(dtype, vae.device)
+    memory = core.decode_bytes(min(chunk, latent.shape[0]), latent.shape[2], latent.shape[3], mm.dtype_size(dt))
+    model, device = _runner(vae, dt, memory)
+
+    def step(z):
+        with torch.inference_mode():
+            img = model.decode(z.to(device=device, dtype=dt)).float()
+        return vae.process_output(img).movedim(1, -1)
+
+    return run_chunked(step, latent, chunk, mm.intermediate_device())
+
+
+def tiny_encode(vae, pixels: torch.Tensor, chunk: int = 8, dtype: str = "auto") -> torch.Tensor:
+    """(B, H, W, C) image in [0, 1] → (B, c, H/8, W/8) latent, ``chunk`` images at a time."""
+    _, variant = _taesd_of(vae)
+    if isinstance(vae, TinyVAE):
+        vae.require_encoder()
+    pixels = core.crop_to_multiple(pixels[..., :3], 8)
+    dt = working_dtype(dtype, vae.device)
+    memory = core.decode_bytes(min(chunk, pixels.shape[0]), pixels.shape[1] // 8, pixels.shape[2] // 8, mm.dtype_size(dt))
+    model, device = _runner(vae, dt, memory)
+
+    def step(img):
+        with torch.inference_mode():
+            x = vae.process_input(img.movedim(-1, 1).to(device=device, dtype=dt))
+            return model.encode(x).float()
+
+    return run_chunked(step, pixels, chunk, mm.intermediate_device())
+
+
+_CHUNK = ("INT", {"default": 8, "min": 1, "max": 4096,
+                  "tooltip": "How many images go through the TAESD at once; lower it to bound memory for big batches or video frames."})
+_DTYPE = (["auto", "fp32", "fp16", "bf16"],
+          {"default": "auto", "tooltip": "Compute precision. auto: fp16 on GPU, fp32 on CPU."})
+_MODEL = ("MODEL", {"tooltip": "Optional: the model that made (or will take) the latent; a TAESD for a different "
+                               "latent space is then an error naming the file to use."})
+
+
+class ADDTinyVAELoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        names = list(core.pair_files(folder_paths.get_filename_list(FOLDER), _video_tae_prefixes()))
+        return {"required": {
+            "tae_name": (names, {"tooltip": "A TAESD file in models/vae_approx: a *_decoder file (its *_encoder "
+                                            "sibling is paired automatically) or a diffusers AutoencoderTiny file."}),
+            "variant": (VARIANT_CHOICES, {"default": "auto", "tooltip": "Which latent space the file is for. auto: "
+                                          "4 vs 16 channels from the weights, sd/sdxl and sd3/f1 from the file name."}),
+        }}
+
+    RETURN_TYPES = ("VAE",)
+    OUTPUT_TOOLTIPS = ("A standard VAE (works with core VAE Decode/Encode too); decoder-only files cannot encode.",)
+    FUNCTION = "load"
+    CATEGORY = "ADD/vae"
+    DESCRIPTION = ("Loads a TAESD-family tiny autoencoder (taesd, taesdxl, taesd3, taef1), in madebyollin's or "
+                   "diffusers' layout, decoder alone or with its encoder: ~50x less decode work than the full VAE.")
+
+    def load(self, tae_name, variant):
+        return (load_tiny_vae(tae_name, variant),)
+
+
+class ADDTinyVAEDecode:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "samples": ("LATENT", {"tooltip": "The latent to decode."}),
+                "vae": ("VAE", {"tooltip": "A TAESD from ADD TinyVAE Loader."}),
+                "batch_chunk": _CHUNK,
+                "dtype": _DTYPE,
+            },
+            "optional": {"model": _MODEL},
+        }
+
+    RETURN_TYPES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("The decoded images.",)
+    FUNCTION = "decode"
+    CATEGORY = "ADD/vae"
+    DESCRIPTION = "Decodes latents with a TAESD in bounded chunks; checks the TAESD fits the latent (and the model)."
+
+    def decode(self, samples, vae, batch_chunk, dtype, model=None):
+        check_model_fits(vae, model)
+        return (tiny_decode(vae, samples["samples"], batch_chunk, dtype),)
+
+
+class ADDTinyVAEEncode:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "pixels": ("IMAGE", {"tooltip": "Images to encode (cropped to multiples of 8)."}),
+                "vae": ("VAE", {"tooltip": "A TAESD with an encoder, from ADD TinyVAE Loader."}),
+                "batch_chunk": _CHUNK,
+                "dtype": _DTYPE,
+            },
+            "optional": {"model": _MODEL},
+        }
+
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The latent, for img2img.",)
+    FUNCTION = "encode"
+    CATEGORY = "ADD/vae"
+    DESCRIPTION = "Encodes images with a TAESD encoder in bounded chunks (fast img2img input)."
+
+    def encode(self, pixels, vae, batch_chunk, dtype, model=None):
+        check_model_fits(vae, model)
+        return ({"samples": tiny_encode(vae, pixels, batch_chunk, dtype)},)
+
+
+NODE_CLASS_MAPPINGS = {
+    "ADDTinyVAELoader": ADDTinyVAELoader,
+    "ADDTinyVAEDecode": ADDTinyVAEDecode,
+    "ADDTinyVAEEncode": ADDTinyVAEEncode,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "ADDTinyVAELoader": "ADD TinyVAE Loader",
+    "ADDTinyVAEDecode": "ADD TinyVAE Decode",
+    "ADDTinyVAEEncode": "ADD TinyVAE Encode",
+}
