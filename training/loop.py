@@ -282,6 +282,7 @@ class Trainer:
         self.nonfinite_total = 0
         self.nonfinite_consecutive = 0
         self.last_checkpoint: str | None = None
+        self.saved_step: int | None = None  # step of the last checkpoint written or loaded
 
     def _apply(self, loss: Tensor, params: list, opt: torch.optim.Optimizer) -> bool:
         """backward, clip, step; False (and no update) if the loss or any gradient is not finite."""
@@ -304,7 +305,8 @@ class Trainer:
         for group in self.opt_g.param_groups:
             group["lr"] = get_lr(self.step, cfg.lr_student, cfg.lr_warmup_steps)
         batch = self.data(self.generator, cfg.batch_size)
-        models.discriminator is not None and models.discriminator.train(True)
+        if models.discriminator is not None:
+            models.discriminator.train(True)
         fake = student_forward(batch, models, cfg, self.generator)  # keeps the graph for phase G
         logs: dict[str, float] = {}
         ok = True
@@ -359,15 +361,10 @@ class Trainer:
             if (checkpoint_dir and cfg.save_every and self.step % cfg.save_every == 0
                     and self.nonfinite_consecutive == 0):
                 self.last_checkpoint = save_checkpoint(self, checkpoint_dir)
-        if checkpoint_dir and self.nonfinite_consecutive == 0 and (
-                self.last_checkpoint is None or not self.last_checkpoint.endswith(_step_name(self.step))):
+        if checkpoint_dir and self.nonfinite_consecutive == 0 and self.saved_step != self.step:
             self.last_checkpoint = save_checkpoint(self, checkpoint_dir)
         return TrainResult(step=self.step, stopped=stopped, nonfinite_total=self.nonfinite_total,
                            last_logs=logs, last_checkpoint=self.last_checkpoint)
-
-
-def _step_name(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 def train(models: ADDModels, cfg: ADDConfig, data: DataFn, *, device: str | torch.device = "cpu",

@@ -1,0 +1,59 @@
+"""ADDConfig: spec defaults, validation naming the bad field, JSON round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import training_helpers  # noqa: F401  (puts the repo root on sys.path)
+from training.config import ADDConfig
+
+
+def test_defaults_are_the_spec_values():
+    cfg = ADDConfig()
+    assert cfg.student_timesteps == (999, 749, 499, 249)
+    assert cfg.distill_weight == 2.5 and cfg.r1_gamma == 1e-5
+    assert cfg.distill_weighting == "exponential" and cfg.discriminator == "teacher"
+    assert cfg.disc_betas == (0.0, 0.999) and cfg.weight_decay == 1e-2 and cfg.grad_clip == 1.0
+    assert cfg.lr_student == 1e-4 and cfg.replace(training_mode="full").lr_student == 1e-6
+
+
+@pytest.mark.parametrize("field,value", [
+    ("distill_weight", -1.0),
+    ("r1_gamma", float("nan")),
+    ("distill_weighting", "linear"),
+    ("discriminator", "clip"),
+    ("student_timesteps", (999, 1000)),
+    ("student_timesteps", ()),
+    ("teacher_timestep_range", (500, 10)),
+    ("disc_betas", (0.0, 1.0)),
+    ("batch_size", 0),
+    ("ema_decay", 1.0),
+    ("max_nonfinite_steps", 0),
+    ("training_mode", "qlora"),
+    ("lr_lora", 0.0),
+])
+def test_bad_value_names_the_field_and_range(field, value):
+    with pytest.raises(ValueError) as err:
+        ADDConfig(**{field: value})
+    msg = str(err.value)
+    assert f"ADDConfig.{field}=" in msg and "expected" in msg
+
+
+def test_bool_is_not_accepted_as_int():
+    with pytest.raises(ValueError, match="batch_size"):
+        ADDConfig(batch_size=True)
+
+
+def test_json_round_trip_and_unknown_key():
+    cfg = ADDConfig(student_timesteps=(999, 499), ema_decay=0.99, seed=7)
+    again = ADDConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+    with pytest.raises(ValueError, match="unknown keys"):
+        ADDConfig.from_dict({**cfg.to_dict(), "lamda": 2.0})
+
+
+def test_config_is_frozen():
+    with pytest.raises(AttributeError):
+        ADDConfig().batch_size = 8  # type: ignore[misc]

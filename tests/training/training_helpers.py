@@ -1,0 +1,47 @@
+"""Shared tiny, seeded pieces for the training-core tests (pure torch; ComfyUI is never imported).
+
+A plain module (not conftest) so the tests also run with ``--noconftest``; it puts the repo root on
+sys.path itself, so import it before ``training``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if ROOT not in sys.path:  # the repo root is the plugin package; tests import `training.*` from it
+    sys.path.insert(0, ROOT)
+
+from training.config import ADDConfig  # noqa: E402
+from training.discriminator import init_from_generator_  # noqa: E402
+from training.loop import build_models  # noqa: E402
+from training.schedule import DiscreteSchedule  # noqa: E402
+from training.toy import TOY_FEATURES, ToyEpsMLP, sample_ring, toy_denoise  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+def tiny_config(**overrides) -> ADDConfig:
+    base = dict(student_timesteps=(999, 499), batch_size=8, max_steps=6, save_every=0, preview_every=0,
+                lora_rank=4, lora_alpha=4.0, disc_head_channels=16, lr_lora=1e-3, lr_full=1e-3, lr_disc=1e-3,
+                ema_decay=0.9, seed=3)
+    base.update(overrides)
+    return ADDConfig(**base)
+
+
+def tiny_network(seed: int = 0) -> ToyEpsMLP:
+    return init_from_generator_(ToyEpsMLP(width=32, depth=3), torch.Generator().manual_seed(seed))
+
+
+def ring_data(generator: torch.Generator, batch_size: int) -> dict:
+    return {"x0": sample_ring(batch_size, generator)}
+
+
+def tiny_models(cfg: ADDConfig, network=None, denoise=toy_denoise):
+    network = network if network is not None else tiny_network()
+    probe = ring_data(torch.Generator().manual_seed(0), cfg.batch_size)
+    return build_models(network, denoise, cfg, DiscreteSchedule.scaled_linear(),
+                        feature_modules=TOY_FEATURES[:3], probe_batch=probe)

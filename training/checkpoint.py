@@ -1,0 +1,260 @@
+"""Resumable ADD checkpoints: safetensors + JSON, never pickle, written atomically.
+
+Layout under a root directory::
+
+    root/step_00000500/state.safetensors   all tensors (student, heads, optimisers, EMA, RNG)
+    root/step_00000500/meta.json           scalars: step, counters, config, optimiser groups, version
+    root/latest.json                       {"checkpoint": "step_00000500", "step": 500}
+
+A checkpoint directory is written under a temporary name, every file fsync'ed, then renamed into
+place; ``latest.json`` is replaced last (write temp, fsync, os.replace). A crash at any point
+leaves the previous checkpoint and manifest intact; leftover temporaries are ignored and removed by
+the next save. Python's ``random`` and numpy are not used by the training core, so only torch RNG
+state is stored: the trainer's generator, the CPU default generator and CUDA generators if present.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from training.config import ADDConfig
+
+FORMAT_VERSION = 1
+# Fields that may differ between the saved run and the resuming one (run control only).
+_RESUMABLE_CHANGES = {"max_steps", "save_every", "preview_every", "max_nonfinite_steps"}
+
+
+def plugin_version() -> str:
+    """Version from the repository's pyproject.toml, or 'unknown' when it has none."""
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    if pyproject.is_file():
+        match = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(encoding="utf-8"), re.MULTILINE)
+        if match:
+            return match.group(1)
+    return "unknown"
+
+
+# --------------------------------------------------------------------------------------------
+# optimiser state <-> flat tensors + JSON
+# --------------------------------------------------------------------------------------------
+def _flatten_optimizer(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{prefix}.state.{idx}.{key}"] = value.detach().clone().contiguous().cpu()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _unflatten_optimizer(opt: torch.optim.Optimizer, prefix: str, tensors: dict[str, torch.Tensor],
+                         meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    head = prefix + ".state."
+    for name, value in tensors.items():
+        if name.startswith(head):
+            idx, key = name[len(head):].split(".", 1)
+            state.setdefault(int(idx), {})[key] = value
+    for name, value in meta["scalars"].items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+# --------------------------------------------------------------------------------------------
+# atomic file helpers
+# --------------------------------------------------------------------------------------------
+def _fsync_path(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
+    """Separate function so tests can simulate a writer that fails half-way."""
+    save_file(tensors, path, metadata=metadata)
+
+
+def _write_json(obj: Any, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write_json(obj: Any, path: str) -> None:
+    """Write JSON to a temp file in the same directory, fsync, os.replace over ``path``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
+    os.close(fd)
+    try:
+        _write_json(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_path(directory)
+
+
+# --------------------------------------------------------------------------------------------
+# save / load
+# --------------------------------------------------------------------------------------------
+def _collect(trainer: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in trainer.models.student.trainable_state_dict().items():
+        tensors[f"student.{k}"] = v.clone().contiguous().cpu()
+    disc = trainer.models.discriminator
+    if disc is not None:
+        for k, v in disc.heads.state_dict().items():
+            tensors[f"disc.{k}"] = v.detach().clone().contiguous().cpu()
+    meta: dict[str, Any] = {}
+    t, meta["opt_g"] = _flatten_optimizer(trainer.opt_g, "opt_g")
+    tensors.update(t)
+    if trainer.opt_d is not None:
+        t, meta["opt_d"] = _flatten_optimizer(trainer.opt_d, "opt_d")
+        tensors.update(t)
+    if trainer.ema is not None:
+        for i, s in enumerate(trainer.ema.shadow):
+            tensors[f"ema.{i}"] = s.clone().contiguous().cpu()
+    tensors["rng.generator"] = trainer.generator.get_state().clone()
+    tensors["rng.torch_cpu"] = torch.get_rng_state().clone()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s.clone()
+    meta.update(format=FORMAT_VERSION, plugin_version=plugin_version(), step=trainer.step,
+                nonfinite_total=trainer.nonfinite_total, nonfinite_consecutive=trainer.nonfinite_consecutive,
+                config=trainer.cfg.to_dict(), generator_device=str(trainer.generator.device))
+    return tensors, meta
+
+
+def save_checkpoint(trainer: Any, root: str | os.PathLike, keep_last: int | None = None) -> str:
+    """Write the full resumable state of ``trainer`` to ``root/step_XXXXXXXX`` atomically.
+
+    Returns the checkpoint directory. ``keep_last`` prunes older checkpoints after the manifest
+    points at the new one.
+    """
+    root = os.fspath(root)
+    os.makedirs(root, exist_ok=True)
+    _remove_stale_temporaries(root)
+    name = f"step_{trainer.step:08d}"
+    final = os.path.join(root, name)
+    tensors, meta = _collect(trainer)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root)
+    try:
+        state_path = os.path.join(tmp, "state.safetensors")
+        _write_safetensors(tensors, state_path, metadata={"format": "add-checkpoint", "step": str(trainer.step)})
+        _fsync_path(state_path)
+        _write_json(meta, os.path.join(tmp, "meta.json"))
+        _fsync_path(tmp)
+        if os.path.exists(final):  # re-saving the same step: move the old one aside first
+            old = tempfile.mkdtemp(prefix=f".tmp-old-{name}-", dir=root)
+            os.replace(final, os.path.join(old, name))
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        _fsync_path(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_json({"checkpoint": name, "step": trainer.step}, os.path.join(root, "latest.json"))
+    trainer.saved_step = trainer.step
+    if keep_last is not None and keep_last > 0:
+        for old_name in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(os.path.join(root, old_name))
+    return final
+
+
+def _remove_stale_temporaries(root: str) -> None:
+    for entry in os.listdir(root):
+        if entry.startswith(".tmp-"):
+            path = os.path.join(root, entry)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[str]:
+    """Committed checkpoint directory names under ``root``, oldest first."""
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        return []
+    return sorted(e for e in os.listdir(root) if re.fullmatch(r"step_\d{8}", e)
+                  and os.path.isfile(os.path.join(root, e, "meta.json")))
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> str:
+    """A checkpoint directory, or a root whose latest.json names one -> the checkpoint directory."""
+    path = os.fspath(path)
+    manifest = os.path.join(path, "latest.json")
+    if os.path.isfile(manifest):
+        with open(manifest, encoding="utf-8") as f:
+            path = os.path.join(path, json.load(f)["checkpoint"])
+    if not os.path.isfile(os.path.join(path, "meta.json")) or not os.path.isfile(os.path.join(path, "state.safetensors")):
+        raise FileNotFoundError(f"No ADD checkpoint at {path!r}: expected state.safetensors and meta.json there, "
+                                "or a latest.json naming one.")
+    return path
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    with open(os.path.join(resolve_checkpoint(path), "meta.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_checkpoint(trainer: Any, path: str | os.PathLike, restore_global_rng: bool = True) -> str:
+    """Restore everything :func:`save_checkpoint` wrote into an identically built ``trainer``.
+
+    Raises ValueError when the saved config differs in anything but run-control fields.
+    """
+    ckpt = resolve_checkpoint(path)
+    with open(os.path.join(ckpt, "meta.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+    saved = ADDConfig.from_dict(meta["config"]).to_dict()
+    current = trainer.cfg.to_dict()
+    diff = sorted(k for k in saved if saved[k] != current[k] and k not in _RESUMABLE_CHANGES)
+    if diff:
+        raise ValueError(f"Checkpoint {ckpt!r} was trained with a different config ({diff}: saved "
+                         f"{[saved[k] for k in diff]}, now {[current[k] for k in diff]}). Resume with the saved "
+                         "values, or start a new run.")
+    tensors = load_file(os.path.join(ckpt, "state.safetensors"))
+    sub = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+    trainer.models.student.load_trainable_state_dict(sub("student."))
+    if trainer.models.discriminator is not None:
+        trainer.models.discriminator.heads.load_state_dict(sub("disc."), strict=True)
+    _unflatten_optimizer(trainer.opt_g, "opt_g", tensors, meta["opt_g"])
+    if trainer.opt_d is not None:
+        _unflatten_optimizer(trainer.opt_d, "opt_d", tensors, meta["opt_d"])
+    if trainer.ema is not None:
+        with torch.no_grad():
+            for i, s in enumerate(trainer.ema.shadow):
+                s.copy_(tensors[f"ema.{i}"])
+    trainer.generator.set_state(tensors["rng.generator"])
+    if restore_global_rng:
+        torch.set_rng_state(tensors["rng.torch_cpu"])
+        cuda = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors]
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda)
+    trainer.step = int(meta["step"])
+    trainer.nonfinite_total = int(meta["nonfinite_total"])
+    trainer.nonfinite_consecutive = int(meta["nonfinite_consecutive"])
+    trainer.last_checkpoint = ckpt
+    trainer.saved_step = trainer.step
+    return ckpt

@@ -1,0 +1,195 @@
+"""Toy-scale proof of ADD (spec "A small-scale check"): 8 Gaussians on a ring in 2-D.
+
+Teacher: a small MLP epsilon-prediction diffusion model on SD's scaled-linear schedule (so the
+same sigma table, top timestep 999 and pure-noise handling as the real models). Student: ADD,
+1 step, initialised from the teacher, trained with :mod:`training.loop`; discriminator heads on the
+frozen teacher's hidden activations at re-noised t-hat (LADD). Pure torch, seeded, CPU-sized.
+Shared by ``benchmarks/toy_add.py`` and the tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from training.config import ADDConfig
+from training.data import teacher_sample
+from training.discriminator import init_from_generator_
+from training.loop import build_models, Trainer
+from training.schedule import DiscreteSchedule
+
+RING_MODES = 8
+
+
+def ring_centers(radius: float = 2.0, modes: int = RING_MODES) -> Tensor:
+    angles = torch.arange(modes, dtype=torch.float32) * (2 * math.pi / modes)
+    return radius * torch.stack([angles.cos(), angles.sin()], dim=1)  # (modes, 2)
+
+
+def sample_ring(n: int, generator: torch.Generator, radius: float = 2.0, std: float = 0.05) -> Tensor:
+    """n points (n, 2) from the mixture of 8 isotropic Gaussians (std) on a ring (radius)."""
+    centers = ring_centers(radius)
+    k = torch.randint(0, RING_MODES, (n,), generator=generator)
+    return centers[k] + std * torch.randn(n, 2, generator=generator)
+
+
+class ToyEpsMLP(nn.Module):
+    """epsilon-prediction MLP: (alpha-form x (B,2), log sigma (B,)) -> eps_hat (B,2).
+
+    Activations ``acts.i`` (SiLU modules, (B, width)) are the discriminator's teacher features.
+    """
+
+    def __init__(self, width: int = 256, depth: int = 4, n_freq: int = 16) -> None:
+        super().__init__()
+        self.register_buffer("freqs", torch.exp(torch.linspace(0.0, math.log(200.0), n_freq)), persistent=False)
+        self.inp = nn.Linear(2 + 2 * n_freq, width)
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth - 1))
+        self.acts = nn.ModuleList(nn.SiLU() for _ in range(depth))
+        self.out = nn.Linear(width, 2)
+
+    def forward(self, x_alpha: Tensor, log_sigma: Tensor) -> Tensor:
+        ang = (log_sigma.float()[:, None] / 4.0) * self.freqs[None, :]  # EDM-like c_noise = log(sigma)/4
+        h = self.acts[0](self.inp(torch.cat([x_alpha, ang.sin(), ang.cos()], dim=1)))
+        for layer, act in zip(self.layers, self.acts[1:]):
+            h = act(layer(h)) + h
+        return self.out(h)
+
+
+def toy_denoise(net: nn.Module, x: Tensor, sigma: Tensor, cond: Any = None) -> Tensor:
+    """VE x (B,2), sigma (B,) -> x0 = x - sigma * eps_hat(alpha * x, log sigma). Finite at the top
+    timestep: sigma_999 ~ 14.6 is the table's finite value (no division by alpha)."""
+    alpha = (1.0 + sigma * sigma).rsqrt()[:, None]
+    return x - sigma[:, None] * net(x * alpha, sigma.log())
+
+
+TOY_FEATURES = ("acts.0", "acts.1", "acts.2", "acts.3")
+
+
+def train_teacher(steps: int = 3000, batch: int = 512, lr: float = 2e-3, seed: int = 0,
+                  schedule: DiscreteSchedule | None = None, width: int = 256) -> ToyEpsMLP:
+    """Train the epsilon-prediction teacher: E ||eps - eps_hat(x_t, t)||^2, t ~ U{0..999}."""
+    schedule = schedule or DiscreteSchedule.scaled_linear()
+    gen = torch.Generator().manual_seed(seed)
+    net = init_from_generator_(ToyEpsMLP(width=width), gen)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
+    for _ in range(steps):
+        x0 = sample_ring(batch, gen)
+        t = torch.randint(0, schedule.num_timesteps, (batch,), generator=gen)
+        sigma = schedule.sigma(t)
+        eps = torch.randn(batch, 2, generator=gen)
+        x = x0 + sigma[:, None] * eps
+        alpha = (1.0 + sigma * sigma).rsqrt()[:, None]
+        loss = (net(x * alpha, sigma.log()) - eps).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return net.eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------------
+# metrics
+# --------------------------------------------------------------------------------------------
+def sliced_wasserstein(a: Tensor, b: Tensor, generator: torch.Generator, n_proj: int = 256) -> float:
+    """Mean over random unit directions of the 1-D W1 distance between projections (equal sizes)."""
+    n = min(a.shape[0], b.shape[0])
+    d = torch.randn(a.shape[1], n_proj, generator=generator)
+    d = d / d.norm(dim=0, keepdim=True)
+    pa, _ = (a[:n] @ d).sort(dim=0)
+    pb, _ = (b[:n] @ d).sort(dim=0)
+    return float((pa - pb).abs().mean())
+
+
+def mmd_rbf(a: Tensor, b: Tensor, bandwidths: tuple[float, ...] = (0.05, 0.2, 1.0)) -> float:
+    """Biased MMD^2 with a sum of RBF kernels (multi-scale: mode sharpness and placement)."""
+    def k(x: Tensor, y: Tensor) -> Tensor:
+        d2 = torch.cdist(x, y).pow(2)
+        return sum(torch.exp(-d2 / (2 * h * h)) for h in bandwidths)
+    return float(k(a, a).mean() + k(b, b).mean() - 2 * k(a, b).mean())
+
+
+def mode_stats(x: Tensor, radius: float = 2.0, std: float = 0.05, n_std: float = 3.0,
+               min_share: float = 0.25) -> tuple[int, float]:
+    """(modes covered, high-quality fraction). A sample is high-quality when within n_std*std of its
+    nearest centre; a mode is covered when it holds >= min_share of its fair share (N/8) of them."""
+    centers = ring_centers(radius)
+    dist = torch.cdist(x, centers)  # (N, 8)
+    d, k = dist.min(dim=1)
+    hq = d < n_std * std
+    counts = torch.bincount(k[hq], minlength=RING_MODES)
+    covered = int((counts >= min_share * x.shape[0] / RING_MODES).sum())
+    return covered, float(hq.float().mean())
+
+
+@dataclass
+class ToyResult:
+    name: str
+    swd: float
+    mmd: float
+    modes: int
+    hq: float
+
+
+def evaluate(name: str, samples: Tensor, seed: int = 123) -> ToyResult:
+    gen = torch.Generator().manual_seed(seed)
+    ref = sample_ring(samples.shape[0], gen)
+    modes, hq = mode_stats(samples)
+    return ToyResult(name, sliced_wasserstein(samples, ref, gen), mmd_rbf(samples, ref), modes, hq)
+
+
+# --------------------------------------------------------------------------------------------
+# ADD on the toy
+# --------------------------------------------------------------------------------------------
+def toy_add_config(**overrides: Any) -> ADDConfig:
+    """Defaults tuned for the toy (see benchmarks/toy_add.py for what was tried)."""
+    base = dict(student_timesteps=(999,), training_mode="full", lr_full=1e-4, lr_disc=2e-4, batch_size=256,
+                disc_timestep_range=(0, 250), teacher_timestep_range=(1, 999), max_steps=1000,
+                save_every=0, preview_every=0, disc_head_channels=64, weight_decay=0.0)
+    base.update(overrides)
+    return ADDConfig(**base)
+
+
+def train_toy_student(teacher: nn.Module, cfg: ADDConfig, schedule: DiscreteSchedule | None = None,
+                      progress: Callable[[int, dict], None] | None = None) -> tuple[Callable[[Tensor, Tensor], Tensor], Trainer]:
+    """ADD-train a 1-step student from a copy of ``teacher``; returns (student x0 fn, trainer)."""
+    schedule = schedule or DiscreteSchedule.scaled_linear()
+    network = copy.deepcopy(teacher)
+    data_gen_seed = cfg.seed + 7
+
+    def data(generator: torch.Generator, batch_size: int) -> dict:
+        return {"x0": sample_ring(batch_size, generator)}
+
+    probe = data(torch.Generator().manual_seed(data_gen_seed), cfg.batch_size)
+    models = build_models(network, toy_denoise, cfg, schedule, feature_modules=TOY_FEATURES, probe_batch=probe)
+    trainer = Trainer(models, cfg, data)
+    trainer.run(progress=progress)
+    if trainer.ema is not None:
+        for p, s in zip(trainer.ema.params, trainer.ema.shadow):
+            p.data.copy_(s)
+    return (lambda x, sigma: models.student.student(x, sigma, None)), trainer
+
+
+@torch.no_grad()
+def one_step_samples(denoise: Callable[[Tensor, Tensor], Tensor], n: int, seed: int = 99,
+                     schedule: DiscreteSchedule | None = None) -> Tensor:
+    """The 1-step sampler: x = eps * sqrt(1+sigma_999^2) (pure noise), x0 = model(x, sigma_999)."""
+    schedule = schedule or DiscreteSchedule.scaled_linear()
+    gen = torch.Generator().manual_seed(seed)
+    sig = schedule.sigma(schedule.num_timesteps - 1).expand(n)
+    x = torch.randn(n, 2, generator=gen) * (1.0 + sig[:, None] ** 2).sqrt()
+    return denoise(x, sig)
+
+
+@torch.no_grad()
+def teacher_samples(teacher: nn.Module, n: int, steps: int, seed: int = 99,
+                    schedule: DiscreteSchedule | None = None) -> Tensor:
+    schedule = schedule or DiscreteSchedule.scaled_linear()
+    gen = torch.Generator().manual_seed(seed)
+    return teacher_sample(lambda x, s, c: toy_denoise(teacher, x, s), (n, 2), schedule, gen, steps=steps)
