@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-import training_helpers  # noqa: F401  (puts the repo root on sys.path)
+from training_helpers import single_thread  # noqa: F401  (repo root on sys.path; autouse fixture)
 from training.config import ADDConfig
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-import training_helpers  # noqa: F401  (puts the repo root on sys.path)
+from training_helpers import single_thread  # noqa: F401  (repo root on sys.path; autouse fixture)
 from training.losses import DistillationLoss, HingeDLoss, HingeGLoss, R1Penalty
 from training.schedule import DiscreteSchedule
 
