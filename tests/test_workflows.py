@@ -69,3 +69,14 @@ def test_workflow_runs_on_tiny_models(comfy_server, object_info, path):
         p = Path(comfy_server.home) / img["type"] / img["subfolder"] / img["filename"]
         if img["type"] == "output":
             assert p.is_file() and p.stat().st_size > 0
+
+
+@pytest.mark.server
+def test_workflows_are_offered_as_templates(comfy_server):
+    """The front end's template browser lists and fetches the plugin's workflows."""
+    assert SHIPPED, "workflows/ should hold the plugin's workflows"
+    templates = comfy_server.get("/workflow_templates")
+    assert sorted(templates.get("comfyui-add", [])) == sorted(p.stem for p in SHIPPED)
+    name = SHIPPED[0].name
+    served = comfy_server.get(f"/api/workflow_templates/comfyui-add/{name}")
+    assert served == json.loads(SHIPPED[0].read_text())
