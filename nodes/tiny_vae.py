@@ -121,13 +121,22 @@ def working_dtype(choice: str, device: torch.device) -> torch.dtype:
     return DTYPES[choice]
 
 
-def _runner(vae, dtype: torch.dtype, memory: int) -> tuple[TAESD, torch.device]:
-    """The TAESD on its device in ``dtype``: the loaded one, or a private copy (the VAE is shared)."""
+def _runner(vae, dtype: torch.dtype, memory: int) -> tuple[TAESD, torch.device, torch.memory_format]:
+    """The TAESD on its device in ``dtype``: the loaded one, or a private copy (the VAE is shared).
+
+    On CPU the copy is channels-last with in-place ReLUs: oneDNN's 64-channel 3x3 convs run ~1.5x
+    faster in that layout, and the ReLUs stop writing a second full-resolution tensor.
+    """
     mm.load_models_gpu([vae.patcher], memory_required=memory, force_full_load=True)
     model = vae.first_stage_model
-    if dtype != vae.vae_dtype:
-        model = copy.deepcopy(model).to(dtype=dtype)
-    return model, vae.device
+    on_cpu = vae.device.type == "cpu"
+    fmt = torch.channels_last if on_cpu else torch.contiguous_format
+    if dtype != vae.vae_dtype or on_cpu:
+        model = copy.deepcopy(model).to(dtype=dtype, memory_format=fmt)
+        for m in model.modules():
+            if isinstance(m, torch.nn.ReLU):
+                m.inplace = True
+    return model, vae.device, fmt
 
 
 def run_chunked(fn, x: torch.Tensor, chunk: int, out_device) -> torch.Tensor:
@@ -150,11 +159,11 @@ def tiny_decode(vae, latent: torch.Tensor, chunk: int = 8, dtype: str = "auto") 
     core.check_latent(latent, int(vae.latent_channels), variant)
     dt = working_dtype(dtype, vae.device)
     memory = core.decode_bytes(min(chunk, latent.shape[0]), latent.shape[2], latent.shape[3], mm.dtype_size(dt))
-    model, device = _runner(vae, dt, memory)
+    model, device, fmt = _runner(vae, dt, memory)
 
     def step(z):
         with torch.inference_mode():
-            img = model.decode(z.to(device=device, dtype=dt)).float()
+            img = model.decode(z.to(device=device, dtype=dt).contiguous(memory_format=fmt)).float()
         return vae.process_output(img).movedim(1, -1)
 
     return run_chunked(step, latent, chunk, mm.intermediate_device())
@@ -168,11 +177,11 @@ def tiny_encode(vae, pixels: torch.Tensor, chunk: int = 8, dtype: str = "auto") 
     pixels = core.crop_to_multiple(pixels[..., :3], 8)
     dt = working_dtype(dtype, vae.device)
     memory = core.decode_bytes(min(chunk, pixels.shape[0]), pixels.shape[1] // 8, pixels.shape[2] // 8, mm.dtype_size(dt))
-    model, device = _runner(vae, dt, memory)
+    model, device, fmt = _runner(vae, dt, memory)
 
     def step(img):
         with torch.inference_mode():
-            x = vae.process_input(img.movedim(-1, 1).to(device=device, dtype=dt))
+            x = vae.process_input(img.movedim(-1, 1).to(device=device, dtype=dt)).contiguous(memory_format=fmt)
             return model.encode(x).float()
 
     return run_chunked(step, pixels, chunk, mm.intermediate_device())
