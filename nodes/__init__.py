@@ -4,6 +4,7 @@ from importlib import import_module
 # One entry per node module; each exports NODE_CLASS_MAPPINGS and NODE_DISPLAY_NAME_MAPPINGS.
 _MODULES: tuple[str, ...] = (
     "tiny_vae",
+    "sampling",
 )
 
 NODE_CLASS_MAPPINGS: dict = {}
