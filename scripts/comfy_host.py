@@ -49,8 +49,11 @@ _loaded = False
 _plugin_loaded = False
 
 
-def import_comfy(base_directory: str | os.PathLike | None = None, load_plugin: bool = True):
-    """Import ComfyUI in this process on the CPU and (optionally) load this plugin into it.
+def import_comfy(base_directory: str | os.PathLike | None = None, load_plugin: bool = True, cpu: bool | None = None):
+    """Import ComfyUI in this process and (optionally) load this plugin into it.
+
+    ``cpu``: run ComfyUI on the CPU (its ``--cpu``). Default: True, unless the environment
+    variable ``COMFYUI_ADD_DEVICE`` is ``cuda`` (how the benchmarks are pointed at a GPU).
 
     ComfyUI's root must come first on sys.path: its top-level ``nodes``/``utils`` modules would
     otherwise be shadowed by same-named packages elsewhere. Its modules are imported with the
@@ -75,7 +78,9 @@ def import_comfy(base_directory: str | os.PathLike | None = None, load_plugin: b
         comfy.options.enable_args_parsing(False)
         import comfy.cli_args
 
-        comfy.cli_args.args.cpu = True
+        if cpu is None:
+            cpu = os.environ.get("COMFYUI_ADD_DEVICE", "cpu") != "cuda"
+        comfy.cli_args.args.cpu = cpu
         if base_directory is not None:
             comfy.cli_args.args.base_directory = str(base_directory)
         import folder_paths  # noqa: F401  (reads args.base_directory at import)
