@@ -506,6 +506,7 @@ class ADDSaveTurboCheckpoint:
         return {"ui": {"text": [report]}, "result": (report,)}
 
 
+@torch.no_grad()
 def _effective_weights(patcher, prefix="diffusion_model."):
     """Yield (key, weight in fp32) with the patcher's patches applied, one layer at a time."""
     kp = patcher.get_key_patches(prefix)
@@ -517,6 +518,7 @@ def _effective_weights(patcher, prefix="diffusion_model."):
         yield key, t
 
 
+@torch.no_grad()
 def extract_lora_sd(turbo, base, rank: int, prefix="diffusion_model.", dtype=torch.float16):
     """(LoRA state dict in ComfyUI-native names, per-layer relative errors, totals).
 
@@ -548,7 +550,13 @@ def extract_lora_sd(turbo, base, rank: int, prefix="diffusion_model.", dtype=tor
             continue
         mat = d.flatten(1)
         r = min(rank, *mat.shape)
-        U, S, Vh = torch.linalg.svd(mat, full_matrices=False)
+        if 3 * r < min(mat.shape):  # randomized SVD (Halko et al. 2011): much faster, error still measured below
+            with torch.random.fork_rng(devices=[]):  # deterministic, global RNG left as it was
+                torch.manual_seed(0)
+                U, S, V = torch.svd_lowrank(mat, q=min(r + 16, min(mat.shape)), niter=4)
+            Vh = V.T
+        else:
+            U, S, Vh = torch.linalg.svd(mat, full_matrices=False)
         up = (U[:, :r] * S[:r]).to(dtype)
         down = Vh[:r].to(dtype)
         e = float((mat - up.float() @ down.float()).norm())
