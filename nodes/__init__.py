@@ -3,6 +3,7 @@ from importlib import import_module
 
 # One entry per node module; each exports NODE_CLASS_MAPPINGS and NODE_DISPLAY_NAME_MAPPINGS.
 _MODULES: tuple[str, ...] = (
+    "lora",
     "tiny_vae",
     "sampling",
 )
