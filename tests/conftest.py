@@ -21,7 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-pytest_plugins = ["tests.server_harness"]
+# tests/ has no __init__.py (the repo root is the plugin package, which imports ComfyUI):
+# pytest puts tests/ on sys.path, so the harness is a top-level module here.
+pytest_plugins = ["server_harness"]
 
 
 @pytest.fixture(scope="session")
