@@ -15,6 +15,8 @@ from typing import Any, Callable, Mapping
 DISTILL_WEIGHTINGS = ("exponential", "sds")
 DISCRIMINATOR_TYPES = ("teacher", "dinov2")
 TRAINING_MODES = ("lora", "full")
+DISC_NORMS = ("batch_local", "sample")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -45,12 +47,14 @@ class ADDConfig:
     # --- discriminator ---
     discriminator: str = "teacher"  # 'teacher' (LADD features, latent space) | 'dinov2'
     disc_head_channels: int = 0  # 0 = keep each feature's own width
+    disc_norm: str = "batch_local"  # heads' norm: 'batch_local' (StyleGAN-T) | 'sample' (per-sample GroupNorm)
 
     # --- optimisation (AdamW; open code) ---
     lr_lora: float = 1e-4
     lr_full: float = 1e-6
     lr_disc: float = 1e-4
     lr_warmup_steps: int = 0
+    lr_schedule: str = "constant"  # after warm-up: 'constant' | 'cosine' (to 0 at max_steps, both G and D)
     gen_betas: tuple[float, float] = (0.9, 0.999)
     disc_betas: tuple[float, float] = (0.0, 0.999)
     weight_decay: float = 1e-2
@@ -145,10 +149,12 @@ _RULES: dict[str, tuple[Callable[[Any, ADDConfig], bool], str]] = {
     "teacher_timestep_range": (_t_range, "(lo, hi) ints with 0 <= lo <= hi <= num_train_timesteps-1"),
     "disc_timestep_range": (_t_range, "(lo, hi) ints with 0 <= lo <= hi <= num_train_timesteps-1"),
     "discriminator": (lambda v, c: v in DISCRIMINATOR_TYPES, f"one of {DISCRIMINATOR_TYPES}"),
+    "disc_norm": (lambda v, c: v in DISC_NORMS, f"one of {DISC_NORMS}"),
     "disc_head_channels": (lambda v, c: _int(v) and 0 <= v <= 4096, "an int in [0, 4096] (0 = feature width)"),
     "lr_lora": (lambda v, c: _finite(v) and 0 < v <= 1, "a float in (0, 1] (default 1e-4)"),
     "lr_full": (lambda v, c: _finite(v) and 0 < v <= 1, "a float in (0, 1] (default 1e-6)"),
     "lr_disc": (lambda v, c: _finite(v) and 0 < v <= 1, "a float in (0, 1]"),
+    "lr_schedule": (lambda v, c: v in LR_SCHEDULES, f"one of {LR_SCHEDULES}"),
     "lr_warmup_steps": (lambda v, c: _int(v) and v >= 0, "an int >= 0"),
     "gen_betas": (_betas, "two floats in [0, 1)"),
     "disc_betas": (_betas, "two floats in [0, 1) (default (0, 0.999))"),

@@ -121,9 +121,22 @@ class _SNConv1d(nn.Module):
         return self.conv(x)
 
 
+class SampleNorm(nn.GroupNorm):
+    """Per-sample normalisation over (C, L) (GroupNorm with one group): no statistics shared across
+    the batch, so each sample is judged on its own. Preferable to BatchNormLocal when features have
+    L=1 (pooled vectors, low-dimensional data), where batch statistics would erase absolute position."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(1, channels)
+
+
+# name -> norm constructor (ADDConfig.disc_norm)
+HEAD_NORMS: dict[str, Callable[[int], nn.Module]] = {"batch_local": BatchNormLocal, "sample": SampleNorm}
+
+
 class _Block(nn.Sequential):
-    def __init__(self, c_in: int, c_out: int, kernel_size: int) -> None:
-        super().__init__(_SNConv1d(c_in, c_out, kernel_size), BatchNormLocal(c_out), nn.LeakyReLU(0.2))
+    def __init__(self, c_in: int, c_out: int, kernel_size: int, norm: str = "batch_local") -> None:
+        super().__init__(_SNConv1d(c_in, c_out, kernel_size), HEAD_NORMS[norm](c_out), nn.LeakyReLU(0.2))
 
 
 class _Residual(nn.Module):
@@ -143,10 +156,12 @@ class DiscHead(nn.Module):
     logit = <cls(h), cmap(c)> / sqrt(cmap_dim).
     """
 
-    def __init__(self, c_in: int, channels: int, c_dim: int = 0, cmap_dim: int = 64, kernel_size: int = 9) -> None:
+    def __init__(self, c_in: int, channels: int, c_dim: int = 0, cmap_dim: int = 64, kernel_size: int = 9,
+                 norm: str = "batch_local") -> None:
         super().__init__()
         self.c_dim, self.cmap_dim = c_dim, cmap_dim
-        self.main = nn.Sequential(_Block(c_in, channels, 1), _Residual(_Block(channels, channels, kernel_size)))
+        self.main = nn.Sequential(_Block(c_in, channels, 1, norm),
+                                  _Residual(_Block(channels, channels, kernel_size, norm)))
         self.cls = _SNConv1d(channels, cmap_dim if c_dim > 0 else 1, 1)
         self.cmapper = nn.Linear(c_dim, cmap_dim) if c_dim > 0 else None
 
@@ -329,12 +344,14 @@ class Discriminator(nn.Module):
     """
 
     def __init__(self, features: Callable[[Tensor, Any, torch.Generator], list], feature_channels: Sequence[int],
-                 c_dim: int = 0, head_channels: int = 0, cmap_dim: int = 64,
+                 c_dim: int = 0, head_channels: int = 0, cmap_dim: int = 64, norm: str = "batch_local",
                  generator: torch.Generator | None = None) -> None:
         super().__init__()
+        if norm not in HEAD_NORMS:
+            raise ValueError(f"Discriminator: norm={norm!r}; expected one of {sorted(HEAD_NORMS)}.")
         object.__setattr__(self, "features", features)
         self.heads = nn.ModuleList(
-            DiscHead(c, head_channels or c, c_dim=c_dim, cmap_dim=cmap_dim) for c in feature_channels)
+            DiscHead(c, head_channels or c, c_dim=c_dim, cmap_dim=cmap_dim, norm=norm) for c in feature_channels)
         if generator is not None:
             init_from_generator_(self.heads, generator)
 

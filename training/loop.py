@@ -83,7 +83,8 @@ def build_models(network: nn.Module, denoise: DenoiseFn, cfg: ADDConfig, schedul
             raise ValueError("build_models: pass probe_batch (one batch from your data) to size the heads.")
         probe_gen = torch.Generator(device=_gen_device(probe_batch["x0"])).manual_seed(cfg.seed)
         channels = probe_feature_channels(feature_fn, probe_batch["x0"], probe_batch.get("cond"), probe_gen)
-        disc = Discriminator(feature_fn, channels, c_dim=c_dim, head_channels=cfg.disc_head_channels, generator=gen)
+        disc = Discriminator(feature_fn, channels, c_dim=c_dim, head_channels=cfg.disc_head_channels,
+                             norm=cfg.disc_norm, generator=gen)
         disc.to(probe_batch["x0"].device)
     return ADDModels(student=student, discriminator=disc, schedule=schedule)
 
@@ -237,10 +238,15 @@ class EMA:
                     p.copy_(b)
 
 
-def get_lr(step: int, base_lr: float, warmup_steps: int) -> float:
-    """Linear warm-up then constant; a pure function of the step (nanoGPT style)."""
+def get_lr(step: int, base_lr: float, warmup_steps: int, schedule: str = "constant", max_steps: int = 1) -> float:
+    """Linear warm-up, then constant or cosine decay to 0 at ``max_steps``; a pure function of the
+    step (nanoGPT style), so a resumed run gets the same rates."""
     if warmup_steps > 0 and step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
+    if schedule == "cosine":
+        span = max(1, max_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
     return base_lr
 
 
@@ -302,8 +308,9 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One iteration: D step then G step on the same x_hat_theta. Returns logs."""
         cfg, models = self.cfg, self.models
-        for group in self.opt_g.param_groups:
-            group["lr"] = get_lr(self.step, cfg.lr_student, cfg.lr_warmup_steps)
+        for opt, base in ((self.opt_g, cfg.lr_student), (self.opt_d, cfg.lr_disc)):
+            for group in (opt.param_groups if opt is not None else []):
+                group["lr"] = get_lr(self.step, base, cfg.lr_warmup_steps, cfg.lr_schedule, cfg.max_steps)
         batch = self.data(self.generator, cfg.batch_size)
         if models.discriminator is not None:
             models.discriminator.train(True)

@@ -149,9 +149,10 @@ def evaluate(name: str, samples: Tensor, seed: int = 123) -> ToyResult:
 # --------------------------------------------------------------------------------------------
 def toy_add_config(**overrides: Any) -> ADDConfig:
     """Defaults tuned for the toy (see benchmarks/toy_add.py for what was tried)."""
-    base = dict(student_timesteps=(999,), training_mode="full", lr_full=1e-4, lr_disc=2e-4, batch_size=256,
-                disc_timestep_range=(0, 250), teacher_timestep_range=(1, 999), max_steps=1000,
-                save_every=0, preview_every=0, disc_head_channels=64, weight_decay=0.0)
+    base = dict(student_timesteps=(999,), training_mode="full", lr_full=1e-4, lr_disc=1e-3, batch_size=128,
+                lr_schedule="cosine", ema_decay=0.99, disc_norm="sample", disc_timestep_range=(0, 100),
+                teacher_timestep_range=(1, 250), max_steps=800, save_every=0, preview_every=0,
+                disc_head_channels=64, weight_decay=0.0)
     base.update(overrides)
     return ADDConfig(**base)
 
@@ -193,3 +194,27 @@ def teacher_samples(teacher: nn.Module, n: int, steps: int, seed: int = 99,
     schedule = schedule or DiscreteSchedule.scaled_linear()
     gen = torch.Generator().manual_seed(seed)
     return teacher_sample(lambda x, s, c: toy_denoise(teacher, x, s), (n, 2), schedule, gen, steps=steps)
+
+
+def run_suite(teacher_steps: int, steps: int, batch: int, samples: int = 4000,
+              log: Callable[[str], None] | None = None, **overrides: Any) -> dict[str, ToyResult]:
+    """Teacher 1/50 steps and the three ADD variants (full, distillation only, adversarial only) on
+    one teacher with one budget. ``overrides`` go to :func:`toy_add_config` for every variant."""
+    import time
+
+    t0 = time.time()
+    teacher = train_teacher(steps=teacher_steps, width=128)
+    if log:
+        log(f"teacher: {teacher_steps} steps in {time.time() - t0:.0f} s")
+    out = {"teacher_1": evaluate("teacher, 1 step", teacher_samples(teacher, samples, 1)),
+           "teacher_50": evaluate("teacher, 50 steps", teacher_samples(teacher, samples, 50))}
+    variants = {"add": ("ADD, 1 step", {}), "distill_only": ("distillation only, 1 step", {"adv_weight": 0.0}),
+                "adv_only": ("adversarial only, 1 step", {"distill_weight": 0.0})}
+    for key, (name, extra) in variants.items():
+        t1 = time.time()
+        cfg = toy_add_config(max_steps=steps, batch_size=batch, **{**overrides, **extra})
+        student, _ = train_toy_student(teacher, cfg)
+        out[key] = evaluate(name, one_step_samples(student, samples))
+        if log:
+            log(f"{name}: {steps} steps in {time.time() - t1:.0f} s")
+    return out
