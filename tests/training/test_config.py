@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -57,3 +60,18 @@ def test_json_round_trip_and_unknown_key():
 def test_config_is_frozen():
     with pytest.raises(AttributeError):
         ADDConfig().batch_size = 8  # type: ignore[misc]
+
+
+def test_both_loss_weights_zero_is_refused():
+    with pytest.raises(ValueError, match="distill_weight"):
+        ADDConfig(adv_weight=0.0, distill_weight=0.0)
+
+
+def test_training_imports_without_comfyui():
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = ("import sys; import training, training.config, training.schedule, training.losses, "
+            "training.discriminator, training.student, training.loop, training.checkpoint, training.data, "
+            "training.toy; bad = [m for m in sys.modules if m.split('.')[0] in ('comfy', 'folder_paths', 'server', "
+            "'nodes')]; assert not bad, bad; "
+            "import importlib; m = importlib.import_module('training'); assert 'torch' not in vars(m)")
+    subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
