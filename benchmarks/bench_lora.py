@@ -64,29 +64,7 @@ def _status(field: str) -> int:
 def _import_comfy(device: str):
     from scripts import comfy_host
 
-    home = tempfile.mkdtemp(prefix="bench_lora_home_")
-    if device == "cpu":
-        comfy_host.import_comfy(base_directory=home)
-        return comfy_host
-    # CUDA: the same steps as comfy_host.import_comfy without forcing --cpu
-    root = comfy_host.host_path()
-    sys.path.insert(0, str(root))
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        import comfy.options
-
-        comfy.options.enable_args_parsing(False)
-        import comfy.cli_args
-
-        comfy.cli_args.args.base_directory = home
-        import folder_paths  # noqa: F401
-        import nodes as comfy_nodes
-
-        comfy_host._load_plugin(comfy_nodes)
-        comfy_host._loaded = comfy_host._plugin_loaded = True
-    finally:
-        os.chdir(cwd)
+    comfy_host.import_comfy(base_directory=tempfile.mkdtemp(prefix="bench_lora_home_"), cpu=(device == "cpu"))
     return comfy_host
 
 

@@ -58,6 +58,7 @@ def lazy(model, sd, strength=1.0):
     return comfy.sd.load_lora_for_models(model, None, sd, strength, 0.0)[0]
 
 
+@torch.no_grad()
 def unet_weights(patcher):
     """{key: fp32 weight} as the model would compute with (patches applied), for weight checks."""
     import comfy.lora
@@ -157,13 +158,11 @@ def test_strength_is_linear_and_merges_add(L, sd15, loras_dir):
     w0 = unet_weights(model)
     half = unet_weights(merge(L, model, "tiny_sd15_kohya.safetensors", 0.5)[0])
     full = unet_weights(merge(L, model, "tiny_sd15_kohya.safetensors", 1.0)[0])
-    neg = unet_weights(merge(L, model, "tiny_sd15_kohya.safetensors", -1.0)[0])
     changed = [k for k in w0 if not torch.equal(w0[k], full[k])]
     assert len(changed) == 63
     for k in changed:
         d = full[k] - w0[k]
         assert _close(half[k] - w0[k], 0.5 * d, 1e-5)
-        assert _close(neg[k] - w0[k], -d, 1e-5)
     # two merges in a row == both LoRAs lazily applied
     a = merge(L, model, "tiny_sd15_kohya.safetensors", 1.0)[0]
     ab, _, _ = merge(L, a, "tiny_lcm_lora_sd15.safetensors", 0.5)
@@ -337,35 +336,33 @@ def test_save_rejects_path_escapes(L, sd15, bad):
 # --------------------------------------------------------------------------------------------
 # extract
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("rank", [8, 64])
-def test_extract_then_merge_approximates_turbo(L, sd15, loras_dir, rank):
+def test_extract_then_merge_approximates_turbo(L, sd15, loras_dir):
+    import comfy.sd
     import folder_paths
 
     model = sd15[0]
     turbo = merge(L, model, "tiny_lcm_lora_sd15.safetensors", 1.0)[0]
-    name = f"extracted_r{rank}"
-    report = L.ADDExtractLoRA().extract(turbo, model, rank, name, True)["result"][0]
+    # the delta has rank 64: at rank 64 only fp16 storage error remains
+    assert L.extract_lora_sd(turbo, model, 64)[2] < 5e-3
+    name = "extracted_r8"
+    report = L.ADDExtractLoRA().extract(turbo, model, 8, name, True)["result"][0]
     overall = float(report.split("relative error overall: ")[1].split()[0])
+    assert overall > 0.1 and "worst: diffusion_model." in report
     path = os.path.join(folder_paths.get_folder_paths("loras")[0], name + ".safetensors")
-    assert os.path.isfile(path)
     back, _, mrep = merge(L, model, name + ".safetensors", 1.0)
     assert "unet: 63/63" in mrep and "WARNING" not in mrep
     w0, wt, wb = unet_weights(model), unet_weights(turbo), unet_weights(back)
     num = sum(float((wb[k] - wt[k]).norm()) ** 2 for k in w0)
     den = sum(float((wt[k] - w0[k]).norm()) ** 2 for k in w0)
     measured = (num / den) ** 0.5
-    # the merged-back model is as far from the turbo model as the node says (fp32 math either way)
+    # the merged-back model is as far from the turbo model as the node says
     assert abs(measured - overall) <= 0.02 * overall + 2e-3, (measured, overall)
-    if rank == 64:  # the delta has rank 64: only fp16 storage error remains
-        assert overall < 5e-3
-    else:
-        assert overall > 0.1
-    # and the core loader reads the same file
-    import comfy.sd
-
+    # the core loader reads the same file, and the result is closer to turbo than the base is
     core = comfy.sd.load_lora_for_models(model, None, _load(path), 1.0, 0.0)[0]
     assert len(core.patches) == 63
-    assert _close(run(core), run(back), 1e-4)
-    err_t = float((run(back) - run(turbo)).norm())
-    err_0 = float((run(model) - run(turbo)).norm())
-    assert err_t < err_0
+    out_b = run(back)
+    assert _close(run(core), out_b, 1e-4)
+    out_t = run(turbo)
+    assert float((out_b - out_t).norm()) < float((run(model) - out_t).norm())
+    with pytest.raises(FileExistsError, match="overwrite"):
+        L.ADDExtractLoRA().extract(turbo, model, 8, name, False)
