@@ -5,4 +5,4 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup.sh" --dev
 cd "$ROOT"
-exec "$ROOT/.venv/bin/python" -m pytest "$@"
+exec "$ROOT/.venv/bin/python" -m pytest -c "$ROOT/tests/pytest.ini" --rootdir "$ROOT/tests" "$@"
