@@ -117,14 +117,18 @@ def _reference(model, positive, latent, seed, timesteps, v_pred):
     return x / scale
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("case", [
-    dict(steps=1, schedule="add_trailing", denoise=1.0, img=False),
-    dict(steps=4, schedule="add_trailing", denoise=1.0, img=False),
-    dict(steps=2, schedule="add_trailing", denoise=0.5, img=True),
-    dict(steps=3, schedule="add_trailing", denoise=0.8, img=True),
-    dict(steps=4, schedule="stream_t_index", custom="32,45", denoise=1.0, img=True),
-    dict(steps=2, schedule="custom", custom="999,749,499", denoise=0.6, img=True),
+_TXT4 = dict(steps=4, schedule="add_trailing", denoise=1.0, img=False)
+_TXT1 = dict(steps=1, schedule="add_trailing", denoise=1.0, img=False)
+_IMG_HALF = dict(steps=2, schedule="add_trailing", denoise=0.5, img=True)
+_IMG_08 = dict(steps=3, schedule="add_trailing", denoise=0.8, img=True)
+_STREAM = dict(steps=4, schedule="stream_t_index", custom="32,45", denoise=1.0, img=True)
+_CUSTOM = dict(steps=2, schedule="custom", custom="999,749,499", denoise=0.6, img=True)
+
+
+@pytest.mark.parametrize("family, case", [
+    ("sd15", _TXT4), ("sd15", _TXT1), ("sd15", _IMG_HALF), ("sd15", _IMG_08), ("sd15", _STREAM), ("sd15", _CUSTOM),
+    ("sd2v", _TXT4), ("sd2v", _IMG_HALF), ("sd2v", _STREAM),
+    ("sdxl", _TXT4), ("sdxl", _IMG_08), ("sdxl", _STREAM),
 ])
 def test_update_matches_independent_reference(request, nodes_mod, family, case):
     ctx_dim, pooled = FAMILIES[family]
