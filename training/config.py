@@ -48,6 +48,7 @@ class ADDConfig:
     discriminator: str = "teacher"  # 'teacher' (LADD features, latent space) | 'dinov2'
     disc_head_channels: int = 0  # 0 = keep each feature's own width
     disc_norm: str = "batch_local"  # heads' norm: 'batch_local' (StyleGAN-T) | 'sample' (per-sample GroupNorm)
+    disc_spectral_norm: bool = True  # spectral norm on the heads' convolutions (StyleGAN-T)
 
     # --- optimisation (AdamW; open code) ---
     lr_lora: float = 1e-4
@@ -150,6 +151,7 @@ _RULES: dict[str, tuple[Callable[[Any, ADDConfig], bool], str]] = {
     "teacher_timestep_range": (_t_range, "(lo, hi) ints with 0 <= lo <= hi <= num_train_timesteps-1"),
     "disc_timestep_range": (_t_range, "(lo, hi) ints with 0 <= lo <= hi <= num_train_timesteps-1"),
     "discriminator": (lambda v, c: v in DISCRIMINATOR_TYPES, f"one of {DISCRIMINATOR_TYPES}"),
+    "disc_spectral_norm": (lambda v, c: isinstance(v, bool), "True or False"),
     "disc_norm": (lambda v, c: v in DISC_NORMS, f"one of {DISC_NORMS}"),
     "disc_head_channels": (lambda v, c: _int(v) and 0 <= v <= 4096, "an int in [0, 4096] (0 = feature width)"),
     "lr_lora": (lambda v, c: _finite(v) and 0 < v <= 1, "a float in (0, 1] (default 1e-4)"),

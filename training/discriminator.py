@@ -102,13 +102,14 @@ class BatchNormLocal(nn.Module):
 
 
 class _SNConv1d(nn.Module):
-    """Spectrally normalised Conv1d; circular padding when the sequence is long enough, else zeros
+    """Conv1d, spectrally normalised unless ``spectral=False``; circular padding when the sequence is long enough, else zeros
     (a 2-D toy or a pooled feature has L=1, where a k=9 kernel degenerates to its centre tap)."""
 
-    def __init__(self, c_in: int, c_out: int, kernel_size: int) -> None:
+    def __init__(self, c_in: int, c_out: int, kernel_size: int, spectral: bool = True) -> None:
         super().__init__()
         self.pad = kernel_size // 2
-        self.conv = nn.utils.parametrizations.spectral_norm(nn.Conv1d(c_in, c_out, kernel_size, padding=0))
+        conv = nn.Conv1d(c_in, c_out, kernel_size, padding=0)
+        self.conv = nn.utils.parametrizations.spectral_norm(conv) if spectral else conv
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] == 1:
@@ -135,8 +136,8 @@ HEAD_NORMS: dict[str, Callable[[int], nn.Module]] = {"batch_local": BatchNormLoc
 
 
 class _Block(nn.Sequential):
-    def __init__(self, c_in: int, c_out: int, kernel_size: int, norm: str = "batch_local") -> None:
-        super().__init__(_SNConv1d(c_in, c_out, kernel_size), HEAD_NORMS[norm](c_out), nn.LeakyReLU(0.2))
+    def __init__(self, c_in: int, c_out: int, kernel_size: int, norm: str = "batch_local", spectral: bool = True) -> None:
+        super().__init__(_SNConv1d(c_in, c_out, kernel_size, spectral), HEAD_NORMS[norm](c_out), nn.LeakyReLU(0.2))
 
 
 class _Residual(nn.Module):
@@ -157,12 +158,12 @@ class DiscHead(nn.Module):
     """
 
     def __init__(self, c_in: int, channels: int, c_dim: int = 0, cmap_dim: int = 64, kernel_size: int = 9,
-                 norm: str = "batch_local") -> None:
+                 norm: str = "batch_local", spectral: bool = True) -> None:
         super().__init__()
         self.c_dim, self.cmap_dim = c_dim, cmap_dim
-        self.main = nn.Sequential(_Block(c_in, channels, 1, norm),
-                                  _Residual(_Block(channels, channels, kernel_size, norm)))
-        self.cls = _SNConv1d(channels, cmap_dim if c_dim > 0 else 1, 1)
+        self.main = nn.Sequential(_Block(c_in, channels, 1, norm, spectral),
+                                  _Residual(_Block(channels, channels, kernel_size, norm, spectral)))
+        self.cls = _SNConv1d(channels, cmap_dim if c_dim > 0 else 1, 1, spectral)
         self.cmapper = nn.Linear(c_dim, cmap_dim) if c_dim > 0 else None
 
     def forward(self, h: Tensor, c: Tensor | None = None) -> Tensor:
@@ -345,13 +346,14 @@ class Discriminator(nn.Module):
 
     def __init__(self, features: Callable[[Tensor, Any, torch.Generator], list], feature_channels: Sequence[int],
                  c_dim: int = 0, head_channels: int = 0, cmap_dim: int = 64, norm: str = "batch_local",
-                 generator: torch.Generator | None = None) -> None:
+                 spectral: bool = True, generator: torch.Generator | None = None) -> None:
         super().__init__()
         if norm not in HEAD_NORMS:
             raise ValueError(f"Discriminator: norm={norm!r}; expected one of {sorted(HEAD_NORMS)}.")
         object.__setattr__(self, "features", features)
         self.heads = nn.ModuleList(
-            DiscHead(c, head_channels or c, c_dim=c_dim, cmap_dim=cmap_dim, norm=norm) for c in feature_channels)
+            DiscHead(c, head_channels or c, c_dim=c_dim, cmap_dim=cmap_dim, norm=norm, spectral=spectral)
+            for c in feature_channels)
         if generator is not None:
             init_from_generator_(self.heads, generator)
 

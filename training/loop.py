@@ -84,7 +84,7 @@ def build_models(network: nn.Module, denoise: DenoiseFn, cfg: ADDConfig, schedul
         probe_gen = torch.Generator(device=_gen_device(probe_batch["x0"])).manual_seed(cfg.seed)
         channels = probe_feature_channels(feature_fn, probe_batch["x0"], probe_batch.get("cond"), probe_gen)
         disc = Discriminator(feature_fn, channels, c_dim=c_dim, head_channels=cfg.disc_head_channels,
-                             norm=cfg.disc_norm, generator=gen)
+                             norm=cfg.disc_norm, spectral=cfg.disc_spectral_norm, generator=gen)
         disc.to(probe_batch["x0"].device)
     return ADDModels(student=student, discriminator=disc, schedule=schedule)
 
