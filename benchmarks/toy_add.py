@@ -35,7 +35,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     teacher_steps = args.teacher_steps or (1500 if args.fast else 3000)
-    steps = args.steps or (150 if args.fast else 800)
+    steps = args.steps or (200 if args.fast else 1200)
     batch = args.batch or (64 if args.fast else 128)
 
     t0 = time.time()

@@ -149,9 +149,9 @@ def evaluate(name: str, samples: Tensor, seed: int = 123) -> ToyResult:
 # --------------------------------------------------------------------------------------------
 def toy_add_config(**overrides: Any) -> ADDConfig:
     """Defaults tuned for the toy (see benchmarks/toy_add.py for what was tried)."""
-    base = dict(student_timesteps=(999,), training_mode="full", lr_full=1e-4, lr_disc=1e-3, batch_size=128,
-                lr_schedule="cosine", ema_decay=0.99, disc_norm="sample", disc_timestep_range=(0, 100),
-                teacher_timestep_range=(1, 250), max_steps=800, save_every=0, preview_every=0,
+    base = dict(student_timesteps=(999,), training_mode="full", lr_full=3e-4, lr_disc=2e-3, batch_size=128,
+                lr_schedule="cosine", ema_decay=0.99, disc_norm="sample", disc_timestep_range=(0, 10),
+                teacher_timestep_range=(1, 250), max_steps=1200, save_every=0, preview_every=0,
                 disc_head_channels=64, weight_decay=0.0)
     base.update(overrides)
     return ADDConfig(**base)
