@@ -5,4 +5,11 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup.sh" --dev
 cd "$ROOT"
+# Without a test path of the caller's, run tests/ (pytest would otherwise collect from the repo
+# root, whose __init__.py is the plugin package and needs ComfyUI on the path first).
+has_path=0
+for a in "$@"; do
+  case "$a" in -*) ;; *) [ -e "${a%%::*}" ] && has_path=1 ;; esac
+done
+[ "$has_path" = 1 ] || set -- "$@" "$ROOT/tests"
 exec "$ROOT/.venv/bin/python" -m pytest -c "$ROOT/tests/pytest.ini" --rootdir "$ROOT/tests" "$@"
