@@ -58,12 +58,15 @@ def sample_add(model, x, sigmas, extra_args=None, callback=None, disable=None, n
     eta = float(noise_strength)
     keep = (1.0 - eta * eta) ** 0.5
     s_in = x.new_ones([x.shape[0]])
+    # Branch on Python floats read once: comparing device tensors would make the host wait for
+    # each step's model evaluation before it can queue the next one.
+    last = [float(s) <= 0 for s in sigmas.tolist()[1:]]
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma * s_in, **extra_args)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
-        if sigma_next <= 0:
+        if last[i]:
             x = denoised
             continue
         noise = noise_sampler(sigma, sigma_next)

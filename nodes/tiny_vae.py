@@ -114,10 +114,11 @@ def check_model_fits(vae, model) -> None:
                     fmt_taesd=getattr(fmt, "taesd_decoder_name", None))
 
 
-def working_dtype(choice: str, device: torch.device) -> torch.dtype:
-    """auto: fp32 on CPU (half is slow there), fp16 on accelerators (TAESD is trained for it)."""
+def working_dtype(choice: str, vae) -> torch.dtype:
+    """auto: fp32 on CPU (half is slow there); on accelerators the dtype ComfyUI loaded the VAE in
+    (fp16/bf16 where the device supports it), so no converted copy is needed."""
     if choice == "auto":
-        return torch.float32 if device.type == "cpu" else torch.float16
+        return torch.float32 if vae.device.type == "cpu" else vae.vae_dtype
     return DTYPES[choice]
 
 
@@ -132,10 +133,17 @@ def _runner(vae, dtype: torch.dtype, memory: int) -> tuple[TAESD, torch.device, 
     on_cpu = vae.device.type == "cpu"
     fmt = torch.channels_last if on_cpu else torch.contiguous_format
     if dtype != vae.vae_dtype or on_cpu:
-        model = copy.deepcopy(model).to(dtype=dtype, memory_format=fmt)
-        for m in model.modules():
-            if isinstance(m, torch.nn.ReLU):
-                m.inplace = True
+        # The copy is kept on the VAE object (keyed by device/dtype/layout): making it costs more
+        # than a whole TAESD decode on a GPU, and TAESD weights are never patched.
+        cache = vae.__dict__.setdefault("_add_tiny_runners", {})
+        key = (str(vae.device), dtype, fmt)
+        if key not in cache:
+            private = copy.deepcopy(model).to(device=vae.device, dtype=dtype, memory_format=fmt)
+            for m in private.modules():
+                if isinstance(m, torch.nn.ReLU):
+                    m.inplace = True
+            cache[key] = private
+        model = cache[key]
     return model, vae.device, fmt
 
 
@@ -157,7 +165,7 @@ def tiny_decode(vae, latent: torch.Tensor, chunk: int = 8, dtype: str = "auto") 
     """(B, C, h, w) latent → (B, 8h, 8w, 3) image in [0, 1], ``chunk`` latents at a time."""
     _, variant = _taesd_of(vae)
     core.check_latent(latent, int(vae.latent_channels), variant)
-    dt = working_dtype(dtype, vae.device)
+    dt = working_dtype(dtype, vae)
     memory = core.decode_bytes(min(chunk, latent.shape[0]), latent.shape[2], latent.shape[3], mm.dtype_size(dt))
     model, device, fmt = _runner(vae, dt, memory)
 
@@ -175,7 +183,7 @@ def tiny_encode(vae, pixels: torch.Tensor, chunk: int = 8, dtype: str = "auto") 
     if isinstance(vae, TinyVAE):
         vae.require_encoder()
     pixels = core.crop_to_multiple(pixels[..., :3], 8)
-    dt = working_dtype(dtype, vae.device)
+    dt = working_dtype(dtype, vae)
     memory = core.decode_bytes(min(chunk, pixels.shape[0]), pixels.shape[1] // 8, pixels.shape[2] // 8, mm.dtype_size(dt))
     model, device, fmt = _runner(vae, dt, memory)
 
@@ -190,7 +198,7 @@ def tiny_encode(vae, pixels: torch.Tensor, chunk: int = 8, dtype: str = "auto") 
 _CHUNK = ("INT", {"default": 8, "min": 1, "max": 4096,
                   "tooltip": "How many images go through the TAESD at once; lower it to bound memory for big batches or video frames."})
 _DTYPE = (["auto", "fp32", "fp16", "bf16"],
-          {"default": "auto", "tooltip": "Compute precision. auto: fp16 on GPU, fp32 on CPU."})
+          {"default": "auto", "tooltip": "Compute precision. auto: on a GPU the dtype ComfyUI loaded the VAE in (fp16/bf16), fp32 on CPU."})
 _MODEL = ("MODEL", {"tooltip": "Optional: the model that made (or will take) the latent; a TAESD for a different "
                                "latent space is then an error naming the file to use."})
 
