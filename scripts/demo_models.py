@@ -46,6 +46,10 @@ def needed_files(workflow_dir: Path = WORKFLOWS, extra: tuple[Path, ...] = ()) -
     for wf in sorted(Path(workflow_dir).glob("*.json")) + [Path(p) for p in extra]:
         for _node, name in referenced_files(load(wf)):
             out[name] = kind_of(name)
+            if out[name][0] == "vae_approx" and "_decoder" in name:
+                # TinyVAE loaders pair a decoder with the same-named encoder (img2img encodes).
+                partner = name.replace("_decoder", "_encoder")
+                out.setdefault(partner, kind_of(partner))
     return out
 
 
