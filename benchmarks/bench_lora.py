@@ -41,6 +41,15 @@ SD15_REAL_CONFIG = {
 }
 
 
+_SCRATCH: list = []
+
+
+def _scratch(prefix: str) -> str:
+    """A temporary folder removed when this process exits."""
+    _SCRATCH.append(tempfile.TemporaryDirectory(prefix=prefix))
+    return _SCRATCH[-1].name
+
+
 def _reset_peak_rss() -> None:
     """Hand freed heap back (malloc_trim) and reset VmHWM (Linux)."""
     import ctypes
@@ -64,7 +73,7 @@ def _status(field: str) -> int:
 def _import_comfy(device: str):
     from scripts import comfy_host
 
-    comfy_host.import_comfy(base_directory=tempfile.mkdtemp(prefix="bench_lora_home_"), cpu=(device == "cpu"))
+    comfy_host.import_comfy(base_directory=_scratch("bench_lora_home_"), cpu=(device == "cpu"))
     return comfy_host
 
 

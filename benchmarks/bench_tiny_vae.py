@@ -30,6 +30,15 @@ SD_VAE_CONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_chann
                  "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
 
 
+_SCRATCH: list = []
+
+
+def _scratch(prefix: str) -> str:
+    """A temporary folder removed when this process exits."""
+    _SCRATCH.append(tempfile.TemporaryDirectory(prefix=prefix))
+    return _SCRATCH[-1].name
+
+
 def _rss_now() -> int:
     import psutil
 
@@ -85,7 +94,7 @@ def _build_tiny_vae(tiny: dict):
 
     from scripts.comfy_host import plugin_module
 
-    d = Path(tempfile.mkdtemp(prefix="bench_vae_approx_"))
+    d = Path(_scratch("bench_vae_approx_"))
     for key in ("taesd_encoder", "taesd_decoder"):
         shutil.copy(tiny[key], d / f"{key}.safetensors")
     folder_paths.add_model_folder_path("vae_approx", str(d), is_default=True)
@@ -101,7 +110,7 @@ def worker(kind: str, batch: int, size: int, repeats: int, device: str) -> dict:
     from scripts.comfy_host import import_comfy
     from scripts.tiny_models import build_all
 
-    nodes = import_comfy(base_directory=tempfile.mkdtemp(prefix="bench_home_"))
+    nodes = import_comfy(base_directory=_scratch("bench_home_"))
     import comfy.model_management as mm
 
     tiny = build_all()
