@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.append(str(ROOT))
 
+from scripts.comfy_client import ComfyClient  # noqa: E402
 from scripts.comfy_host import HOME, free_port, host_path  # noqa: E402
 from scripts.demo_models import extra_paths_yaml, prepare  # noqa: E402
 from scripts.workflow_api import WorkflowError, load, to_api  # noqa: E402
@@ -49,40 +50,6 @@ def server_command(comfy: Path, port: int, headless: bool, extra_yaml: Path, own
     return cmd
 
 
-def _get(url: str):
-    import urllib.request
-
-    with urllib.request.urlopen(url, timeout=30) as r:
-        return json.loads(r.read())
-
-
-def _post(url: str, data: dict):
-    import urllib.error
-    import urllib.request
-
-    req = urllib.request.Request(url, data=json.dumps(data).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return {"http_status": e.code, **json.loads(e.read() or b"{}")}
-
-
-def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 300) -> None:
-    import urllib.error
-
-    end = time.time() + timeout
-    while time.time() < end:
-        if proc.poll() is not None:
-            raise SystemExit(f"ComfyUI exited with code {proc.returncode} before it was ready (its log is above)")
-        try:
-            _get(url + "/system_stats")
-            return
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.5)
-    raise SystemExit(f"ComfyUI did not answer at {url} within {timeout:.0f} s")
-
-
 def find_workflow(name: str) -> Path:
     p = Path(name)
     for cand in (p, ROOT / "workflows" / name, ROOT / "workflows" / f"{name}.json"):
@@ -92,20 +59,12 @@ def find_workflow(name: str) -> Path:
     raise SystemExit(f"no workflow {name!r}; shipped ones: {have}")
 
 
-def run_headless(url: str, workflow: Path, output_dir: Path, timeout: float) -> list[Path]:
-    prompt = to_api(load(workflow), _get(url + "/object_info"))
-    ans = _post(url + "/prompt", {"prompt": prompt, "client_id": "comfyui-add-headless"})
-    if "prompt_id" not in ans:
-        raise SystemExit(f"ComfyUI refused {workflow.name}: {json.dumps(ans, indent=1)}")
-    pid = ans["prompt_id"]
-    end = time.time() + timeout
-    while time.time() < end:
-        hist = _get(f"{url}/history/{pid}").get(pid)
-        if hist and hist.get("status", {}).get("status_str") in ("success", "error"):
-            break
-        time.sleep(0.3)
-    else:
-        raise SystemExit(f"{workflow.name} did not finish within {timeout:.0f} s")
+def run_headless(client: ComfyClient, workflow: Path, output_dir: Path, timeout: float) -> list[Path]:
+    prompt = to_api(load(workflow), client.get("/object_info"))
+    try:
+        hist = client.run(prompt, timeout)
+    except (RuntimeError, TimeoutError) as e:
+        raise SystemExit(f"{workflow.name}: {e}") from None
     if hist["status"]["status_str"] != "success":
         errs = [m for m in hist["status"].get("messages", []) if m[0] == "execution_error"]
         detail = errs[0][1] if errs else hist["status"]
@@ -141,16 +100,16 @@ def main(argv=None) -> int:
 
     if a.headless:
         port = a.port or free_port()
-        url = f"http://127.0.0.1:{port}"
+        client = ComfyClient(f"http://127.0.0.1:{port}")
         log = HOME / "headless_server.log"
         with open(log, "wb") as fh:
             proc = subprocess.Popen(server_command(comfy, port, True, yaml, own_host), cwd=comfy, stdout=fh, stderr=subprocess.STDOUT)
             try:
-                wait_ready(proc, url)
+                client.wait_ready(proc, log_tail=lambda: Path(log).read_text(errors="replace")[-3000:])
                 _say(f"running {wf.name} (server log: {log})")
                 t0 = time.time()
-                paths = run_headless(url, wf, output_dir, a.timeout)
-            except (SystemExit, WorkflowError) as e:
+                paths = run_headless(client, wf, output_dir, a.timeout)
+            except (SystemExit, WorkflowError, RuntimeError, TimeoutError) as e:
                 print(Path(log).read_text(errors="replace")[-3000:], file=sys.stderr)
                 raise SystemExit(str(e)) from None
             finally:
