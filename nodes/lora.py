@@ -89,6 +89,7 @@ def _fused_module(patcher, compute_device=None) -> torch.nn.Module:
     for k, orig_obj in patcher.object_patches_backup.items():  # undo object patches applied on the shared module
         comfy.utils.set_attr(new, k, orig_obj)
     done: dict[int, torch.Tensor] = {}
+    pbar = comfy.utils.ProgressBar(max(1, len(patches)))  # one tick per fused weight; Cancel stops here
     with torch.no_grad():
         for mod_name, m in new.named_modules(remove_duplicate=True):
             for pname, t in list(m._parameters.items()):
@@ -105,6 +106,7 @@ def _fused_module(patcher, compute_device=None) -> torch.nn.Module:
                     if convert is not None:
                         scratch = convert(scratch, inplace=True)
                     out = comfy.lora.calculate_weight(patches[key], scratch, key)
+                    pbar.update(1)
                     _, set_func, _ = comfy.model_patcher.get_key_weight(new, key)
                     seed = comfy.model_patcher.string_to_seed(key)
                     if set_func is not None:  # quantised ops store their own format
@@ -529,7 +531,9 @@ def extract_lora_sd(turbo, base, rank: int, prefix="diffusion_model.", dtype=tor
     base_w = dict(_effective_weights(base, prefix))
     out, errs = {}, {}
     num = den = 0.0
+    pbar = comfy.utils.ProgressBar(max(1, len(base_w)))  # one tick per weight; Cancel stops here
     for key, wt in _effective_weights(turbo, prefix):
+        pbar.update(1)
         if key not in base_w:
             raise ValueError(f"{key} is in the turbo model but not in the base model: connect the base this turbo model came from")
         wb = base_w.pop(key)
