@@ -73,16 +73,12 @@ def main(argv=None) -> None:
     a = _parse(argv)
     from scripts.comfy_host import import_comfy, plugin_module
 
-    comfy_nodes = import_comfy()
+    comfy_nodes = import_comfy(cpu=(a.device == "cpu"))
     import comfy.model_management
     import comfy.utils
     from comfy_extras.nodes_custom_sampler import SamplerCustom, SDTurboScheduler
     import comfy.samplers
 
-    if a.device == "cuda":
-        import comfy.cli_args
-
-        comfy.cli_args.args.cpu = False  # best effort: the lead runs GPU benchmarks with a CUDA host
     comfy.utils.PROGRESS_BAR_ENABLED = False  # console tqdm off for every contender alike
     ns = plugin_module("nodes.sampling")
 

@@ -110,7 +110,7 @@ def worker(kind: str, batch: int, size: int, repeats: int, device: str) -> dict:
     from scripts.comfy_host import import_comfy
     from scripts.tiny_models import build_all
 
-    nodes = import_comfy(base_directory=_scratch("bench_home_"))
+    nodes = import_comfy(base_directory=_scratch("bench_home_"), cpu=(device == "cpu"))
     import comfy.model_management as mm
 
     tiny = build_all()
