@@ -58,8 +58,8 @@ def main() -> None:
                         x0_head=args.x0_head)
     rows = list(results.values())
     print()
-    print(f"| variant | SWD | MMD^2 | modes (of 8) | high-quality |")
-    print(f"|---|---|---|---|---|")
+    print("| variant | SWD | MMD^2 | modes (of 8) | high-quality |")
+    print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r.name} | {r.swd:.4f} | {r.mmd:.4f} | {r.modes} | {r.hq:.1%} |")
     t1, t50, add = results["teacher_1"].swd, results["teacher_50"].swd, results["add"].swd

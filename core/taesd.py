@@ -334,7 +334,7 @@ def check_fits(*, vae_channels: int, vae_variant: str | None, vae_scale: float, 
     what = vae_variant or f"TAESD (scale {vae_scale:g}, shift {vae_shift:g})"
     use = f"{fmt_taesd}.safetensors" if fmt_taesd else None
     fix = (f"load {use} (from madebyollin/taesd) into models/vae_approx and select it"
-           if use else f"this model's latent format has no TAESD; decode with its full VAE (core VAE Decode)")
+           if use else "this model's latent format has no TAESD; decode with its full VAE (core VAE Decode)")
     if vae_channels != fmt_channels:
         raise TAESDError(f"{what} decodes {vae_channels}-channel latents but the model ({fmt_name}) makes "
                          f"{fmt_channels}-channel ones: {fix}.")

@@ -85,9 +85,9 @@ class PositiveOnlyGuider(comfy.samplers.CFGGuider):
     def set_conds(self, positive):
         self.inner_set_conds({"positive": positive})
 
-    def predict_noise(self, x, timestep, model_options={}, seed=None):
+    def predict_noise(self, x, timestep, model_options=None, seed=None):
         return comfy.samplers.sampling_function(self.inner_model, x, timestep, None, self.conds.get("positive", None),
-                                                1.0, model_options=model_options, seed=seed)
+                                                1.0, model_options=model_options or {}, seed=seed)
 
 
 def check_latent_channels(model, samples: torch.Tensor) -> None:

@@ -212,7 +212,7 @@ def write_sd15_loras(unet: torch.nn.Module, out_dir: Path) -> dict[str, Path]:
             if with_alpha:
                 t[f"{base}.alpha"] = torch.tensor(alpha)
         p = out_dir / "loras" / name
-        _write_lora_file(t, p, metadata)
+        _atomic_save(t, p, metadata)
         paths[name] = p
 
     _write("tiny_sd15_kohya.safetensors", lambda m: "lora_unet_" + m.replace(".", "_"), ".lora_down.weight", ".lora_up.weight",
@@ -226,10 +226,6 @@ def write_sd15_loras(unet: torch.nn.Module, out_dir: Path) -> dict[str, Path]:
     _write("tiny_lcm_lora_sd15.safetensors", lambda m: ("lora_unet_" + to_diff[m].replace(".", "_")) if m in to_diff else None,
            ".lora_down.weight", ".lora_up.weight", fac=lcm)
     return paths
-
-
-def _write_lora_file(tensors, path, metadata=None):
-    _atomic_save(tensors, path, metadata)
 
 
 def build_all(out: Path = CACHE) -> dict[str, Path]:

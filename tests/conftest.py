@@ -10,7 +10,6 @@ Tests of core/ and training/ need neither: they import those packages with Comfy
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 

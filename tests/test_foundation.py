@@ -1,13 +1,11 @@
 """The base everything else stands on: a real ComfyUI loads the plugin and the tiny models."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from scripts.comfy_host import ROOT
 
 
 def test_tiny_sd15_is_detected_as_sd15_by_comfyui(sd15):

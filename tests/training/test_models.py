@@ -10,7 +10,7 @@ from training_helpers import single_thread, ring_data, tiny_config, tiny_models,
 from training import loop
 from training.discriminator import (Discriminator, DinoV2Features, FrozenModule, HookedActivations, load_dinov2,
                                     probe_feature_channels)
-from training.loop import step, student_forward, student_input
+from training.loop import step, student_input
 from training.schedule import DiscreteSchedule
 from training.student import LoRAStudent
 from training.toy import toy_denoise
