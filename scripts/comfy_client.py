@@ -9,12 +9,18 @@ import json
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 class ComfyClient:
     def __init__(self, url: str):
+        host = urllib.parse.urlsplit(url).hostname
+        if host not in LOOPBACK:
+            raise ValueError(f"{url}: this client only talks to a ComfyUI server on this machine (127.0.0.1, localhost or ::1)")
         self.url = url.rstrip("/")
         self.client_id = uuid.uuid4().hex
 

@@ -80,3 +80,11 @@ def test_workflows_are_offered_as_templates(comfy_server):
     name = SHIPPED[0].name
     served = comfy_server.get(f"/api/workflow_templates/comfyui-add/{name}")
     assert served == json.loads(SHIPPED[0].read_text())
+
+
+def test_client_only_talks_to_this_machine():
+    from scripts.comfy_client import ComfyClient
+
+    assert ComfyClient("http://127.0.0.1:8188").url == "http://127.0.0.1:8188"
+    with pytest.raises(ValueError, match="only talks to a ComfyUI server on this machine"):
+        ComfyClient("http://example.com:8188")
