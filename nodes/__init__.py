@@ -6,6 +6,7 @@ _MODULES: tuple[str, ...] = (
     "lora",
     "tiny_vae",
     "sampling",
+    "train",
 )
 
 NODE_CLASS_MAPPINGS: dict = {}

@@ -2,7 +2,9 @@
 
 Layout under a root directory::
 
-    root/step_00000500/state.safetensors   all tensors (student, heads, optimisers, EMA, RNG)
+    root/step_00000500/state.add-ckpt      all tensors (student, heads, optimisers, EMA, RNG), in
+                                           safetensors format; the extension is not one ComfyUI
+                                           lists, so a state kept beside a LoRA never shows up as one
     root/step_00000500/meta.json           scalars: step, counters, config, optimiser groups, version
     root/latest.json                       {"checkpoint": "step_00000500", "step": 500}
 
@@ -26,9 +28,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from training.config import ADDConfig
+from .config import ADDConfig
 
 FORMAT_VERSION = 1
+STATE_FILE = "state.add-ckpt"  # safetensors bytes; see the module docstring for the name
 # Fields that may differ between the saved run and the resuming one (run control only).
 _RESUMABLE_CHANGES = {"max_steps", "save_every", "preview_every", "max_nonfinite_steps"}
 
@@ -98,6 +101,28 @@ def _write_json(obj: Any, path: str) -> None:
         os.fsync(f.fileno())
 
 
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
+    """Write ``data`` to a hidden temp file in the same directory, fsync, os.replace over ``path``.
+
+    The temp name starts with '.' and ends in '.partial' (no extension a model list shows); a crash
+    leaves the old file intact, and the temp file is removed on any error.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".partial", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_path(directory)
+
+
 def atomic_write_json(obj: Any, path: str) -> None:
     """Write JSON to a temp file in the same directory, fsync, os.replace over ``path``."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -158,7 +183,7 @@ def save_checkpoint(trainer: Any, root: str | os.PathLike, keep_last: int | None
     tensors, meta = _collect(trainer)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root)
     try:
-        state_path = os.path.join(tmp, "state.safetensors")
+        state_path = os.path.join(tmp, STATE_FILE)
         _write_safetensors(tensors, state_path, metadata={"format": "add-checkpoint", "step": str(trainer.step)})
         _fsync_path(state_path)
         _write_json(meta, os.path.join(tmp, "meta.json"))
@@ -208,8 +233,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> str:
     if os.path.isfile(manifest):
         with open(manifest, encoding="utf-8") as f:
             path = os.path.join(path, json.load(f)["checkpoint"])
-    if not os.path.isfile(os.path.join(path, "meta.json")) or not os.path.isfile(os.path.join(path, "state.safetensors")):
-        raise FileNotFoundError(f"No ADD checkpoint at {path!r}: expected state.safetensors and meta.json there, "
+    if not os.path.isfile(os.path.join(path, "meta.json")) or not os.path.isfile(os.path.join(path, STATE_FILE)):
+        raise FileNotFoundError(f"No ADD checkpoint at {path!r}: expected {STATE_FILE} and meta.json there, "
                                 "or a latest.json naming one.")
     return path
 
@@ -234,7 +259,7 @@ def load_checkpoint(trainer: Any, path: str | os.PathLike, restore_global_rng: b
         raise ValueError(f"Checkpoint {ckpt!r} was trained with a different config ({diff}: saved "
                          f"{[saved[k] for k in diff]}, now {[current[k] for k in diff]}). Resume with the saved "
                          "values, or start a new run.")
-    tensors = load_file(os.path.join(ckpt, "state.safetensors"))
+    tensors = load_file(os.path.join(ckpt, STATE_FILE))
     sub = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
     trainer.models.student.load_trainable_state_dict(sub("student."))
     if trainer.models.discriminator is not None:

@@ -13,21 +13,42 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from training.schedule import DiscreteSchedule, add_noise_ve
+from .schedule import DiscreteSchedule, add_noise_ve
 
 Encoder = Callable[[list], tuple[Any, Tensor | None]]  # prompts -> (cond, pooled (B, c) or None)
 
 
-class LatentDataset:
-    """Pre-encoded latents (N, ...) with optional per-sample ``cond`` / ``pooled`` tensors (N, ...)
-    and a shared ``uncond`` (1, ...) expanded to the batch. Samples with replacement."""
+def _rows(c: Any) -> int:
+    """Leading size of a tensor, or of every tensor in a dict (they must agree)."""
+    if isinstance(c, dict):
+        sizes = {_rows(v) for v in c.values() if v is not None}
+        if len(sizes) != 1:
+            raise ValueError(f"conditioning dict with inconsistent leading sizes {sorted(sizes)}.")
+        return sizes.pop()
+    return int(c.shape[0])
 
-    def __init__(self, latents: Tensor, cond: Tensor | None = None, pooled: Tensor | None = None,
-                 uncond: Tensor | None = None) -> None:
+
+def take_rows(c: Any, idx: Tensor) -> Any:
+    """Rows ``idx`` of a tensor, or of every tensor in a dict (host conditioning such as
+    ``{"context": (N, L, D), "y": (N, adm)}``)."""
+    if c is None:
+        return None
+    if isinstance(c, dict):
+        return {k: take_rows(v, idx) for k, v in c.items()}
+    return c[idx.to(c.device)]
+
+
+class LatentDataset:
+    """Pre-encoded latents (N, ...) with optional per-sample ``cond`` (a tensor or a dict of
+    tensors, N rows each) and ``pooled`` (N, c), and a shared ``uncond`` passed as is (the
+    denoiser broadcasts a batch of 1). Samples with replacement."""
+
+    def __init__(self, latents: Tensor, cond: Any = None, pooled: Tensor | None = None,
+                 uncond: Any = None) -> None:
         n = latents.shape[0]
         for name, t in (("cond", cond), ("pooled", pooled)):
-            if t is not None and t.shape[0] != n:
-                raise ValueError(f"LatentDataset: {name} has {t.shape[0]} rows for {n} latents; one per latent expected.")
+            if t is not None and _rows(t) != n:
+                raise ValueError(f"LatentDataset: {name} has {_rows(t)} rows for {n} latents; one per latent expected.")
         if n == 0:
             raise ValueError("LatentDataset: no latents given; encode at least one image first.")
         self.latents, self.cond, self.pooled, self.uncond = latents, cond, pooled, uncond
@@ -39,11 +60,12 @@ class LatentDataset:
         idx = torch.randint(0, len(self), (batch_size,), generator=generator, device=generator.device).cpu()
         batch: dict[str, Any] = {"x0": self.latents[idx.to(self.latents.device)]}
         if self.cond is not None:
-            batch["cond"] = self.cond[idx.to(self.cond.device)]
+            batch["cond"] = take_rows(self.cond, idx)
         if self.pooled is not None:
-            batch["pooled"] = self.pooled[idx.to(self.pooled.device)]
+            batch["pooled"] = take_rows(self.pooled, idx)
         if self.uncond is not None:
-            batch["uncond"] = self.uncond.expand(batch_size, *self.uncond.shape[1:])
+            batch["uncond"] = (self.uncond.expand(batch_size, *self.uncond.shape[1:])
+                               if torch.is_tensor(self.uncond) else self.uncond)
         return batch
 
 

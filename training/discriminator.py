@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from training.schedule import DiscreteSchedule, add_noise_ve
+from .schedule import DiscreteSchedule, add_noise_ve
 
 FeatureFn = Callable[[Tensor, Tensor, Any], list]  # (x_ve (B,...), sigma (B,), cond) -> [features]
 

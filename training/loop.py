@@ -20,12 +20,12 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from training.config import ADDConfig
-from training.discriminator import (Discriminator, HookedActivations, TeacherFeatures, check_frozen,
+from .config import ADDConfig
+from .discriminator import (Discriminator, HookedActivations, TeacherFeatures, check_frozen,
                                     probe_feature_channels)
-from training.losses import DistillationLoss, HingeDLoss, HingeGLoss, R1Penalty
-from training.schedule import DiscreteSchedule, add_noise_ve, broadcast_like
-from training.student import DenoiseFn, FullStudent, LoRAStudent
+from .losses import DistillationLoss, HingeDLoss, HingeGLoss, R1Penalty
+from .schedule import DiscreteSchedule, add_noise_ve, broadcast_like
+from .student import DenoiseFn, FullStudent, LoRAStudent
 
 Batch = Mapping[str, Any]  # {"x0": (B, ...) latents, "cond": any, "uncond": any?, "pooled": (B, c)?}
 DataFn = Callable[[torch.Generator, int], Batch]  # (generator, batch_size) -> batch; deterministic
@@ -338,18 +338,27 @@ class Trainer:
         logs.update(step=self.step, nonfinite=self.nonfinite_total, skipped=float(not ok))
         return logs
 
+    def _save(self, checkpoint_dir: str, keep_last: int | None,
+              on_save: Callable[["Trainer", str], None] | None) -> None:
+        from .checkpoint import save_checkpoint  # local import: checkpoint imports this module
+
+        self.last_checkpoint = save_checkpoint(self, checkpoint_dir, keep_last=keep_last)
+        if on_save is not None:
+            on_save(self, self.last_checkpoint)
+
     def run(self, stop_event: threading.Event | None = None,
             progress: Callable[[int, dict], None] | None = None,
             preview: Callable[[int, "Trainer"], None] | None = None,
-            checkpoint_dir: str | None = None) -> TrainResult:
+            checkpoint_dir: str | None = None, keep_last: int | None = None,
+            on_save: Callable[["Trainer", str], None] | None = None) -> TrainResult:
         """Train until ``cfg.max_steps`` or until ``stop_event`` is set (checked between steps).
 
         Saves to ``checkpoint_dir`` every ``save_every`` steps, only after a finite iteration, and
-        at the end. After ``max_nonfinite_steps`` consecutive skipped iterations raises
+        at the end (also when stopped early); ``keep_last`` prunes older checkpoints; ``on_save``
+        is called after each save (e.g. to export the LoRA of that step). After
+        ``max_nonfinite_steps`` consecutive skipped iterations raises
         :class:`NonFiniteTrainingError`; the last good checkpoint is left untouched.
         """
-        from training.checkpoint import save_checkpoint  # local import: checkpoint imports this module
-
         cfg, logs, stopped = self.cfg, {}, False
         while self.step < cfg.max_steps:
             if stop_event is not None and stop_event.is_set():
@@ -367,9 +376,9 @@ class Trainer:
                 preview(self.step, self)
             if (checkpoint_dir and cfg.save_every and self.step % cfg.save_every == 0
                     and self.nonfinite_consecutive == 0):
-                self.last_checkpoint = save_checkpoint(self, checkpoint_dir)
+                self._save(checkpoint_dir, keep_last, on_save)
         if checkpoint_dir and self.nonfinite_consecutive == 0 and self.saved_step != self.step:
-            self.last_checkpoint = save_checkpoint(self, checkpoint_dir)
+            self._save(checkpoint_dir, keep_last, on_save)
         return TrainResult(step=self.step, stopped=stopped, nonfinite_total=self.nonfinite_total,
                            last_logs=logs, last_checkpoint=self.last_checkpoint)
 
@@ -381,7 +390,7 @@ def train(models: ADDModels, cfg: ADDConfig, data: DataFn, *, device: str | torc
     """Convenience: build a :class:`Trainer`, optionally resume from a checkpoint, run it."""
     trainer = Trainer(models, cfg, data, device=device)
     if resume_from is not None:
-        from training.checkpoint import load_checkpoint
+        from .checkpoint import load_checkpoint
         load_checkpoint(trainer, resume_from)
     return trainer, trainer.run(stop_event=stop_event, progress=progress, preview=preview,
                                 checkpoint_dir=checkpoint_dir)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from training.schedule import DiscreteSchedule
+from .schedule import DiscreteSchedule
 
 
 class HingeDLoss:

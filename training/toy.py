@@ -18,11 +18,11 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from training.config import ADDConfig
-from training.data import teacher_sample
-from training.discriminator import init_from_generator_
-from training.loop import build_models, Trainer
-from training.schedule import DiscreteSchedule
+from .config import ADDConfig
+from .data import teacher_sample
+from .discriminator import init_from_generator_
+from .loop import build_models, Trainer
+from .schedule import DiscreteSchedule
 
 RING_MODES = 8
 

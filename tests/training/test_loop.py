@@ -144,7 +144,7 @@ def test_interrupted_write_leaves_previous_checkpoint_intact(tmp_path, monkeypat
     trainer = Trainer(tiny_models(cfg), cfg, ring_data)
     trainer.run(checkpoint_dir=str(tmp_path))
     manifest = (tmp_path / "latest.json").read_text()
-    state_bytes = (tmp_path / "step_00000001" / "state.safetensors").read_bytes()
+    state_bytes = (tmp_path / "step_00000001" / ckpt_mod.STATE_FILE).read_bytes()
 
     def failing_writer(tensors, path, metadata):
         with open(path, "wb") as f:
@@ -158,7 +158,7 @@ def test_interrupted_write_leaves_previous_checkpoint_intact(tmp_path, monkeypat
     assert list_checkpoints(tmp_path) == ["step_00000001"]
     assert sorted(os.listdir(tmp_path)) == ["latest.json", "step_00000001"], "temporary left behind"
     assert (tmp_path / "latest.json").read_text() == manifest
-    assert (tmp_path / "step_00000001" / "state.safetensors").read_bytes() == state_bytes
+    assert (tmp_path / "step_00000001" / ckpt_mod.STATE_FILE).read_bytes() == state_bytes
 
     # a failing manifest write also leaves the old manifest readable
     monkeypatch.undo()

@@ -1,0 +1,612 @@
+"""ADD training nodes: ADD Train (background), ADD Training Status, ADD Compare (teacher vs student).
+
+The node validates every input on the prompt thread, builds the run's inputs there (its own frozen
+copy of the base weights, the prompts encoded once, image latents), hands a job to the registry
+(nodes/jobs.py) and returns at once. The run itself is training/run.py; ComfyUI-specific pieces
+are in nodes/train_adapter.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+
+import comfy.model_management as mm
+import comfy.sample
+import comfy.samplers
+import comfy.sd
+import comfy.utils
+import folder_paths
+
+from ..training.config import ADDConfig, DISCRIMINATOR_TYPES
+from ..training.data import SyntheticTeacherData, LatentDataset
+from ..training.run import ADDRun, ResumeConflict, RunHooks, RunSpec, check_start, state_dir_for
+from ..training.schedule import DiscreteSchedule
+from . import train_adapter as adapter
+from .jobs import REGISTRY, Job, png_bytes
+from .sampling import add_sample, build_sigmas
+
+CATEGORY = "ADD/training"
+RUN_MODES = ("polite", "alongside")
+_DEFAULT_PROMPTS = ("a photograph of a red fox in a snowy forest, golden hour\n"
+                    "a bowl of ramen on a wooden table, studio lighting\n"
+                    "a watercolor painting of a lighthouse on a cliff\n"
+                    "portrait of an old sailor with a grey beard, dramatic light\n"
+                    "a futuristic city skyline at night, neon reflections")
+_IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+# --------------------------------------------------------------------------------------------
+# validation helpers (each error names the input and says how to fix it)
+# --------------------------------------------------------------------------------------------
+def parse_timesteps(text: str, t_max: int = 999) -> tuple[int, ...]:
+    """'999,749,499,249' -> (999, 749, 499, 249); ValueError naming the input otherwise."""
+    parts = [p.strip() for p in str(text).replace(";", ",").split(",") if p.strip()]
+    try:
+        ts = tuple(int(p) for p in parts)
+    except ValueError:
+        ts = ()
+    if not ts or len(ts) > 8 or len(set(ts)) != len(ts) or any(not 0 <= t <= t_max for t in ts):
+        raise ValueError(f"student_timesteps {str(text)[:60]!r} is not valid: type 1-8 distinct whole numbers from 0 to "
+                         f"{t_max}, separated by commas, e.g. 999,749,499,249 (the ADD paper's 4 steps) or 999 (1 step).")
+    return tuple(sorted(ts, reverse=True))
+
+
+def parse_prompts(text: str) -> list[str]:
+    """One prompt per non-empty line (lines starting with '#' are comments)."""
+    return [ln.strip() for ln in str(text).splitlines() if ln.strip() and not ln.strip().startswith("#")]
+
+
+def check_name(name: str) -> str:
+    """The LoRA file name (without .safetensors); no folders, no '..', nothing a file system refuses."""
+    name = str(name).strip()
+    if name.endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+    bad = [c for c in ("/", "\\", "..", ":", "\0") if c in name]
+    if not name or bad or name.startswith(".") or len(name.encode()) > 200:
+        why = (f"contains {bad[0]!r}" if bad else "is empty" if not name else "starts with '.'"
+               if name.startswith(".") else "is longer than 200 bytes")
+        raise ValueError(f"name {name[:80]!r} {why}: type a plain file name for the LoRA, e.g. my_turbo_lora "
+                         "(it is saved as models/loras/<name>.safetensors).")
+    return name
+
+
+def _input_subfolder(folder: str) -> str:
+    root = os.path.realpath(folder_paths.get_input_directory())
+    rel = str(folder).strip()
+    if os.path.isabs(rel) or ".." in rel.replace("\\", "/").split("/") or ":" in rel:
+        raise ValueError(f"image_folder {rel!r} must be a folder inside ComfyUI's input/ folder, given relative to it "
+                         "(e.g. my_dataset), with no '..' or absolute path.")
+    path = os.path.realpath(os.path.join(root, rel))
+    if os.path.commonpath([root, path]) != root or not os.path.isdir(path):
+        raise ValueError(f"image_folder {rel!r}: there is no such folder in {root}. Put your images (with same-name .txt "
+                         "captions) in a folder there and type its name.")
+    return path
+
+
+def load_image_folder(folder: str, width: int, height: int) -> tuple[torch.Tensor, list[str]]:
+    """Images of ``input/<folder>`` resized and centre-cropped to width x height -> (N, H, W, 3), captions."""
+    from PIL import Image, ImageOps
+
+    path = _input_subfolder(folder)
+    files = sorted(f for f in os.listdir(path) if f.lower().endswith(_IMAGE_EXTS))
+    if not files:
+        raise ValueError(f"image_folder {folder!r} holds no images ({', '.join(_IMAGE_EXTS)}); add some or clear the input.")
+    images, captions = [], []
+    for f in files:
+        try:
+            with Image.open(os.path.join(path, f)) as im:
+                im = ImageOps.fit(ImageOps.exif_transpose(im).convert("RGB"), (width, height), Image.LANCZOS)
+                images.append(torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(height, width, 3))
+        except OSError as exc:
+            raise ValueError(f"image_folder {folder!r}: {f} cannot be read as an image ({exc}); remove or replace it.") from exc
+        cap = os.path.join(path, os.path.splitext(f)[0] + ".txt")
+        captions.append(open(cap, encoding="utf-8").read().strip() if os.path.isfile(cap) else "")
+    return torch.stack(images).float() / 255.0, captions
+
+
+def _fit_images(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """IMAGE (N, H, W, 3) -> centre-cropped and resized to (N, height, width, 3)."""
+    x = images.movedim(-1, 1)
+    x = comfy.utils.common_upscale(x, width, height, "bilinear", "center")
+    return x.movedim(1, -1)
+
+
+def _dinov2_path(name: str) -> str:
+    rel = str(name).strip()
+    if not rel:
+        raise ValueError("discriminator is 'dinov2' but dinov2_file is empty: put DINOv2 ViT-S/14 weights "
+                         "(model.safetensors of facebook/dinov2-small) under ComfyUI's models/ folder and type its "
+                         "path relative to models/, e.g. dinov2/dinov2_vits14.safetensors; or use discriminator 'teacher'.")
+    root = os.path.realpath(folder_paths.models_dir)
+    path = os.path.realpath(os.path.join(root, rel))
+    if os.path.isabs(rel) or os.path.commonpath([root, path]) != root:
+        raise ValueError(f"dinov2_file {rel!r} must be a path relative to {root} without '..'.")
+    if not os.path.isfile(path):
+        raise ValueError(f"dinov2_file {rel!r}: no such file in {root}. Put the DINOv2 ViT-S/14 .safetensors file there, "
+                         "or use discriminator 'teacher' (needs no file).")
+    return path
+
+
+def _latent_to_rgb(model, latents: torch.Tensor) -> torch.Tensor:
+    """Cheap preview without a VAE: ComfyUI's latent->RGB factors, x8 nearest -> (P, H, W, 3)."""
+    fmt = model.get_model_object("latent_format")
+    factors = getattr(fmt, "latent_rgb_factors", None)
+    lat = latents.float().cpu()
+    if factors is None:
+        rgb = lat[:, :3].movedim(1, -1) * 0.5
+    else:
+        rgb = lat.movedim(1, -1) @ torch.tensor(factors, dtype=torch.float32)
+        bias = getattr(fmt, "latent_rgb_factors_bias", None)
+        if bias is not None:
+            rgb = rgb + torch.tensor(bias, dtype=torch.float32)
+    rgb = ((rgb + 1.0) / 2.0).clamp(0, 1)
+    return rgb.repeat_interleave(8, dim=1).repeat_interleave(8, dim=2)
+
+
+def _private_taesd(vae, device):
+    """A private fp32 copy of a TAESD-based VAE's model (small), or None for other VAEs."""
+    from comfy.taesd.taesd import TAESD
+
+    if vae is None or not isinstance(getattr(vae, "first_stage_model", None), TAESD):
+        return None
+    import copy
+    with torch.inference_mode(False):
+        return copy.deepcopy(vae.first_stage_model).float().to(device).eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------------
+# ADD Train (background)
+# --------------------------------------------------------------------------------------------
+def _tip(text: str, **kw) -> dict:
+    return {"tooltip": text, **kw}
+
+
+class ADDTrain:
+    DESCRIPTION = ("Distils the connected checkpoint into a 1-4 step ADD LoRA (Adversarial Diffusion Distillation), in "
+                   "the background: the prompt returns at once with a job id while training continues; keep generating "
+                   "meanwhile. No dataset needed: the teacher makes its own training images from the prompt list. "
+                   "The LoRA is saved to models/loras/<name>.safetensors every save_every steps; queue the same name "
+                   "again to resume. Progress, losses and previews are in the ADD Training sidebar tab.")
+    RETURN_TYPES = ("STRING", "STRING")
+    RETURN_NAMES = ("job_id", "lora_name")
+    OUTPUT_TOOLTIPS = ("The job's id, for ADD Training Status.", "The LoRA's file name in models/loras (for LoraLoader "
+                       "and ADD Compare).")
+    FUNCTION = "start"
+    CATEGORY = CATEGORY
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", _tip("The checkpoint to distil: teacher and the student's base (SD1.x, SD2.x, SDXL).")),
+            "clip": ("CLIP", _tip("The checkpoint's CLIP, to encode the prompts (once, before training starts).")),
+            "name": ("STRING", _tip("LoRA file name: saved as models/loras/<name>.safetensors with its resumable state in "
+                                    "<name>.add-state/ beside it. An existing name resumes that run.",
+                                    default="my_turbo_lora")),
+            "prompts": ("STRING", _tip("One prompt per line. Without images, the teacher generates the training images "
+                                       "from these (LADD: no dataset needed); with images, a caption for images that "
+                                       "have none.", default=_DEFAULT_PROMPTS, multiline=True)),
+            "max_steps": ("INT", _tip("Training iterations (one discriminator + one student update each). Can be "
+                                      "raised on resume.", default=2000, min=1, max=1_000_000)),
+            "batch_size": ("INT", _tip("Samples per iteration. >= 4 recommended (hinge loss collapses at batch 1).",
+                                       default=4, min=1, max=256)),
+            "width": ("INT", _tip("Training image width in pixels (multiple of 8; 512 for SD1.5/2.x, 1024 for SDXL).",
+                                  default=512, min=64, max=4096, step=8)),
+            "height": ("INT", _tip("Training image height in pixels (multiple of 8).", default=512, min=64, max=4096,
+                                   step=8)),
+            "student_timesteps": ("STRING", _tip("Timesteps the student learns to denoise from in one step; sample the "
+                                                 "trained LoRA with the same ones (ADD Scheduler 'custom'). Default: the "
+                                                 "paper's 4 steps.", default="999,749,499,249")),
+            "lora_rank": ("INT", _tip("LoRA rank (capacity and file size).", default=16, min=1, max=256)),
+            "lora_alpha": ("FLOAT", _tip("LoRA alpha (scale = alpha / rank); usually equal to the rank.", default=16.0,
+                                         min=0.01, max=1024.0, step=0.01)),
+            "lr_lora": ("FLOAT", _tip("Student (LoRA) learning rate (AdamW).", default=1e-4, min=1e-7, max=1e-1,
+                                      step=1e-6, round=False)),
+            "lr_disc": ("FLOAT", _tip("Discriminator heads' learning rate (AdamW, betas 0/0.999).", default=1e-4,
+                                      min=1e-7, max=1e-1, step=1e-6, round=False)),
+            "distill_weight": ("FLOAT", _tip("lambda: weight of the distillation loss against the adversarial loss "
+                                             "(paper: 2.5).", default=2.5, min=0.0, max=100.0, step=0.1)),
+            "discriminator": (list(DISCRIMINATOR_TYPES), _tip("teacher: the frozen teacher UNet's own features (LADD; "
+                                                              "latent space, no extra file). dinov2: DINOv2 ViT-S on "
+                                                              "decoded images (paper; needs the VAE and dinov2_file).")),
+            "data_cfg": ("FLOAT", _tip("CFG scale of the teacher when it generates training images from the prompts.",
+                                       default=7.0, min=1.0, max=30.0, step=0.1)),
+            "data_steps": ("INT", _tip("Teacher sampling steps per generated training image (DDIM). More = cleaner "
+                                       "targets, slower iterations.", default=25, min=1, max=200)),
+            "distill_cfg": ("FLOAT", _tip("CFG scale of the teacher's distillation target (1 = no CFG, one teacher "
+                                          "pass).", default=1.0, min=0.0, max=30.0, step=0.1)),
+            "save_every": ("INT", _tip("Save the LoRA and the resumable state every N steps (and at the end and on "
+                                       "cancel). A crash loses at most N steps. 0 = only at the end.", default=500,
+                                       min=0, max=1_000_000)),
+            "preview_every": ("INT", _tip("Make preview images (fixed seeds, 1-step student) every N steps; 0 = never.",
+                                          default=100, min=0, max=1_000_000)),
+            "seed": ("INT", _tip("Seed of the whole run (initialisation, data, noise): the same seed and settings "
+                                 "give the same LoRA.", default=0, min=0, max=2**63 - 1)),
+            "gradient_checkpointing": ("BOOLEAN", _tip("Recompute activations in the backward pass: much less memory, "
+                                                       "~30% slower. Turn on for SDXL or large batches.", default=False)),
+            "run_mode": (list(RUN_MODES), _tip("polite: training pauses while ComfyUI runs prompts and continues when "
+                                               "the queue is idle. alongside: trains while prompts run (both slower).")),
+        }, "optional": {
+            "vae": ("VAE", _tip("Needed for images (encoding) and the dinov2 discriminator; a TinyVAE (TAESD) also "
+                                "decodes the previews (otherwise a cheap latent approximation is shown).")),
+            "images": ("IMAGE", _tip("Train on these images (encoded with the VAE) instead of teacher-generated ones; "
+                                     "captions are taken from the prompt lines in order (cycled).")),
+            "image_folder": ("STRING", _tip("A folder inside ComfyUI's input/ with images and same-name .txt captions "
+                                            "(e.g. my_dataset). Empty = not used.", default="")),
+            "dinov2_file": ("STRING", _tip("For discriminator dinov2: DINOv2 ViT-S/14 .safetensors, path relative to "
+                                           "ComfyUI's models/ folder.", default="")),
+        }}
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")  # every queue re-checks the run (resume after a cancel, status line)
+
+    def start(self, model, clip, name, prompts, max_steps, batch_size, width, height, student_timesteps, lora_rank,
+              lora_alpha, lr_lora, lr_disc, distill_weight, discriminator, data_cfg, data_steps, distill_cfg,
+              save_every, preview_every, seed, gradient_checkpointing, run_mode, vae=None, images=None,
+              image_folder="", dinov2_file=""):
+        job = start_training(**locals_without_self(locals()))
+        line = f"ADD training '{job.name}': job {job.id}, {job.state}" + (f" (resuming at step {job.start_step})"
+                                                                          if job.start_step else "")
+        return {"ui": {"text": [line]}, "result": (job.id, os.path.basename(job.lora_path))}
+
+
+def locals_without_self(d: dict) -> dict:
+    return {k: v for k, v in d.items() if k not in ("self", "__class__")}
+
+
+def start_training(model, clip, name, prompts, max_steps, batch_size, width, height, student_timesteps, lora_rank,
+                   lora_alpha, lr_lora, lr_disc, distill_weight, discriminator, data_cfg, data_steps, distill_cfg,
+                   save_every, preview_every, seed, gradient_checkpointing, run_mode, vae=None, images=None,
+                   image_folder="", dinov2_file="") -> Job:
+    """Validate, build the run's inputs on this (prompt) thread, start the job; returns it at once."""
+    # ---- validate everything before anything is built --------------------------------
+    name = check_name(name)
+    family = adapter.check_trainable(model)
+    for label, v in (("width", width), ("height", height)):
+        if int(v) % 8 or int(v) < 64:
+            raise ValueError(f"{label} {v} must be a multiple of 8 and at least 64 (the VAE works on 8x8 pixel "
+                             f"blocks); try {max(64, round(int(v) / 8) * 8)}.")
+    if run_mode not in RUN_MODES:
+        raise ValueError(f"run_mode {run_mode!r}: choose one of {RUN_MODES}.")
+    t_max = len(adapter.schedule_sigmas(model)) - 1
+    timesteps = parse_timesteps(student_timesteps, t_max)
+    prompt_list = parse_prompts(prompts)
+    folder_images, folder_captions = (None, [])
+    if str(image_folder).strip():
+        folder_images, folder_captions = load_image_folder(image_folder, int(width), int(height))
+    if images is not None and int(images.shape[0]) == 0:
+        images = None
+    if not prompt_list and images is None and folder_images is None:
+        raise ValueError("prompts is empty and no images are connected: type at least one prompt per line (the teacher "
+                         "then generates the training images), or connect images / set image_folder.")
+    if (images is not None or folder_images is not None) and vae is None:
+        raise ValueError("images / image_folder need the VAE to encode them: connect the checkpoint's VAE to 'vae'.")
+    dino_path = _dinov2_path(dinov2_file) if discriminator == "dinov2" else None
+    if dino_path is not None and vae is None:
+        raise ValueError("discriminator 'dinov2' judges decoded images: connect the checkpoint's VAE to 'vae'.")
+    try:
+        cfg = ADDConfig(student_timesteps=timesteps, num_train_timesteps=t_max + 1, lora_rank=int(lora_rank),
+                        lora_alpha=float(lora_alpha), lr_lora=float(lr_lora), lr_disc=float(lr_disc),
+                        distill_weight=float(distill_weight), discriminator=discriminator,
+                        teacher_cfg_scale=float(distill_cfg), batch_size=int(batch_size), seed=int(seed),
+                        max_steps=int(max_steps), save_every=int(save_every), preview_every=int(preview_every),
+                        teacher_timestep_range=(1, t_max), disc_timestep_range=(0, t_max))
+    except ValueError as exc:  # name the widget: ADDConfig's field names are the inputs' names
+        raise ValueError(f"ADD Train: {exc}") from exc
+    lora_dir = folder_paths.get_folder_paths("loras")[0]
+    lora_path = os.path.join(lora_dir, name + ".safetensors")
+    running = REGISTRY.active_for(lora_path)
+    if running is not None:
+        return running  # queued again while it trains: report the same job
+    fingerprint = adapter.base_fingerprint(model)
+    start_step = check_start(lora_path, cfg, fingerprint)
+
+    # ---- memory check ------------------------------------------------------------------
+    device = mm.get_torch_device()
+    lat_hw = (int(height) // 8, int(width) // 8)
+    need = adapter.estimate_memory(model.model, cfg.batch_size, lat_hw, cfg.lora_rank, bool(gradient_checkpointing))
+    # Free device memory plus what the input model occupies there (ComfyUI can offload it).
+    free = adapter.free_memory_bytes(device) + (model.loaded_size() if device.type != "cpu" else 0)
+    if need["total"] > free:
+        gb = lambda b: f"{b / 2**30:.1f} GB"  # noqa: E731
+        raise ValueError(
+            f"ADD Train needs about {gb(need['total'])} on {device} (weights copy {gb(need['weights'])}, adapters and "
+            f"optimiser {gb(need['adapters'])}, activations {gb(need['activations'])}) but about {gb(free)} is free. "
+            "Lower batch_size or width/height, turn on gradient_checkpointing, or close other work and queue again.")
+
+    # ---- build the run's inputs (prompt thread: ComfyUI's models are not in use elsewhere) --
+    network = adapter.frozen_copy(model, device)
+    c = adapter.latent_channels(model)
+    captions = prompt_list
+    image_batch = images if images is not None else folder_images
+    if image_batch is not None:
+        if folder_images is not None and images is None:
+            fallback = prompt_list[0] if prompt_list else ""
+            captions = [c_ or fallback for c_ in folder_captions]
+        else:
+            base = prompt_list or [""]
+            captions = [base[i % len(base)] for i in range(int(image_batch.shape[0]))]
+    bank = adapter.PromptBank(clip, sorted(set(captions)) if captions else [""], network, int(width), int(height))
+    schedule = DiscreteSchedule(adapter.schedule_sigmas(model))
+
+    if image_batch is not None:
+        pixels = _fit_images(image_batch, int(width), int(height))
+        with torch.no_grad():
+            lat = vae.encode(pixels[..., :3])
+        with torch.inference_mode(False):  # ordinary tensors, no graph: the data is a constant
+            lat = model.model.process_latent_in(lat.detach().float().cpu().clone()).to(device)
+        cond, pooled = bank.encode(captions, device)
+        uncond = bank.uncond_on(device)
+
+        def data_factory(_teacher):
+            return LatentDataset(lat, cond=cond, pooled=pooled, uncond=uncond)
+        data_summary = {"data": "images", "images": int(lat.shape[0])}
+    else:
+        def data_factory(teacher):
+            return SyntheticTeacherData(teacher, bank.prompts, lambda ps: bank.encode(ps, device), (c, *lat_hw),
+                                        schedule, steps=int(data_steps), cfg_scale=float(data_cfg),
+                                        uncond=bank.uncond_on(device), device=device)
+        data_summary = {"data": "teacher", "prompts": len(bank.prompts), "data_cfg": float(data_cfg),
+                        "data_steps": int(data_steps)}
+
+    feature_fn = None
+    decoder = _private_taesd(vae, device)
+    if dino_path is not None:
+        feature_fn = _dinov2_features(dino_path, vae, network, device)
+    n_prev = min(4, len(bank.prompts))
+    preview_cond, _ = bank.rows(range(n_prev), device)
+    spec = RunSpec(
+        cfg=cfg, network=network, denoise=adapter.comfy_denoise, data=None, data_factory=data_factory,
+        schedule=schedule, lora_path=lora_path, device=device,
+        feature_modules=adapter.feature_modules(network) if feature_fn is None else None, feature_fn=feature_fn,
+        target_modules=adapter.lora_targets(network),
+        checkpoint_modules=adapter.checkpoint_modules(network) if gradient_checkpointing else (),
+        c_dim=bank.c_dim, lora_prefix="",
+        base_info={"base_model": f"{family} ({type(model.model.model_config).__name__})",
+                   "base_fingerprint": fingerprint},
+        run_info={"width": int(width), "height": int(height), **data_summary},
+        preview_cond=preview_cond, preview_shape=(n_prev, c, *lat_hw))
+    job = Job(name=name, max_steps=cfg.max_steps, lora_path=lora_path, state_dir=state_dir_for(lora_path),
+              mode=run_mode, step=start_step, start_step=start_step)
+    if start_step >= cfg.max_steps:
+        job.state, job.message = "done", (f"already trained to step {start_step}; raise max_steps to train further "
+                                          "(same name) or choose a new name")
+        REGISTRY.jobs[job.id] = job
+        REGISTRY.emit(job, force=True)
+        return job
+
+    def decode_preview(lat: torch.Tensor) -> torch.Tensor:
+        if decoder is None:
+            return _latent_to_rgb(model, lat)
+        with torch.no_grad():
+            img = decoder.decode(network.process_latent_out(lat.to(device)))
+        return ((img.float() + 1.0) / 2.0).clamp(0, 1).movedim(1, -1).cpu()
+
+    return REGISTRY.start(job, lambda j: _job_body(j, spec, decode_preview))
+
+
+def _dinov2_features(path, vae, network, device):
+    """The paper's discriminator features: a frozen fp32 copy of the VAE decoder (differentiable)
+    feeding DINOv2 ViT-S/14 from a local file."""
+    import copy
+
+    from ..training.discriminator import DinoV2Features, load_dinov2
+
+    dino = load_dinov2(path).to(device)
+    with torch.inference_mode(False):
+        dec = copy.deepcopy(vae.first_stage_model).float().to(device).eval().requires_grad_(False)
+
+    def decode(x0):
+        img = dec.decode(network.process_latent_out(x0).float())
+        return ((img + 1.0) / 2.0).clamp(0, 1)
+    return DinoV2Features(dino, decode)
+
+
+def _job_body(job: Job, spec: RunSpec, decode_preview) -> None:
+    """Runs on the job's thread: build (resume), train with events, finish."""
+    run = ADDRun(spec)
+    job.step = job.start_step = run.build()
+    job.last_checkpoint_step = run.trainer.saved_step
+
+    def progress(stats: dict) -> None:
+        job.step, job.it_s, job.eta_s = stats["step"], stats["it_s"], stats["eta_s"]
+        job.losses = {k: round(float(v), 6) for k, v in stats["logs"].items() if isinstance(v, (int, float))}
+        job.add_history(stats["step"], stats["logs"])
+        REGISTRY.emit(job)
+
+    def preview(step: int, lat: torch.Tensor) -> None:
+        img = decode_preview(lat)
+        job.preview_image, job.preview_png, job.preview_step = img, png_bytes(img), step
+        REGISTRY.emit(job, force=True)
+
+    def saved(step: int, _path: str) -> None:
+        job.last_checkpoint_step = step
+        REGISTRY.emit(job, force=True)
+
+    hooks = RunHooks(progress=progress, preview=preview if spec.preview_shape else None, saved=saved,
+                     wait_if_busy=lambda: REGISTRY.wait_if_busy(job))
+    result = run.train(job.stop_event, hooks)
+    job.step = result.step
+    job.eta_s = 0.0 if not result.stopped else None
+    if result.stopped:
+        job.state, job.message = "cancelled", f"cancelled at step {result.step}; saved; queue the same name to resume"
+    else:
+        job.state, job.message = "done", f"done: {os.path.basename(spec.lora_path)} trained for {result.step} steps"
+
+
+# --------------------------------------------------------------------------------------------
+# ADD Training Status
+# --------------------------------------------------------------------------------------------
+def status_text(job: Job) -> str:
+    def fmt_eta(s):
+        if s is None:
+            return "-"
+        s = int(s)
+        return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+    losses = ", ".join(f"{k} {job.losses[k]:.4g}" for k in ("d_loss", "g_loss", "adv", "distill") if k in job.losses)
+    lines = [f"{job.name} [{job.id}]: {job.state}, step {job.step}/{job.max_steps}",
+             f"losses: {losses or '-'}",
+             f"speed: {job.it_s:.3g} it/s, ETA {fmt_eta(job.eta_s)}" if job.it_s else "speed: -",
+             f"LoRA: {job.lora_path} (last saved at step {job.last_checkpoint_step})"]
+    if job.message:
+        lines.append(job.message)
+    if job.error:
+        lines.append(f"error: {job.error}")
+    return "\n".join(lines)
+
+
+class ADDTrainingStatus:
+    DESCRIPTION = "State of an ADD training job: step, losses, speed, ETA, LoRA path, and its latest preview."
+    RETURN_TYPES = ("STRING", "IMAGE")
+    RETURN_NAMES = ("status", "preview")
+    OUTPUT_TOOLTIPS = ("Status text.", "The latest preview (1-step student, fixed seeds); black until the first one.")
+    FUNCTION = "status"
+    CATEGORY = CATEGORY
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"job_id": ("STRING", _tip("The job id ADD Train returns (connect its job_id output).",
+                                                       default=""))}}
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")
+
+    def status(self, job_id):
+        job = REGISTRY.get(str(job_id).strip())
+        if job is None:
+            raise ValueError(f"job_id {str(job_id)[:40]!r}: no ADD training job with this id in this ComfyUI session (jobs "
+                             "live until ComfyUI restarts). Connect ADD Train's job_id output; to continue a run after a "
+                             "restart, queue ADD Train with the same name.")
+        img = job.preview_image if job.preview_image is not None else torch.zeros(1, 64, 64, 3)
+        text = status_text(job)
+        return {"ui": {"text": [text]}, "result": (text, img)}
+
+
+# --------------------------------------------------------------------------------------------
+# ADD Compare (teacher vs student)
+# --------------------------------------------------------------------------------------------
+def _count_evals(model):
+    """A clone of ``model`` counting UNet sample-evaluations (batch entries) in ``counter[0]``."""
+    counter = [0]
+    m = model.clone()
+    prev = m.model_options.get("model_function_wrapper")
+
+    def wrapper(apply_model, args):
+        counter[0] += int(args["input"].shape[0])
+        return prev(apply_model, args) if prev is not None else apply_model(args["input"], args["timestep"], **args["c"])
+    m.set_model_unet_function_wrapper(wrapper)
+    return m, counter
+
+
+def pick_timesteps(trained: list[int], steps: int) -> list[int]:
+    """``steps`` of the trained timesteps, evenly spread from the noisiest (4 of 999,749,499,249 = all; 2 -> 999,499)."""
+    trained = sorted(trained, reverse=True)
+    steps = max(1, min(steps, len(trained)))
+    return [trained[round(i * len(trained) / steps)] for i in range(steps)]
+
+
+def _label_grid(rows: list[list[torch.Tensor]], headers: list[str]) -> torch.Tensor:
+    """Images (H, W, 3) in rows, a header line above each column -> one IMAGE (1, H', W', 3)."""
+    from PIL import Image, ImageDraw
+
+    h, w = rows[0][0].shape[:2]
+    pad = 28
+    canvas = Image.new("RGB", (w * len(headers), pad + h * len(rows)), (24, 24, 24))
+    draw = ImageDraw.Draw(canvas)
+    for j, text in enumerate(headers):
+        draw.text((j * w + 4, 4), text, fill=(235, 235, 235))
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            arr = (img.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+            canvas.paste(Image.fromarray(arr), (j * w, pad + i * h))
+    out = torch.frombuffer(bytearray(canvas.tobytes()), dtype=torch.uint8).reshape(canvas.height, canvas.width, 3)
+    return (out.float() / 255.0)[None]
+
+
+class ADDCompare:
+    DESCRIPTION = ("Teacher vs ADD student on the same prompts and seeds: the base model at N steps with CFG against the "
+                   "model with the trained LoRA at 1-4 steps without CFG; a grid labelled with measured seconds and model "
+                   "evaluations per image.")
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("grid",)
+    OUTPUT_TOOLTIPS = ("Rows = prompts; columns = teacher, student.",)
+    FUNCTION = "compare"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", _tip("The base model (teacher).")),
+            "clip": ("CLIP", _tip("The base model's CLIP.")),
+            "vae": ("VAE", _tip("Decodes both columns (a TinyVAE is fine).")),
+            "lora_name": ("STRING", _tip("The trained LoRA's file name in models/loras (connect ADD Train's lora_name).",
+                                         default="my_turbo_lora.safetensors")),
+            "prompts": ("STRING", _tip("One prompt per line (a row each).", multiline=True,
+                                       default="a photograph of a red fox in a snowy forest, golden hour")),
+            "seed": ("INT", _tip("Noise seed, the same for both.", default=0, min=0, max=0xffffffffffffffff)),
+            "teacher_steps": ("INT", _tip("Teacher sampling steps.", default=25, min=1, max=200)),
+            "teacher_cfg": ("FLOAT", _tip("Teacher CFG scale.", default=7.0, min=1.0, max=30.0, step=0.1)),
+            "teacher_sampler": (comfy.samplers.KSampler.SAMPLERS, _tip("Teacher sampler.", default="euler")),
+            "student_steps": ("INT", _tip("Student steps (1-4), taken from the timesteps it was trained on.",
+                                          default=1, min=1, max=4)),
+            "width": ("INT", _tip("Image width (multiple of 8).", default=512, min=64, max=4096, step=8)),
+            "height": ("INT", _tip("Image height (multiple of 8).", default=512, min=64, max=4096, step=8)),
+        }}
+
+    def compare(self, model, clip, vae, lora_name, prompts, seed, teacher_steps, teacher_cfg, teacher_sampler,
+                student_steps, width, height):
+        prompt_list = parse_prompts(prompts)
+        if not prompt_list:
+            raise ValueError("prompts is empty: type at least one prompt (one per line).")
+        name = check_name(lora_name) + ".safetensors"
+        path = folder_paths.get_full_path("loras", name)
+        student, trained = None, [999]
+        if path is not None:
+            sd, md = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
+            trained = json.loads((md or {}).get("add.student_timesteps", "[999, 749, 499, 249]"))
+            student, _ = comfy.sd.load_lora_for_models(model, None, sd, 1.0, 0.0)
+        ts = pick_timesteps(trained, int(student_steps))
+        latent = {"samples": torch.zeros(1, adapter.latent_channels(model), int(height) // 8, int(width) // 8)}
+        teacher_m, t_count = _count_evals(model)
+        student_m, s_count = _count_evals(student) if student is not None else (None, [0])
+        rows, t_time, s_time = [], 0.0, 0.0
+        neg = _encode(clip, "")
+        for p in prompt_list:
+            pos = _encode(clip, p)
+            noise = comfy.sample.prepare_noise(latent["samples"], seed)
+            t0 = time.perf_counter()
+            t_lat = comfy.sample.sample(teacher_m, noise, int(teacher_steps), float(teacher_cfg), teacher_sampler,
+                                        "normal", pos, neg, latent["samples"], seed=seed)
+            t_time += time.perf_counter() - t0
+            row = [vae.decode(t_lat)[0]]
+            if student_m is not None:
+                sigmas = build_sigmas(student_m, "custom", len(ts), 1.0, ",".join(map(str, ts)))
+                t0 = time.perf_counter()
+                s_lat = add_sample(student_m, pos, latent, seed, sigmas)["samples"]
+                s_time += time.perf_counter() - t0
+                row.append(vae.decode(s_lat)[0])
+            else:
+                row.append(torch.zeros_like(row[0]))
+            rows.append(row)
+        n = len(prompt_list)
+        headers = [f"teacher {teacher_steps} steps cfg {teacher_cfg:g}: {t_time / n:.2f} s, {t_count[0] / n:.0f} evals/img"]
+        headers.append(f"student {len(ts)} step{'s' if len(ts) > 1 else ''} {','.join(map(str, ts))}: "
+                       f"{s_time / n:.2f} s, {s_count[0] / n:.0f} evals/img" if student is not None
+                       else f"student: {name} not saved yet - queue again after its first save")
+        return (_label_grid(rows, headers),)
+
+
+def _encode(clip, text: str):
+    tokens = clip.tokenize(text)
+    return clip.encode_from_tokens_scheduled(tokens)
+
+
+NODE_CLASS_MAPPINGS = {"ADDTrain": ADDTrain, "ADDTrainingStatus": ADDTrainingStatus, "ADDCompare": ADDCompare}
+NODE_DISPLAY_NAME_MAPPINGS = {"ADDTrain": "ADD Train (background)", "ADDTrainingStatus": "ADD Training Status",
+                              "ADDCompare": "ADD Compare (teacher vs student)"}

@@ -1,0 +1,206 @@
+"""ADD training node in-process (tiny SD1.5, CPU): the job thread, files, resume, errors, LoRA loading."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+
+
+@pytest.fixture(scope="module")
+def T(plugin):
+    return plugin("nodes.train")
+
+
+@pytest.fixture(scope="module")
+def loras_dir(comfy, tmp_path_factory):
+    """An empty folder registered first in ComfyUI's 'loras' paths: where trained LoRAs land."""
+    import folder_paths
+
+    d = tmp_path_factory.mktemp("trained_loras")
+    folder_paths.add_model_folder_path("loras", str(d), is_default=True)
+    return d
+
+
+def settings(**over):
+    """Small, fast settings for the tiny SD1.5 on a CPU (64x64 images = 8x8 latents)."""
+    base = dict(name="tiny_add", prompts="a red fox\na blue car\na green tree", max_steps=3, batch_size=2, width=64,
+                height=64, student_timesteps="999,499", lora_rank=4, lora_alpha=4.0, lr_lora=1e-3, lr_disc=1e-3,
+                distill_weight=2.5, discriminator="teacher", data_cfg=3.0, data_steps=2, distill_cfg=1.0,
+                save_every=2, preview_every=1, seed=0, gradient_checkpointing=False, run_mode="alongside")
+    base.update(over)
+    return base
+
+
+def wait(job, states=("done", "cancelled", "failed"), timeout=240):
+    t0 = time.time()
+    while job.state not in states:
+        assert time.time() - t0 < timeout, f"job stuck in {job.state} at step {job.step}"
+        time.sleep(0.05)
+    return job
+
+
+def start(T, sd15, **over):
+    model, clip, vae = sd15
+    return T.start_training(model=model, clip=clip, vae=vae, **settings(**over))
+
+
+def test_job_trains_in_background_and_writes_a_comfy_lora(T, sd15, loras_dir, plugin):
+    import comfy.lora
+    import comfy.sd
+
+    t0 = time.time()
+    job = start(T, sd15, name="bg_run")
+    returned_after = time.time() - t0
+    assert job.state in ("queued", "running")  # returned before the run finished
+    wait(job)
+    assert job.state == "done", job.error
+    assert returned_after < 30
+    path = loras_dir / "bg_run.safetensors"
+    assert path.is_file() and job.step == 3 and job.last_checkpoint_step == 3
+    assert job.preview_image is not None and job.preview_image.shape[-1] == 3 and job.preview_png[:4] == b"\x89PNG"
+    assert [h["step"] for h in job.history] == [1, 2, 3] and "d_loss" in job.history[0]
+
+    # every key of the file maps onto the model through ComfyUI's own key map: none unloaded
+    model = sd15[0]
+    sd = comfy.utils.load_torch_file(str(path), safe_load=True)
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    patches = comfy.lora.load_lora(sd, key_map)
+    modules = {k.rsplit(".", 2)[0] for k in sd if k.endswith(".lora_up.weight")}
+    assert len(patches) == len(modules) > 50
+    with safe_open(str(path), "pt") as f:
+        md = f.metadata()
+    assert md["add.format"] == "comfyui-add-lora" and json.loads(md["add.student_timesteps"]) == [999, 499]
+    assert md["add.recommended_cfg"] == "1" and md["add.steps_trained"] == "3" and md["add.base_fingerprint"]
+
+    # the LoRA changes the model's output (the adapters' up-projections were trained away from 0)
+    patched = comfy.sd.load_lora_for_models(model, None, sd, 1.0, 0.0)[0]
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ctx = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(1))
+    import comfy.model_management as mm
+    outs = []
+    for m in (model, patched):
+        mm.load_models_gpu([m])
+        with torch.no_grad():
+            outs.append(m.model.apply_model(x, torch.tensor([14.6]), c_crossattn=ctx).clone())
+    assert not torch.allclose(outs[0], outs[1])
+    # the state sits beside the LoRA and nothing in it looks like a model to ComfyUI's lists
+    import folder_paths
+    assert (loras_dir / "bg_run.add-state" / "latest.json").is_file()
+    assert [f for f in folder_paths.get_filename_list("loras") if "bg_run" in f] == ["bg_run.safetensors"]
+
+
+def test_input_model_is_untouched_and_copy_is_trainable(T, sd15, plugin):
+    model = sd15[0]
+    before = {k: v.clone() for k, v in list(model.model.state_dict().items())[:20]}
+    adapter = plugin("nodes.train_adapter")
+    with torch.inference_mode():  # as node execution runs
+        net = adapter.frozen_copy(model, torch.device("cpu"))
+    w = next(net.parameters())
+    assert not w.is_inference() and not w.requires_grad
+    assert all(torch.equal(before[k], model.model.state_dict()[k]) for k in before)
+    assert adapter.feature_modules(net)  # teacher-feature discriminator has layers to read
+
+
+def test_cancel_then_same_name_resumes_at_the_stop_step(T, sd15, loras_dir):
+    job = start(T, sd15, name="cancel_run", max_steps=200, save_every=0, preview_every=0)
+    while job.step < 2:
+        assert job.state not in ("failed", "done"), job.error
+        time.sleep(0.05)
+    T.REGISTRY.cancel(job)
+    wait(job)
+    assert job.state == "cancelled"
+    stopped = job.step
+    assert job.last_checkpoint_step == stopped  # cancel wrote a checkpoint at the stop step
+    assert (loras_dir / "cancel_run.safetensors").is_file()
+    again = start(T, sd15, name="cancel_run", max_steps=stopped + 1, save_every=0, preview_every=0)
+    assert again.start_step == stopped
+    wait(again)
+    assert again.state == "done" and again.step == stopped + 1
+
+
+def test_changed_settings_refuse_to_resume_and_name_them(T, sd15, loras_dir):
+    wait(start(T, sd15, name="conflict_run", max_steps=1, preview_every=0))
+    with pytest.raises(ValueError, match=r"lora_rank: saved 4, now 8.*student_timesteps"):
+        start(T, sd15, name="conflict_run", lora_rank=8, student_timesteps="999")
+
+
+def test_users_own_lora_is_never_overwritten(T, sd15, loras_dir):
+    from safetensors.torch import save_file
+
+    path = loras_dir / "users_lora.safetensors"
+    save_file({"x": torch.zeros(2)}, str(path))
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError, match="not made by an ADD training run"):
+        start(T, sd15, name="users_lora")
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("over, match", [
+    (dict(prompts="  \n# only a comment\n"), "prompts is empty"),
+    (dict(width=100), "width 100 must be a multiple of 8"),
+    (dict(height=60), "height 60 must be a multiple of 8"),
+    (dict(name="../evil"), "name '../evil' contains"),
+    (dict(name="a/b"), "contains '/'"),
+    (dict(name="a\\b"), "contains"),
+    (dict(discriminator="dinov2", dinov2_file="dinov2/missing.safetensors"), "no such file"),
+    (dict(discriminator="dinov2"), "dinov2_file is empty"),
+    (dict(student_timesteps="999,abc"), "student_timesteps '999,abc' is not valid"),
+    (dict(student_timesteps="999,999"), "is not valid"),
+    (dict(student_timesteps="1000"), "is not valid"),
+    (dict(image_folder="../outside"), "image_folder"),
+    (dict(image_folder="no_such_folder"), "no such folder"),
+])
+def test_bad_input_is_a_clear_error_before_any_job(T, sd15, loras_dir, over, match):
+    n = len(T.REGISTRY.jobs)
+    with pytest.raises(ValueError, match=match):
+        start(T, sd15, **over)
+    assert len(T.REGISTRY.jobs) == n
+
+
+def test_a_family_it_cannot_train_is_named(T, sd15):
+    import comfy.model_patcher
+
+    class Flux(torch.nn.Module):
+        pass
+    fake = comfy.model_patcher.ModelPatcher(Flux(), torch.device("cpu"), torch.device("cpu"))
+    with pytest.raises(ValueError, match="cannot train this model: it is a Flux"):
+        T.start_training(model=fake, clip=sd15[1], **settings())
+
+
+def test_images_train_from_the_vae_latents(T, sd15, loras_dir):
+    imgs = torch.rand(3, 48, 80, 3, generator=torch.Generator().manual_seed(0))
+    job = start(T, sd15, name="image_run", images=imgs, prompts="a photo", max_steps=2, preview_every=0)
+    wait(job)
+    assert job.state == "done", job.error
+    assert (loras_dir / "image_run.add-state" / "run.json").is_file()
+    run = json.loads((loras_dir / "image_run.add-state" / "run.json").read_text())
+    assert run["data"] == "images" and run["images"] == 3
+
+
+def test_gradient_checkpointing_gives_the_same_first_step(T, sd15, loras_dir):
+    """Checkpointed and plain runs compute the same gradients: identical LoRAs after one step."""
+    a = wait(start(T, sd15, name="ckpt_off", max_steps=1, preview_every=0))
+    b = wait(start(T, sd15, name="ckpt_on", max_steps=1, preview_every=0, gradient_checkpointing=True))
+    assert a.state == b.state == "done", (a.error, b.error)
+    import comfy.utils
+    sa = comfy.utils.load_torch_file(str(loras_dir / "ckpt_off.safetensors"))
+    sb = comfy.utils.load_torch_file(str(loras_dir / "ckpt_on.safetensors"))
+    assert sa.keys() == sb.keys()
+    assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-3) for k in sa)
+
+
+def test_status_and_compare_nodes(T, sd15, loras_dir):
+    job = wait(start(T, sd15, name="compare_run", max_steps=2, preview_every=1))
+    text, img = T.ADDTrainingStatus().status(job.id)["result"]
+    assert "compare_run" in text and "done" in text and img.shape[-1] == 3
+    with pytest.raises(ValueError, match="no ADD training job with this id"):
+        T.ADDTrainingStatus().status("0123456789ab")
+    model, clip, vae = sd15
+    (grid,) = T.ADDCompare().compare(model, clip, vae, "compare_run", "a red fox\na blue car", 0, 2, 3.0, "euler",
+                                     2, 64, 64)
+    assert grid.shape[0] == 1 and grid.shape[2] == 128 and grid.shape[1] == 28 + 2 * 64
+    assert T.pick_timesteps([999, 749, 499, 249], 2) == [999, 499]

@@ -1,0 +1,322 @@
+"""One ADD training run tied to its files: a ComfyUI-format LoRA and a resumable state beside it.
+
+Pure PyTorch (no ComfyUI import): the node layer and a headless trainer hand in the network, its
+denoiser, the data and a few callbacks; this module builds the student and discriminator, resumes,
+runs :class:`.loop.Trainer`, and writes the files.
+
+Files, for a LoRA at ``.../loras/NAME.safetensors``::
+
+    NAME.safetensors              the LoRA (ComfyUI key format, ``diffusion_model.<module>.lora_up``
+                                  etc.), written atomically at every save and at the end
+    NAME.add-state/               the resumable state (see ``checkpoint.py``), where the user sees it
+        run.json                  what the run was started with (base fingerprint, data summary)
+        latest.json, step_XXXXXXXX/
+
+Nothing in the state folder has an extension ComfyUI lists as a model, so it never shows up in
+a LoRA list. Starting a name whose state exists resumes it; settings that cannot change on resume
+are named in a :class:`ResumeConflict`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+from torch import Tensor
+
+from .checkpoint import (_RESUMABLE_CHANGES, atomic_write_bytes, atomic_write_json, load_checkpoint, plugin_version,
+                         read_meta)
+from .config import ADDConfig
+from .loop import ADDModels, DataFn, TrainResult, Trainer, build_models
+from .schedule import DiscreteSchedule
+from .student import DenoiseFn, LoRAStudent
+
+LORA_FORMAT = "comfyui-add-lora"  # value of the 'add.format' metadata key of every LoRA we write
+STATE_SUFFIX = ".add-state"
+
+
+class ResumeConflict(ValueError):
+    """A run of this name exists and the new settings cannot continue it."""
+
+
+# --------------------------------------------------------------------------------------------
+# files
+# --------------------------------------------------------------------------------------------
+def state_dir_for(lora_path: str | os.PathLike) -> str:
+    """``.../NAME.safetensors`` -> ``.../NAME.add-state``."""
+    base = os.fspath(lora_path)
+    if base.endswith(".safetensors"):
+        base = base[: -len(".safetensors")]
+    return base + STATE_SUFFIX
+
+
+def lora_file_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The safetensors header metadata of a file ({} when it has none)."""
+    with safe_open(os.fspath(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """Short sha256 over names, shapes and a strided sample of values of a module's parameters:
+    identifies the base weights a run was trained on without hashing gigabytes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    items = sorted(module.state_dict().items())
+    for name, t in items[:: max(1, len(items) // 32)]:
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        flat = t.detach().flatten()
+        h.update(flat[:: max(1, flat.numel() // 1024)][:1024].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def existing_run(lora_path: str | os.PathLike) -> dict[str, Any] | None:
+    """What a previous run of this name left: {'step', 'config', 'run'} or None when there is none."""
+    sdir = state_dir_for(lora_path)
+    if not os.path.isdir(sdir):
+        return None
+    run_json = os.path.join(sdir, "run.json")
+    run = {}
+    if os.path.isfile(run_json):
+        with open(run_json, encoding="utf-8") as f:
+            run = json.load(f)
+    try:
+        meta = read_meta(sdir)
+    except FileNotFoundError:
+        return {"step": 0, "config": None, "run": run}  # started, but killed before its first save
+    return {"step": int(meta["step"]), "config": meta["config"], "run": run}
+
+
+def resume_conflicts(saved_config: Mapping[str, Any], cfg: ADDConfig) -> list[str]:
+    """``['lora_rank: saved 16, now 8', ...]`` for every setting that cannot change on resume."""
+    saved = ADDConfig.from_dict(saved_config).to_dict()
+    now = cfg.to_dict()
+    return [f"{k}: saved {saved[k]!r}, now {now[k]!r}" for k in sorted(saved)
+            if saved[k] != now[k] and k not in _RESUMABLE_CHANGES]
+
+
+def check_start(lora_path: str | os.PathLike, cfg: ADDConfig, base_fingerprint: str) -> int:
+    """Validate starting (or resuming) the run whose LoRA goes to ``lora_path``; -> start step.
+
+    Raises FileExistsError when a LoRA of that name exists that no ADD run of ours made (a user's
+    file is never overwritten), ResumeConflict when the existing run cannot continue with ``cfg``.
+    """
+    lora_path = os.fspath(lora_path)
+    prev = existing_run(lora_path)
+    if prev is None:
+        if os.path.exists(lora_path):
+            try:
+                ours = lora_file_metadata(lora_path).get("add.format") == LORA_FORMAT
+            except Exception as exc:  # any unreadable file is simply "not ours"; say so below
+                ours, why = False, f" ({type(exc).__name__}: {exc})"
+            else:
+                why = ""
+            raise FileExistsError(
+                f"{os.path.basename(lora_path)} already exists in the LoRA folder and "
+                + ("its training state folder is gone, so it cannot be resumed" if ours
+                   else f"was not made by an ADD training run{why}")
+                + ": choose another name (the file is left untouched).")
+        return 0
+    problems = []
+    saved_fp = prev["run"].get("base_fingerprint")
+    if saved_fp and saved_fp != base_fingerprint:
+        problems.append(f"base model: saved fingerprint {saved_fp}, now {base_fingerprint} (another checkpoint "
+                        "or other LoRAs applied to it)")
+    if prev["config"] is not None:
+        problems += resume_conflicts(prev["config"], cfg)
+    if problems:
+        raise ResumeConflict(
+            f"A training run named {os.path.basename(state_dir_for(lora_path))[: -len(STATE_SUFFIX)]!r} exists "
+            f"(step {prev['step']}) and these settings differ, so it cannot be resumed: " + "; ".join(problems)
+            + ". Set them back to continue it, or choose a new name to start another run.")
+    return prev["step"]
+
+
+def lora_metadata(cfg: ADDConfig, step: int, base: Mapping[str, str]) -> dict[str, str]:
+    """Safetensors metadata of a trained LoRA: what a user (and our nodes) need to sample with it."""
+    md = {
+        "add.format": LORA_FORMAT,
+        "add.plugin_version": plugin_version(),
+        "add.steps_trained": str(step),
+        "add.max_steps": str(cfg.max_steps),
+        "add.student_timesteps": json.dumps(list(cfg.student_timesteps)),
+        "add.recommended_timesteps": json.dumps(list(cfg.student_timesteps)),
+        "add.recommended_cfg": "1",
+        "add.distill_weight": f"{cfg.distill_weight:g}",
+        "add.discriminator": cfg.discriminator,
+        "add.lora_rank": str(cfg.lora_rank),
+        "add.lora_alpha": f"{cfg.lora_alpha:g}",
+        "add.config": json.dumps(cfg.to_dict(), sort_keys=True),
+        "ss_network_dim": str(cfg.lora_rank),  # what LoRA managers read for rank / alpha
+        "ss_network_alpha": f"{cfg.lora_alpha:g}",
+    }
+    md.update({f"add.{k}": str(v) for k, v in base.items()})
+    return md
+
+
+def save_lora(student: LoRAStudent, path: str | os.PathLike, metadata: Mapping[str, str], prefix: str = "",
+              dtype: torch.dtype = torch.float16) -> None:
+    """The student's adapters as a ComfyUI LoRA file, atomically (temp file, fsync, rename)."""
+    tensors = student.lora_state_dict(prefix=prefix, dtype=dtype)
+    atomic_write_bytes(safetensors_bytes(tensors, metadata=dict(metadata)), path)
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------------
+@dataclass
+class RunSpec:
+    """Everything one run needs; built by the node layer (or a headless trainer)."""
+
+    cfg: ADDConfig
+    network: nn.Module  # the frozen host network (teacher), on the training device
+    denoise: DenoiseFn  # (network, x_ve, sigma (B,), cond) -> x0
+    data: DataFn | None  # (generator, batch_size) -> batch; or None with data_factory
+    schedule: DiscreteSchedule
+    lora_path: str
+    device: torch.device
+    feature_modules: Sequence[str] | None = None  # teacher-feature discriminator
+    feature_fn: Callable | None = None  # e.g. DinoV2Features, for discriminator='dinov2'
+    target_modules: Sequence[str] | None = None  # LoRA targets (name suffixes)
+    checkpoint_modules: Sequence[str] = ()  # gradient checkpointing units ('' = off)
+    c_dim: int = 0  # pooled-conditioning width for projection heads (0 = unconditioned heads)
+    lora_prefix: str = ""  # key prefix so that '{prefix}{module}' is ComfyUI's weight name
+    base_info: Mapping[str, str] = field(default_factory=dict)  # base model name, fingerprint, ...
+    run_info: Mapping[str, Any] = field(default_factory=dict)  # data summary, size (run.json)
+    preview_cond: Any = None  # conditioning of the fixed preview prompts (batch P)
+    preview_shape: Sequence[int] | None = None  # (P, C, h, w) latents of the previews
+    keep_last: int = 2  # resumable states kept
+    # teacher -> data, for data made by the teacher (LADD): it must run with the adapters OFF, so
+    # the run builds it with the student's teacher pass once the student exists.
+    data_factory: Callable[[Callable[[Tensor, Tensor, Any], Tensor]], DataFn] | None = None
+
+
+@dataclass
+class RunHooks:
+    """Callbacks of a run; all optional, all called on the training thread."""
+
+    progress: Callable[[dict], None] | None = None  # after each step: see ADDRun._stats
+    preview: Callable[[int, Tensor], None] | None = None  # (step, x0 latents (P, C, h, w) of the 1-step student)
+    saved: Callable[[int, str], None] | None = None  # (step, lora path) after the LoRA is written
+    wait_if_busy: Callable[[], float] | None = None  # blocks while the host wants the device; -> seconds waited
+
+
+class ADDRun:
+    """Builds the models, resumes from the state folder, trains, writes the LoRA."""
+
+    def __init__(self, spec: RunSpec) -> None:
+        self.spec = spec
+        self.state_dir = state_dir_for(spec.lora_path)
+        self.models: ADDModels | None = None
+        self.trainer: Trainer | None = None
+        self.start_step = 0
+        self._t_last: float | None = None
+        self._step_time: float | None = None  # smoothed seconds per step, pauses excluded
+
+    def build(self) -> int:
+        """Student + discriminator + trainer; resumes the latest state if there is one. -> start step."""
+        s = self.spec
+        if (s.data is None) == (s.data_factory is None):
+            raise ValueError("RunSpec: give exactly one of data and data_factory.")
+        # Before the student exists the network is the plain teacher.
+        data = s.data if s.data is not None else s.data_factory(lambda x, sig, c: s.denoise(s.network, x, sig, c))
+        probe = data(torch.Generator(device=s.device).manual_seed(s.cfg.seed), min(2, s.cfg.batch_size))
+        self.models = build_models(s.network, s.denoise, s.cfg, s.schedule, feature_modules=s.feature_modules,
+                                   feature_fn=s.feature_fn, probe_batch=probe, c_dim=s.c_dim,
+                                   target_modules=s.target_modules)
+        if s.data_factory is not None:
+            data = s.data_factory(self.models.student.teacher)
+        if s.checkpoint_modules and isinstance(self.models.student, LoRAStudent):
+            self.models.student.enable_gradient_checkpointing(s.checkpoint_modules)
+        self.trainer = Trainer(self.models, s.cfg, data, device=s.device)
+        os.makedirs(self.state_dir, exist_ok=True)
+        prev = existing_run(s.lora_path)
+        if prev is not None and prev["config"] is not None:
+            load_checkpoint(self.trainer, self.state_dir, restore_global_rng=False)
+        else:
+            atomic_write_json({"base": dict(s.base_info), **dict(s.run_info),
+                               "base_fingerprint": s.base_info.get("base_fingerprint", ""),
+                               "created": time.strftime("%Y-%m-%d %H:%M:%S")},
+                              os.path.join(self.state_dir, "run.json"))
+        self.start_step = self.trainer.step
+        return self.start_step
+
+    # ---- files -------------------------------------------------------------------------
+    def write_lora(self) -> None:
+        """Export the current adapters (EMA weights when the EMA is on) to the LoRA file."""
+        assert self.trainer is not None and self.models is not None
+        student = self.models.student
+        if not isinstance(student, LoRAStudent):
+            raise ValueError("write_lora: only the LoRA student exports a LoRA (training_mode='lora').")
+        md = lora_metadata(self.spec.cfg, self.trainer.step, self.spec.base_info)
+        if self.trainer.ema is not None:
+            with self.trainer.ema.swapped_in():
+                save_lora(student, self.spec.lora_path, md, prefix=self.spec.lora_prefix)
+        else:
+            save_lora(student, self.spec.lora_path, md, prefix=self.spec.lora_prefix)
+
+    # ---- previews ----------------------------------------------------------------------
+    @torch.no_grad()
+    def preview_latents(self) -> Tensor | None:
+        """1-step student samples from fixed seeds (same noise every time, so previews compare)."""
+        s = self.spec
+        if s.preview_shape is None or self.models is None:
+            return None
+        gen = torch.Generator(device="cpu").manual_seed(s.cfg.seed + 12345)
+        t_top = max(s.cfg.student_timesteps)
+        n = s.preview_shape[0]
+        sigma = s.schedule.sigma(torch.full((n,), t_top), device=s.device)
+        eps = torch.randn(tuple(s.preview_shape), generator=gen).to(s.device)
+        x = eps * (1.0 + sigma * sigma).sqrt().reshape(-1, *([1] * (eps.ndim - 1)))
+        return self.models.student.student(x, sigma, s.preview_cond).float()
+
+    # ---- progress ----------------------------------------------------------------------
+    def _stats(self, step: int, logs: dict, waited: float) -> dict:
+        now = time.perf_counter()
+        if self._t_last is not None:
+            dt = max(1e-9, now - self._t_last - waited)
+            self._step_time = dt if self._step_time is None else 0.8 * self._step_time + 0.2 * dt
+        self._t_last = now
+        it_s = 1.0 / self._step_time if self._step_time else None
+        remaining = self.spec.cfg.max_steps - step
+        return {"step": step, "max_steps": self.spec.cfg.max_steps, "logs": dict(logs),
+                "it_s": it_s, "eta_s": remaining / it_s if it_s else None}
+
+    def train(self, stop_event: threading.Event | None = None, hooks: RunHooks | None = None) -> TrainResult:
+        """Run to ``max_steps`` or until ``stop_event``; the state and the LoRA are saved every
+        ``save_every`` steps and at the end (a stop saves at the stop step)."""
+        if self.trainer is None:
+            self.build()
+        assert self.trainer is not None
+        hooks = hooks or RunHooks()
+        waited = [0.0]
+
+        def progress(step: int, logs: dict) -> None:
+            stats = self._stats(step, logs, waited[0])
+            if hooks.progress is not None:
+                hooks.progress(stats)
+            # Between steps: give the device to the host's foreground work (polite mode).
+            waited[0] = hooks.wait_if_busy() if hooks.wait_if_busy is not None else 0.0
+
+        def preview(step: int, _trainer: Trainer) -> None:
+            if hooks.preview is not None:
+                lat = self.preview_latents()
+                if lat is not None:
+                    hooks.preview(step, lat)
+
+        def on_save(trainer: Trainer, _ckpt: str) -> None:
+            self.write_lora()
+            if hooks.saved is not None:
+                hooks.saved(trainer.step, self.spec.lora_path)
+
+        self._t_last = time.perf_counter()
+        return self.trainer.run(stop_event=stop_event, progress=progress, preview=preview,
+                                checkpoint_dir=self.state_dir, keep_last=self.spec.keep_last, on_save=on_save)
