@@ -30,6 +30,9 @@ from .sampling import add_sample, build_sigmas
 
 CATEGORY = "ADD/training"
 RUN_MODES = ("polite", "alongside")
+# ADDConfig fields whose widget has another name (for messages)
+_WIDGET_OF_FIELD = {"seed": "training_seed", "teacher_cfg_scale": "distill_cfg",
+                    "num_train_timesteps": "the model's schedule length"}
 _DEFAULT_PROMPTS = ("a photograph of a red fox in a snowy forest, golden hour\n"
                     "a bowl of ramen on a wooden table, studio lighting\n"
                     "a watercolor painting of a lighthouse on a cliff\n"
@@ -154,7 +157,8 @@ def _private_taesd(vae, device):
         return None
     import copy
     with torch.inference_mode(False):
-        return copy.deepcopy(vae.first_stage_model).float().to(device).eval().requires_grad_(False)
+        return adapter.plain_torch_modules_(copy.deepcopy(vae.first_stage_model).float().to(device).eval()
+                                            .requires_grad_(False))
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,8 +227,11 @@ class ADDTrain:
                                        min=0, max=1_000_000)),
             "preview_every": ("INT", _tip("Make preview images (fixed seeds, 1-step student) every N steps; 0 = never.",
                                           default=100, min=0, max=1_000_000)),
-            "seed": ("INT", _tip("Seed of the whole run (initialisation, data, noise): the same seed and settings "
-                                 "give the same LoRA.", default=0, min=0, max=2**63 - 1)),
+            # Not named 'seed': the front end gives such widgets a 'randomize after queue' control, and
+            # a changed seed cannot resume the run.
+            "training_seed": ("INT", _tip("Seed of the whole run (initialisation, data, noise): the same seed and "
+                                          "settings give the same LoRA. Fixed: a run resumes only with its seed.",
+                                          default=0, min=0, max=2**63 - 1)),
             "gradient_checkpointing": ("BOOLEAN", _tip("Recompute activations in the backward pass: much less memory, "
                                                        "~30% slower. Turn on for SDXL or large batches.", default=False)),
             "run_mode": (list(RUN_MODES), _tip("polite: training pauses while ComfyUI runs prompts and continues when "
@@ -246,9 +253,11 @@ class ADDTrain:
 
     def start(self, model, clip, name, prompts, max_steps, batch_size, width, height, student_timesteps, lora_rank,
               lora_alpha, lr_lora, lr_disc, distill_weight, discriminator, data_cfg, data_steps, distill_cfg,
-              save_every, preview_every, seed, gradient_checkpointing, run_mode, vae=None, images=None,
+              save_every, preview_every, training_seed, gradient_checkpointing, run_mode, vae=None, images=None,
               image_folder="", dinov2_file=""):
-        job = start_training(**locals_without_self(locals()))
+        args = locals_without_self(locals())
+        args["seed"] = args.pop("training_seed")
+        job = start_training(**args)
         line = f"ADD training '{job.name}': job {job.id}, {job.state}" + (f" (resuming at step {job.start_step})"
                                                                           if job.start_step else "")
         return {"ui": {"text": [line]}, "result": (job.id, os.path.basename(job.lora_path))}
@@ -303,7 +312,13 @@ def start_training(model, clip, name, prompts, max_steps, batch_size, width, hei
     if running is not None:
         return running  # queued again while it trains: report the same job
     fingerprint = adapter.base_fingerprint(model)
-    start_step = check_start(lora_path, cfg, fingerprint)
+    try:
+        start_step = check_start(lora_path, cfg, fingerprint)
+    except ResumeConflict as exc:
+        msg = str(exc)
+        for field_name, widget in _WIDGET_OF_FIELD.items():
+            msg = msg.replace(f"; {field_name}: ", f"; {widget}: ").replace(f": {field_name}: ", f": {widget}: ")
+        raise ResumeConflict(msg) from None
 
     # ---- memory check ------------------------------------------------------------------
     device = mm.get_torch_device()
@@ -398,7 +413,8 @@ def _dinov2_features(path, vae, network, device):
 
     dino = load_dinov2(path).to(device)
     with torch.inference_mode(False):
-        dec = copy.deepcopy(vae.first_stage_model).float().to(device).eval().requires_grad_(False)
+        dec = adapter.plain_torch_modules_(copy.deepcopy(vae.first_stage_model).float().to(device).eval()
+                                           .requires_grad_(False))
 
     def decode(x0):
         img = dec.decode(network.process_latent_out(x0).float())
@@ -549,7 +565,8 @@ class ADDCompare:
                                          default="my_turbo_lora.safetensors")),
             "prompts": ("STRING", _tip("One prompt per line (a row each).", multiline=True,
                                        default="a photograph of a red fox in a snowy forest, golden hour")),
-            "seed": ("INT", _tip("Noise seed, the same for both.", default=0, min=0, max=0xffffffffffffffff)),
+            "seed": ("INT", _tip("Noise seed, the same for both.", default=0, min=0, max=0xffffffffffffffff,
+                                 control_after_generate=True)),
             "teacher_steps": ("INT", _tip("Teacher sampling steps.", default=25, min=1, max=200)),
             "teacher_cfg": ("FLOAT", _tip("Teacher CFG scale.", default=7.0, min=1.0, max=30.0, step=0.1)),
             "teacher_sampler": (comfy.samplers.KSampler.SAMPLERS, _tip("Teacher sampler.", default="euler")),

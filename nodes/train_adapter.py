@@ -49,6 +49,23 @@ def check_trainable(model) -> str:
     return _TRAINABLE[kind]
 
 
+def plain_torch_modules_(module: torch.nn.Module) -> torch.nn.Module:
+    """Turn every ComfyUI op (``comfy.ops`` Linear, Conv2d, GroupNorm, ...) of a PRIVATE copy into
+    its torch base class, in place: same parameters and attributes, plain torch forward.
+
+    ComfyUI's ops call ``run_every_op()`` in every forward, which checks AND CLEARS the global
+    interrupt flag: a background thread running them would swallow the user's Cancel of a
+    foreground prompt (and be killed by it). The job's modules never take that path.
+    """
+    for m in module.modules():
+        cls = type(m)
+        if cls.__module__.startswith("comfy.ops"):
+            base = next((b for b in cls.__mro__ if b.__module__.startswith("torch.nn")), None)
+            if base is not None and base is not torch.nn.Module:
+                m.__class__ = base
+    return module
+
+
 def frozen_copy(model, device: torch.device) -> torch.nn.Module:
     """The job's own frozen BaseModel: base weights with the MODEL's patches fused, on ``device``.
 
@@ -57,6 +74,14 @@ def frozen_copy(model, device: torch.device) -> torch.nn.Module:
     """
     with torch.inference_mode(False):
         copy = lora_nodes._fused_module(model)
+        # Plain torch modules (see plain_torch_modules_), weights in the dtype the model computes in
+        # (ComfyUI's ops would have cast them on the fly).
+        compute = getattr(copy, "manual_cast_dtype", None) or copy.get_dtype()
+        plain_torch_modules_(copy)
+        for m in copy.modules():
+            for name, p in list(m._parameters.items()):
+                if p is not None and p.is_floating_point() and p.dtype != compute:
+                    m._parameters[name] = torch.nn.Parameter(p.detach().to(compute), requires_grad=False)
         copy = copy.to(device)
         copy.requires_grad_(False).eval()
         if hasattr(copy, "device"):

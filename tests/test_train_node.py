@@ -101,6 +101,7 @@ def test_input_model_is_untouched_and_copy_is_trainable(T, sd15, plugin):
         net = adapter.frozen_copy(model, torch.device("cpu"))
     w = next(net.parameters())
     assert not w.is_inference() and not w.requires_grad
+    assert not [type(m) for m in net.modules() if type(m).__module__.startswith("comfy.ops")]
     assert all(torch.equal(before[k], model.model.state_dict()[k]) for k in before)
     assert adapter.feature_modules(net)  # teacher-feature discriminator has layers to read
 
@@ -204,3 +205,17 @@ def test_status_and_compare_nodes(T, sd15, loras_dir):
                                      2, 64, 64)
     assert grid.shape[0] == 1 and grid.shape[2] == 128 and grid.shape[1] == 28 + 2 * 64
     assert T.pick_timesteps([999, 749, 499, 249], 2) == [999, 499]
+
+
+def test_job_never_touches_comfyuis_interrupt_flag(T, sd15, loras_dir):
+    """The user's Cancel (a global flag that ComfyUI's ops check and clear) survives a whole job."""
+    import comfy.model_management as mm
+
+    job = start(T, sd15, name="interrupt_flag", max_steps=2, preview_every=1)  # set-up honours Cancel: flag after
+    mm.interrupt_current_processing(True)
+    try:
+        wait(job)
+        assert job.state == "done", job.error
+        assert mm.processing_interrupted()  # still set: the job neither cleared it nor died of it
+    finally:
+        mm.interrupt_current_processing(False)
