@@ -219,3 +219,66 @@ def test_job_never_touches_comfyuis_interrupt_flag(T, sd15, loras_dir):
         assert mm.processing_interrupted()  # still set: the job neither cleared it nor died of it
     finally:
         mm.interrupt_current_processing(False)
+
+
+def test_polite_job_pauses_while_the_queue_is_busy(T, sd15, loras_dir, monkeypatch):
+    busy = {"on": False}
+    monkeypatch.setattr(T.REGISTRY, "busy", lambda: busy["on"])
+    job = start(T, sd15, name="polite_run", max_steps=10_000, preview_every=0, save_every=0, run_mode="polite")
+    while job.step < 1:
+        assert job.state not in ("failed", "done"), job.error
+        time.sleep(0.05)
+    busy["on"] = True
+    wait(job, states=("paused",), timeout=60)
+    held = job.step
+    time.sleep(1.5)
+    assert job.state == "paused" and job.step == held  # no step while ComfyUI has work
+    busy["on"] = False
+    t0 = time.time()
+    while job.step <= held:
+        assert time.time() - t0 < 60
+        time.sleep(0.05)
+    assert job.state == "running"
+    T.REGISTRY.cancel(job)
+    assert wait(job).state == "cancelled"
+
+
+def test_memory_estimate_refuses_with_numbers_and_what_to_lower(T, sd15, loras_dir, monkeypatch):
+    adapter = T.adapter
+    monkeypatch.setattr(adapter, "free_memory_bytes", lambda device: 10 * 2**20)
+    with pytest.raises(ValueError, match=r"needs about .* GB on cpu .* but about 0\.0 GB is free\. Lower batch_size"):
+        start(T, sd15, name="too_big")
+    need_small = adapter.estimate_memory(sd15[0].model, 2, (8, 8), 4, True)
+    need_big = adapter.estimate_memory(sd15[0].model, 2, (8, 8), 4, False)
+    assert need_small["activations"] < need_big["activations"] and need_small["weights"] == need_big["weights"]
+
+
+def test_out_of_memory_in_the_job_fails_it_cleanly_with_the_checkpoint_intact(T, sd15, loras_dir, monkeypatch):
+    from importlib import import_module
+    loop = import_module(T.__name__.rsplit(".", 2)[0] + ".training.loop")
+    real = loop.Trainer.train_step
+
+    def step_then_oom(self):
+        if self.step >= 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self)
+    monkeypatch.setattr(loop.Trainer, "train_step", step_then_oom)
+    job = wait(start(T, sd15, name="oom_run", max_steps=50, save_every=2, preview_every=0))
+    assert job.state == "failed" and job.last_checkpoint_step == 2
+    assert "Out of memory at step 2" in job.error and "queue the same name to resume" in job.error
+    assert (loras_dir / "oom_run.safetensors").is_file()
+    monkeypatch.undo()
+    again = wait(start(T, sd15, name="oom_run", max_steps=3, save_every=2, preview_every=0))
+    assert again.start_step == 2 and again.state == "done"
+
+
+def test_our_merge_node_fuses_the_trained_lora_with_every_module_matched(T, sd15, loras_dir, plugin):
+    wait(start(T, sd15, name="merge_me", max_steps=1, preview_every=0))
+    L = plugin("nodes.lora")
+    model, clip, _ = sd15
+    fused, _clip, report = L.ADDLoraMerge().merge(model, "merge_me.safetensors", 1.0, 0.0, "auto", clip=clip)["result"]
+    assert "WARNING" not in report and "note: ComfyUI's LoraLoader would skip" not in report, report
+    import re
+    m = re.search(r"unet: (\d+)/(\d+) LoRA modules matched", report)
+    assert m and m.group(1) == m.group(2) and int(m.group(1)) > 50, report
+    assert "LCM: no" in report  # an ADD LoRA keeps eps sampling
