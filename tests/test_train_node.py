@@ -282,3 +282,35 @@ def test_our_merge_node_fuses_the_trained_lora_with_every_module_matched(T, sd15
     m = re.search(r"unet: (\d+)/(\d+) LoRA modules matched", report)
     assert m and m.group(1) == m.group(2) and int(m.group(1)) > 50, report
     assert "LCM: no" in report  # an ADD LoRA keeps eps sampling
+
+
+class _StandInClip:
+    """A CLIP-shaped object for in-memory models that ship without a text encoder: seeded
+    embeddings of the family's widths, different per prompt (what ADD Train reads from a CLIP)."""
+
+    def __init__(self, width: int, pooled: int | None):
+        self.width, self.pooled = width, pooled
+
+    def tokenize(self, text):
+        return text
+
+    def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
+        g = torch.Generator().manual_seed(abs(hash(tokens)) % 2**31)
+        out = {"cond": torch.randn(1, 77, self.width, generator=g)}
+        out["pooled_output"] = torch.randn(1, self.pooled, generator=g) if self.pooled else None
+        return out
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd2v"])
+def test_sdxl_and_v_prediction_train_through_the_node(T, family, request, loras_dir):
+    import comfy.lora
+
+    model = request.getfixturevalue(family)
+    clip = _StandInClip(2048, 1280) if family == "sdxl" else _StandInClip(1024, 1024)
+    job = wait(T.start_training(model=model, clip=clip, vae=None, **settings(name=f"fam_{family}", max_steps=2,
+                                                                             preview_every=1, save_every=0)))
+    assert job.state == "done", job.error
+    assert job.preview_image is not None  # latent->RGB preview without a VAE
+    sd = comfy.utils.load_torch_file(str(loras_dir / f"fam_{family}.safetensors"))
+    patches = comfy.lora.load_lora(sd, comfy.lora.model_lora_keys_unet(model.model, {}))
+    assert len(patches) == len({k.rsplit(".", 2)[0] for k in sd if k.endswith(".lora_up.weight")}) > 10
