@@ -85,6 +85,18 @@ if ! stamp_ok plugin "$PLUG_REQ_HASH"; then
   stamp_set plugin "$PLUG_REQ_HASH"
 fi
 
+# --- a real browser for the UI tests (Debian's chromium; Playwright never downloads one) -------
+if [ "$DEV" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing Debian's chromium for the browser tests"
+    if ! { apt-get install -y -qq chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }; }; then
+      log "could not install chromium: the browser tests will be skipped (install it with: apt-get install chromium)"
+    fi
+  else
+    log "chromium is missing and cannot be installed here (needs root and apt-get): the browser tests will be skipped"
+  fi
+fi
+
 # --- link the plugin ----------------------------------------------------------------------
 # Our own host keeps its models, outputs and custom_nodes in .comfy_home (ComfyUI's
 # --base-directory), so the vendored copy stays pristine. A user's ComfyUI gets the link in its
