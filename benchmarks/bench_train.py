@@ -212,7 +212,8 @@ def _core_step_seconds(model, lat, ctx, pooled, batch, rank, dtype_name, checkpo
                       existing_lora="[None]")
         args = {k: [v] for k, v in inputs.items()}
         # One latent per sample: 0.3.75's single-tensor path leaves a variable unset (multi_res).
-        args["latents"] = [{"samples": lat[i:i + 1]} for i in range(lat.shape[0])]
+        # (At batch 1 the one sample is listed twice, so the list path is still taken.)
+        args["latents"] = [{"samples": lat[i:i + 1]} for i in range(lat.shape[0])] * (2 if lat.shape[0] == 1 else 1)
         TrainLoraNode.execute(**args)
         return time.perf_counter() - t0
     one = run(1)

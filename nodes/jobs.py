@@ -109,6 +109,13 @@ class JobRegistry:
     def all(self) -> list[Job]:
         return sorted(self.jobs.values(), key=lambda j: j.created)
 
+    def add(self, job: Job) -> Job:
+        """Register a job that needs no thread (e.g. a run already trained to max_steps)."""
+        with self._lock:
+            self.jobs[job.id] = job
+        self.emit(job, force=True)
+        return job
+
     def start(self, job: Job, body: Callable[[Job], None]) -> Job:
         """Register ``job`` and run ``body(job)`` on its own daemon thread (after the device lock)."""
         with self._lock:

@@ -34,6 +34,14 @@ log = logging.getLogger(__name__)
 
 MERGE_INFO_KEY = "add_lora_merge"  # model_options entry: where the merge record rides on the MODEL
 SAMPLING_MODES = ("auto", "eps", "lcm", "none")
+# Per-module / root state of newer ComfyUI's dynamic-VRAM loader (a share of the original's GPU
+# allocation); a copy must not carry it.
+_DYNAMIC_VRAM_STATE = ("_v", "_v_signature", "_v_weight", "_v_bias", "_v_block", "_pin_state", "_prefetch",
+                       "seed_key", "weight_lowvram_function", "bias_lowvram_function")
+_DYNAMIC_VRAM_ROOT_STATE = ("dynamic_vbars", "dynamic_pins", "dynamic_patchers")
+# string_to_seed moved to comfy.utils upstream (the old name logs a warning on every call).
+_string_to_seed = getattr(comfy.utils, "string_to_seed", None) or comfy.model_patcher.string_to_seed
+
 _MODEL_ROOT_DEFAULTS = {  # per-load bookkeeping ModelPatcher keeps on the root module
     "model_loaded_weight_memory": 0, "lowvram_patch_counter": 0, "model_lowvram": False,
     "current_weight_patches_uuid": None, "model_offload_buffer_memory": 0, "current_patcher": None,
@@ -65,12 +73,16 @@ def _copy_structure(root: torch.nn.Module) -> torch.nn.Module:
             if attr in d:
                 d[attr] = []
         d.pop("comfy_patched_weights", None)
+        for attr in _DYNAMIC_VRAM_STATE:  # newer ComfyUI's dynamic-VRAM loader: per-load GPU state
+            d.pop(attr, None)
         return new
 
     out = rec(root)
     for k, v in _MODEL_ROOT_DEFAULTS.items():
         if k in out.__dict__:
             out.__dict__[k] = v
+    for k in _DYNAMIC_VRAM_ROOT_STATE:
+        out.__dict__.pop(k, None)
     return out
 
 
@@ -108,7 +120,7 @@ def _fused_module(patcher, compute_device=None) -> torch.nn.Module:
                     out = comfy.lora.calculate_weight(patches[key], scratch, key)
                     pbar.update(1)
                     _, set_func, _ = comfy.model_patcher.get_key_weight(new, key)
-                    seed = comfy.model_patcher.string_to_seed(key)
+                    seed = _string_to_seed(key)
                     if set_func is not None:  # quantised ops store their own format
                         set_func(out, inplace_update=False, seed=seed)
                         continue

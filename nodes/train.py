@@ -390,9 +390,7 @@ def start_training(model, clip, name, prompts, max_steps, batch_size, width, hei
     if start_step >= cfg.max_steps:
         job.state, job.message = "done", (f"already trained to step {start_step}; raise max_steps to train further "
                                           "(same name) or choose a new name")
-        REGISTRY.jobs[job.id] = job
-        REGISTRY.emit(job, force=True)
-        return job
+        return REGISTRY.add(job)
 
     def decode_preview(lat: torch.Tensor) -> torch.Tensor:
         if decoder is None:

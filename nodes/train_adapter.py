@@ -46,7 +46,30 @@ def check_trainable(model) -> str:
             f"ADD training cannot train this model: it is a {kind} ({config}); supported are UNet models of the "
             f"families {', '.join(_TRAINABLE.values())} (e.g. SD 1.5, SD 2.1, SDXL and their fine-tunes). "
             "Load one of those with Load Checkpoint.")
+    _check_plain_weights(base.diffusion_model, config)
     return _TRAINABLE[kind]
+
+
+def _torch_base(cls) -> type | None:
+    """The torch.nn layer class a ComfyUI op class extends (None if it extends only nn.Module)."""
+    base = next((b for b in cls.__mro__ if b.__module__.startswith("torch.nn")), None)
+    return None if base is None or base is torch.nn.Module else base
+
+
+def _check_plain_weights(unet, config: str) -> None:
+    """Quantized / scaled-fp8 weights cannot be trained here: their ops hold scales or packed tensors
+    a plain torch layer cannot use (training would read wrong weights)."""
+    for name, m in unet.named_modules():
+        cls = type(m)
+        quant = (getattr(m, "scale_weight", None) is not None or getattr(m, "quant_format", None) is not None
+                 or (cls.__module__.startswith("comfy.ops") and _torch_base(cls) is None
+                     and any(True for _ in m.parameters(recurse=False)))
+                 or any(type(p) not in (torch.Tensor, torch.nn.Parameter) for p in m.parameters(recurse=False)))
+        if quant:
+            raise ValueError(
+                f"ADD training cannot train quantized weights ({config}: layer {name} is stored as {cls.__name__}, "
+                "fp8/scaled or packed). Load an fp16/bf16/fp32 version of the checkpoint (Load Checkpoint with a "
+                "regular .safetensors, or Load Diffusion Model with weight_dtype 'default').")
 
 
 def plain_torch_modules_(module: torch.nn.Module) -> torch.nn.Module:
@@ -60,9 +83,13 @@ def plain_torch_modules_(module: torch.nn.Module) -> torch.nn.Module:
     for m in module.modules():
         cls = type(m)
         if cls.__module__.startswith("comfy.ops"):
-            base = next((b for b in cls.__mro__ if b.__module__.startswith("torch.nn")), None)
-            if base is not None and base is not torch.nn.Module:
-                m.__class__ = base
+            base = _torch_base(cls)
+            if base is None:
+                if any(True for _ in m.parameters(recurse=False)):
+                    raise ValueError(f"{cls.__name__} layers cannot run outside ComfyUI's ops; "
+                                     "load the model unquantized to train it.")
+                continue
+            m.__class__ = base
     return module
 
 
@@ -110,7 +137,8 @@ def comfy_denoise(network, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> 
     if y is not None:
         y = y.to(x.device)
         kwargs["y"] = y.expand(b, *y.shape[1:]) if y.shape[0] != b else y
-    return network.apply_model(x, sigma, c_crossattn=ctx, **kwargs)
+    # A fresh transformer_options per call: 0.3.75's default is one shared dict the UNet writes to.
+    return network.apply_model(x, sigma, c_crossattn=ctx, transformer_options={}, **kwargs)
 
 
 def _unet(network):

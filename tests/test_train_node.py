@@ -314,3 +314,20 @@ def test_sdxl_and_v_prediction_train_through_the_node(T, family, request, loras_
     sd = comfy.utils.load_torch_file(str(loras_dir / f"fam_{family}.safetensors"))
     patches = comfy.lora.load_lora(sd, comfy.lora.model_lora_keys_unet(model.model, {}))
     assert len(patches) == len({k.rsplit(".", 2)[0] for k in sd if k.endswith(".lora_up.weight")}) > 10
+
+
+def test_a_finished_run_queued_again_reports_done_and_trains_further_when_asked(T, sd15, loras_dir):
+    first = wait(start(T, sd15, name="finished_run", max_steps=1, preview_every=0))
+    assert first.state == "done"
+    again = start(T, sd15, name="finished_run", max_steps=1, preview_every=0)
+    assert again.state == "done" and again.thread is None and "raise max_steps" in again.message
+    more = wait(start(T, sd15, name="finished_run", max_steps=2, preview_every=0))
+    assert more.start_step == 1 and more.step == 2 and more.state == "done"
+
+
+def test_quantized_weights_are_refused_by_name(T, sd15, loras_dir, monkeypatch):
+    """A scaled-fp8 layer (a weight scale a plain torch layer would ignore) is an error naming it."""
+    layer = sd15[0].model.diffusion_model.input_blocks[1][1].proj_in
+    monkeypatch.setattr(layer, "scale_weight", torch.ones(()), raising=False)
+    with pytest.raises(ValueError, match=r"cannot train quantized weights .*input_blocks\.1\.1\.proj_in"):
+        start(T, sd15, name="quantized")
