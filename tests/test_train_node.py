@@ -331,3 +331,28 @@ def test_quantized_weights_are_refused_by_name(T, sd15, loras_dir, monkeypatch):
     monkeypatch.setattr(layer, "scale_weight", torch.ones(()), raising=False)
     with pytest.raises(ValueError, match=r"cannot train quantized weights .*input_blocks\.1\.1\.proj_in"):
         start(T, sd15, name="quantized")
+
+
+def test_dinov2_discriminator_trains_through_the_node(T, sd15, loras_dir, monkeypatch, comfy):
+    """discriminator='dinov2': a local DINOv2 file judges TinyVAE-decoded images (the paper's D)."""
+    import folder_paths
+    import transformers
+    from safetensors.torch import save_file
+
+    tiny_cfg = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=12, num_attention_heads=2,
+                                         intermediate_size=64, patch_size=14, image_size=56)
+    disc = import_module_of(T, "training.discriminator")
+    monkeypatch.setattr(disc, "dinov2_vits14_config", lambda: tiny_cfg)
+    weights = transformers.Dinov2Model(tiny_cfg).state_dict()
+    target = os.path.join(folder_paths.models_dir, "dinov2_test")
+    os.makedirs(target, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(target, "tiny.safetensors"))
+    job = wait(start(T, sd15, name="dino_run", discriminator="dinov2", dinov2_file="dinov2_test/tiny.safetensors",
+                     max_steps=2, preview_every=0))
+    assert job.state == "done", job.error
+    assert (loras_dir / "dino_run.safetensors").is_file()
+
+
+def import_module_of(T, sub: str):
+    from importlib import import_module
+    return import_module(T.__name__.rsplit(".", 2)[0] + "." + sub)
