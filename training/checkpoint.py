@@ -125,17 +125,7 @@ def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
 
 def atomic_write_json(obj: Any, path: str) -> None:
     """Write JSON to a temp file in the same directory, fsync, os.replace over ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
-    os.close(fd)
-    try:
-        _write_json(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_path(directory)
+    atomic_write_bytes(json.dumps(obj, indent=1, sort_keys=True).encode("utf-8"), path)
 
 
 # --------------------------------------------------------------------------------------------
