@@ -19,6 +19,7 @@ import comfy.samplers
 import comfy.sd
 import comfy.utils
 import folder_paths
+import latent_preview
 
 from ..training.config import ADDConfig, DISCRIMINATOR_TYPES
 from ..training.data import SyntheticTeacherData, LatentDataset
@@ -595,9 +596,10 @@ class ADDCompare:
         for p in prompt_list:
             pos = _encode(clip, p)
             noise = comfy.sample.prepare_noise(latent["samples"], seed)
+            callback = latent_preview.prepare_callback(teacher_m, int(teacher_steps))  # progress, preview, Cancel
             t0 = time.perf_counter()
             t_lat = comfy.sample.sample(teacher_m, noise, int(teacher_steps), float(teacher_cfg), teacher_sampler,
-                                        "normal", pos, neg, latent["samples"], seed=seed)
+                                        "normal", pos, neg, latent["samples"], seed=seed, callback=callback)
             t_time += time.perf_counter() - t0
             row = [vae.decode(t_lat)[0]]
             if student_m is not None:
