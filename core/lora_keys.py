@@ -179,6 +179,9 @@ def guess_architecture(keys, shapes: dict | None = None, metadata: dict | None =
 _LCM_TOKEN = re.compile(r"(^|[^a-z0-9])lcm([^a-z]|$)")
 
 
+_LCM_NAME_FORMATS = ("kohya-diffusers", "peft", "diffusers", "diffusers-old")  # layouts the published LCM-LoRAs ship in
+
+
 def detect_lcm(metadata: dict | None, filename: str = "") -> tuple[bool, str]:
     """(is_lcm, reason) from metadata values (titles, training comments) or the file name."""
     for k, v in (metadata or {}).items():
@@ -229,6 +232,14 @@ def describe(sd_shapes: dict, metadata: dict | None = None, filename: str = "") 
                 ranks[r] = ranks.get(r, 0) + 1
     fam, why = guess_architecture(sd_shapes.keys(), sd_shapes, metadata)
     lcm, lwhy = detect_lcm(metadata, filename)
+    dominant = max(formats, key=formats.get) if formats else ""
+    if lcm and lwhy.startswith("file name") and (any(k.startswith("ss_") for k in (metadata or {}))
+                                                 or dominant not in _LCM_NAME_FORMATS):
+        # The public LCM-LoRAs are diffusers exports without trainer metadata; a kohya-trained LoRA
+        # whose name merely contains "lcm" is an ordinary LoRA and keeps the model's sampling.
+        lcm, lwhy = False, (f"{lwhy} mentions LCM, but the file is an ordinary trained LoRA ({dominant} layout"
+                            + (", trainer metadata" if any(k.startswith("ss_") for k in (metadata or {})) else "")
+                            + "); set sampling to 'lcm' if it is an LCM-LoRA")
     rank = max(ranks, key=ranks.get) if ranks else None
     return LoraInfo(len(group_modules(sd_shapes.keys())), formats, comps, fam, why, lcm, lwhy, rank)
 

@@ -46,6 +46,9 @@ class ScheduleError(ValueError):
     """A schedule input that cannot be used; the message names the field and the fix."""
 
 
+ScheduleError.__module__ = "comfyui_add"  # what ComfyUI shows users: not the server's folder
+
+
 # ------------------------------------------------------------------------------------------
 # presets
 # ------------------------------------------------------------------------------------------
@@ -86,19 +89,31 @@ def sdturbo_grid_timesteps(steps: int, denoise: float = 1.0) -> list[int]:
     return out
 
 
+MAX_LIST = 64  # longest timestep / t_index list accepted (ADD samples in 1-4 steps)
+
+
+def _shown(value, limit: int = 60) -> str:
+    """A value for an error message, cut to ``limit`` characters (a pasted list can be huge)."""
+    text = value if isinstance(value, str) else ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+    return repr(text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)")
+
+
 def parse_timesteps(text: str, field: str = "custom") -> list[int]:
     """"999, 499" or "[32, 45]" -> [999, 499]; integers only, separated by commas/spaces."""
     if not isinstance(text, str) or not text.strip():
         raise ScheduleError(f"{field} is empty: type a comma-separated list of integers, e.g. \"999,499\".")
     body = text.strip().strip("[]()").strip()
     parts = [p for p in re.split(r"[,\s;]+", body) if p]
+    if len(parts) > MAX_LIST:
+        raise ScheduleError(f"{field}={_shown(text)} has {len(parts)} entries; ADD samples in 1-4 steps (at most "
+                            f"{MAX_LIST} entries here): type a short list, e.g. \"999,499\".")
     out = []
     for p in parts:
         if not re.fullmatch(r"[+-]?\d+", p):
-            raise ScheduleError(f"{field}={text!r}: {p!r} is not an integer. Use a comma-separated list of integers, e.g. \"999,499\".")
+            raise ScheduleError(f"{field}={_shown(text)}: {p[:20]!r} is not an integer. Use a comma-separated list of integers, e.g. \"999,499\".")
         out.append(int(p))
     if not out:
-        raise ScheduleError(f"{field}={text!r} holds no number: type e.g. \"999,499\".")
+        raise ScheduleError(f"{field}={_shown(text)} holds no number: type e.g. \"999,499\".")
     return out
 
 
@@ -109,11 +124,11 @@ def validate_timesteps(ts: Sequence[int], field: str = "custom", t_max: int = NU
         raise ScheduleError(f"{field}: the timestep list is empty; give at least one timestep, e.g. \"999\".")
     bad = [t for t in ts if not 0 <= t <= t_max]
     if bad:
-        raise ScheduleError(f"{field}: timesteps {bad} are outside the model's range 0-{t_max}; use values in 0-{t_max} (999 = pure noise).")
+        raise ScheduleError(f"{field}: timesteps {_shown(bad)} are outside the model's range 0-{t_max}; use values in 0-{t_max} (999 = pure noise).")
     for a, b in zip(ts, ts[1:]):
         if not b < a:
             raise ScheduleError(
-                f"{field}: timesteps {ts} are not strictly decreasing ({a} then {b}); list them from noisy to clean, "
+                f"{field}: timesteps {_shown(ts)} are not strictly decreasing ({a} then {b}); list them from noisy to clean, "
                 f"e.g. \"{', '.join(str(t) for t in sorted(set(ts), reverse=True))}\"."
             )
     return ts

@@ -26,12 +26,15 @@ import torch
 __all__ = [
     "TAESDError", "Variant", "VARIANTS", "TAESDWeights", "expected_shapes", "split_state_dict",
     "variant_from_name", "resolve_variant", "comfy_state_dict", "pair_files", "check_fits",
-    "variants_for_channels", "variant_from_scale", "crop_to_multiple", "decode_bytes", "merge", "check_latent",
+    "variants_for_channels", "variant_from_scale", "crop_to_multiple", "decode_bytes", "merge", "check_latent", "check_pixels",
 ]
 
 
 class TAESDError(ValueError):
     """A TAESD file or latent that cannot be used, with what to do about it in the message."""
+
+
+TAESDError.__module__ = "comfyui_add"  # what ComfyUI shows users: not the server's folder
 
 
 @dataclass(frozen=True)
@@ -352,12 +355,29 @@ def check_latent(latent: torch.Tensor, vae_channels: int, vae_variant: str | Non
     if latent.ndim != 4:
         raise TAESDError(f"expected an image latent (batch, channels, height, width), got shape {tuple(latent.shape)}; "
                          "video latents of image models come batched as (frames, C, H, W).")
+    if latent.shape[0] == 0 or latent.shape[2] == 0 or latent.shape[3] == 0:
+        raise TAESDError(f"samples is empty (shape {tuple(latent.shape)}): set batch_size (and width/height) to at least "
+                         "1 in the node that made the latent.")
     c = latent.shape[1]
     if c != vae_channels:
         fitting = variants_for_channels(c)
         hint = (f"use {' or '.join(VARIANTS[n].decoder_file + '.safetensors' for n in fitting)}"
                 if fitting else "no TAESD variant decodes that; use the model's full VAE")
         raise TAESDError(f"the latent has {c} channels but {vae_variant or 'this TAESD'} decodes {vae_channels}: {hint}.")
+    if latent.is_floating_point() and not bool(torch.isfinite(latent).all()):
+        raise TAESDError("samples holds NaN or infinite values, which decode to a black or garbage image: the node that "
+                         "made the latent failed (e.g. a sampler whose model or LoRA holds NaN weights). Fix that node's "
+                         "inputs and queue again.")
+
+
+def check_pixels(pixels: torch.Tensor) -> None:
+    """Raise a TAESDError unless ``pixels`` is a non-empty, finite (B, H, W, C) image batch."""
+    if pixels.ndim != 4 or pixels.shape[0] == 0 or pixels.shape[-1] < 3:
+        raise TAESDError(f"pixels has shape {tuple(pixels.shape)}; expected a non-empty image batch (batch, height, "
+                         "width, 3): connect a Load Image or a decoder's IMAGE output.")
+    if pixels.is_floating_point() and not bool(torch.isfinite(pixels).all()):
+        raise TAESDError("pixels holds NaN or infinite values: the node that made the image failed; fix its inputs "
+                         "and queue again.")
 
 
 def crop_to_multiple(pixels: torch.Tensor, multiple: int = 8) -> torch.Tensor:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
-import re
 import uuid
 
 import torch
@@ -29,6 +29,7 @@ import comfy.utils
 import folder_paths
 
 from ..core import lora_keys
+from ..training import files
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,7 @@ class LoraMatch:
     """Which modules of a LoRA file map onto a model (+ CLIP), with the patches to apply."""
 
     def __init__(self, lora_sd: dict, metadata: dict | None, filename: str, model, clip):
+        self.filename = filename
         self.info = lora_keys.describe({k: tuple(v.shape) for k, v in lora_sd.items()}, metadata, filename)
         norm, self.renamed = lora_keys.normalise_keys(lora_sd)
         norm = comfy.lora_convert.convert_lora(norm)
@@ -222,11 +224,21 @@ class LoraMatch:
         expected = [k for k in self.unet_map if k.startswith("lora_unet_")][:3] + [k for k in self.unet_map if k.startswith("diffusion_model.")][:2]
         hint = (f"The model is {lora_keys.FAMILY_NAMES[fam]} [{fam_desc}]; the LoRA looks like {lora_fam} "
                 f"({self.info.family_reason}), format {self.info.format}. ")
+        name = f"loras/{self.filename}"
         if not self.matched_unet and not self.matched_clip:
-            raise ValueError(
-                f"No key of this LoRA matches the model ({self.info.n_modules} modules, e.g. {_examples(self.unmatched)}). "
+            raise files.ADDError(
+                f"{name}: No key of this LoRA matches the model ({self.info.n_modules} modules, e.g. {_examples(self.unmatched)}). "
                 + hint + f"Expected module names like: {', '.join(expected)}. "
                 "Load a LoRA made for this model family (or connect the CLIP if it only holds text-encoder keys).")
+        corrupt = [f"{m}: up {tuple(a.weights[0].shape)} x down {tuple(a.weights[1].shape)}"
+                   for patches in (self.unet_patches, self.clip_patches) for m, a in patches.items()
+                   if getattr(a, "name", "") == "lora" and getattr(a, "weights", None) is not None
+                   and a.weights[0].ndim >= 2 and a.weights[1].ndim >= 1
+                   and int(a.weights[0].flatten(1).shape[1]) != int(a.weights[1].shape[0])]
+        if corrupt:
+            raise files.ADDError(
+                f"{name} is corrupt: in {len(corrupt)} modules the up and down matrices disagree on the rank, e.g. "
+                f"{corrupt[0]} (up's second size must equal down's first). Re-download the file or use an intact copy.")
         bad = []
         for patches, sd_model in ((self.unet_patches, model.model if model is not None else None),
                                   (self.clip_patches, clip.cond_stage_model if clip is not None else None)):
@@ -241,8 +253,8 @@ class LoraMatch:
                 if problem is not None:
                     bad.append(f"{key}: model weight {shapes[key]} vs LoRA {problem}")
         if bad:
-            raise ValueError(
-                f"{len(bad)} LoRA weights do not fit the model's shapes, e.g. {bad[0]}"
+            raise files.ADDError(
+                f"{name}: {len(bad)} LoRA weights do not fit the model's shapes, e.g. {bad[0]}"
                 + (f"; {bad[1]}" if len(bad) > 1 else "") + ". " + hint
                 + f"Expected module names like: {', '.join(expected)}. "
                 + "This LoRA was made for another architecture: pick one trained for this model.")
@@ -304,47 +316,41 @@ def _fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
-_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._\-]*$")
-
-
 def safe_output_path(folder: str, name: str, ext: str = ".safetensors") -> str:
     """``folder/name.ext`` where ``name`` may hold sub-folders but never leaves ``folder``."""
-    if not name or name != name.strip():
-        raise ValueError(f"file name {name!r} is empty or has leading/trailing spaces: type a plain name like 'my_turbo_model'")
-    if os.path.isabs(name) or "\\" in name or ":" in name:
-        raise ValueError(f"file name {name!r} must be relative to {folder} (no absolute path, drive or backslash)")
-    parts = name.split("/")
-    for part in parts:
-        if part in ("", ".", "..") or not _NAME_OK.match(part):
-            raise ValueError(f"file name {name!r}: part {part!r} is not allowed; use letters, digits, space, '.', '_', '-' "
-                             "and '/' between sub-folders (no '..')")
-    if not parts[-1].endswith(ext):
-        parts[-1] += ext
-    root = os.path.realpath(folder)
-    path = os.path.realpath(os.path.join(root, *parts))
-    if os.path.commonpath([root, path]) != root:
-        raise ValueError(f"file name {name!r} resolves outside {root} (a symlinked folder?); choose another name")
-    return path
+    return files.safe_path(folder, name, ext, what="filename", subfolders=True)
 
 
-def atomic_write(path: str, write, overwrite: bool) -> None:
-    """``write(tmp_path)`` then ``os.replace`` onto ``path``; on any failure no partial file remains."""
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} already exists; turn on 'overwrite' or choose another file name")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.partial")
-    try:
-        write(tmp)
-        if os.path.exists(path) and not overwrite:
-            raise FileExistsError(f"{path} appeared while saving; turn on 'overwrite' or choose another file name")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def atomic_write(path: str, tensors: dict, metadata: dict, overwrite: bool) -> None:
+    """The one atomic safetensors write (core.files): a kill leaves the old file and no stray temporary."""
+    files.atomic_write_safetensors(tensors, path, metadata, overwrite=overwrite)
 
 
-def _lora_path(lora_name: str) -> str:
-    return folder_paths.get_full_path_or_raise("loras", lora_name)
+def read_lora(lora_name: str) -> tuple[dict, dict]:
+    """(tensors, metadata) of a file in models/loras, through the plugin's one checked reader."""
+    path = folder_paths.get_full_path("loras", lora_name)
+    if path is None:
+        raise files.ADDError(f"lora_name {str(lora_name)[:120]!r} is not a file in models/loras: put the LoRA there "
+                             "(press 'r' in the browser to refresh the list) and select it.")
+    return files.read_safetensors(path, f"loras/{lora_name}",
+                                  "Re-download the LoRA (or copy it again) as an intact .safetensors file into models/loras.")
+
+
+def check_lora_values(lora_sd: dict, lora_name: str) -> None:
+    """NaN / inf anywhere in the file would make every fused weight, and every image, NaN."""
+    bad = files.nonfinite_keys(lora_sd)
+    if bad:
+        raise files.ADDError(f"loras/{lora_name} holds NaN or infinite values in {len(bad)} tensors, e.g. "
+                             f"{_examples(bad, 2)}: the file is broken (a diverged training run or a bad conversion). "
+                             "Use an intact copy, or retrain it.")
+
+
+def check_strength(value, label: str, limit: float = 10.0) -> float:
+    """A finite strength within +-limit (ComfyUI's min/max check lets a typed NaN through)."""
+    v = float(value)
+    if not math.isfinite(v) or abs(v) > limit:
+        raise files.ADDError(f"{label} is {value!r}: type a number from {-limit:g} to {limit:g} (1 = the LoRA as trained).")
+    return v
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,8 +391,7 @@ class ADDLoraMerge:
         }
 
     def merge(self, model, lora_name, strength_model, strength_clip, sampling, clip=None):
-        path = _lora_path(lora_name)
-        lora_sd, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
+        lora_sd, metadata = read_lora(lora_name)
         new_model, new_clip, report = fuse_lora(model, clip, lora_sd, metadata or {}, lora_name,
                                                 strength_model, strength_clip, sampling)
         return {"ui": {"text": [report]}, "result": (new_model, new_clip, report)}
@@ -395,7 +400,10 @@ class ADDLoraMerge:
 def fuse_lora(model, clip, lora_sd, metadata, lora_name, strength_model, strength_clip, sampling="auto"):
     """(new model, new clip or the input clip, report). Pure ComfyUI objects in and out."""
     if sampling not in SAMPLING_MODES:
-        raise ValueError(f"sampling {sampling!r} is not one of {SAMPLING_MODES}")
+        raise files.ADDError(f"sampling {sampling!r} is not one of {SAMPLING_MODES}")
+    strength_model = check_strength(strength_model, "strength_model")
+    strength_clip = check_strength(strength_clip, "strength_clip")
+    check_lora_values(lora_sd, lora_name)
     match = LoraMatch(lora_sd, metadata, lora_name, model, clip)
     match.raise_if_unusable(model, clip)
     mode = ("lcm" if match.info.is_lcm else "none") if sampling == "auto" else sampling
@@ -515,9 +523,31 @@ class ADDSaveTurboCheckpoint:
         path = safe_output_path(folder_paths.get_output_directory(), filename)
         title = os.path.basename(path)[: -len(".safetensors")]
         md, extra = turbo_metadata(model, title, steps, cfg, base_model_name)
-        atomic_write(path, lambda tmp: comfy.sd.save_checkpoint(tmp, model, clip, vae, metadata=md, extra_keys=extra), overwrite)
+        if os.path.exists(path) and not overwrite:  # before gathering gigabytes of weights
+            raise files.ADDFileExistsError(f"{path} already exists; turn on 'overwrite' to replace it, or choose another "
+                                           "file name.")
+        atomic_write(path, checkpoint_state_dict(model, clip, vae, extra), md, overwrite)
         report = f"saved {path}\n" + "\n".join(f"{k}: {v}" for k, v in md.items())
         return {"ui": {"text": [report]}, "result": (report,)}
+
+
+def checkpoint_state_dict(model, clip, vae, extra_keys: dict) -> dict:
+    """The tensors ``comfy.sd.save_checkpoint`` writes (patched weights + CLIP + VAE), not yet on disk."""
+    load = [model]
+    clip_sd = None
+    if clip is not None:
+        load.append(clip.load_model())
+        clip_sd = clip.get_sd()
+    vae_sd = vae.get_sd() if vae is not None else None
+    comfy.model_management.load_models_gpu(load, force_patch_weights=True)
+    sd = model.model.state_dict_for_saving(clip_sd, vae_sd, None)
+    sd.update(extra_keys)
+    nonfinite = files.nonfinite_keys(sd)
+    if nonfinite:
+        raise files.ADDError(f"the model to save holds NaN or infinite weights in {len(nonfinite)} tensors, e.g. "
+                             f"{_examples(nonfinite, 2)}: saving it would write a broken checkpoint. Check the LoRAs and "
+                             "strengths merged into it.")
+    return sd
 
 
 @torch.no_grad()
@@ -532,6 +562,22 @@ def _effective_weights(patcher, prefix="diffusion_model."):
         yield key, t
 
 
+def check_same_architecture(turbo, base, prefix="diffusion_model.") -> None:
+    """Both models hold the same weights with the same shapes, checked both ways before any SVD."""
+    kt, kb = turbo.get_key_patches(prefix), base.get_key_patches(prefix)
+    only_t, only_b = sorted(set(kt) - set(kb)), sorted(set(kb) - set(kt))
+    if only_t or only_b:
+        side = (f"turbo_model has {len(only_t)} weights the base lacks (e.g. {_examples(only_t, 2)})" if only_t else
+                f"base_model has {len(only_b)} weights the turbo model lacks (e.g. {_examples(only_b, 2)})")
+        raise files.ADDError(f"{side}: the two models differ in architecture, so a LoRA between them would be "
+                             "meaningless. Connect the base checkpoint this turbo model was made from.")
+    for k in sorted(kt):
+        st, sb = tuple(kt[k][0][0].shape), tuple(kb[k][0][0].shape)
+        if st != sb:
+            raise files.ADDError(f"{k}: turbo_model {st} vs base_model {sb}: the two models differ in architecture. "
+                                 "Connect the base checkpoint this turbo model was made from.")
+
+
 @torch.no_grad()
 def extract_lora_sd(turbo, base, rank: int, prefix="diffusion_model.", dtype=torch.float16):
     """(LoRA state dict in ComfyUI-native names, per-layer relative errors, totals).
@@ -540,17 +586,14 @@ def extract_lora_sd(turbo, base, rank: int, prefix="diffusion_model.", dtype=tor
     up = U_r·S_r, down = V_rᵀ; 1-D ΔW (biases, norms) stored exactly as ``.diff`` / ``.diff_b``.
     Errors are measured on the stored (rounded) factors: ‖ΔW − up·down‖_F / ‖ΔW‖_F.
     """
+    check_same_architecture(turbo, base, prefix)
     base_w = dict(_effective_weights(base, prefix))
     out, errs = {}, {}
     num = den = 0.0
     pbar = comfy.utils.ProgressBar(max(1, len(base_w)))  # one tick per weight; Cancel stops here
     for key, wt in _effective_weights(turbo, prefix):
         pbar.update(1)
-        if key not in base_w:
-            raise ValueError(f"{key} is in the turbo model but not in the base model: connect the base this turbo model came from")
         wb = base_w.pop(key)
-        if wb.shape != wt.shape:
-            raise ValueError(f"{key}: turbo {tuple(wt.shape)} vs base {tuple(wb.shape)}: the two models differ in architecture")
         d = wt - wb
         dn = float(d.norm())
         if dn == 0.0:
@@ -615,20 +658,26 @@ class ADDExtractLoRA:
     def extract(self, turbo_model, base_model, rank, filename, overwrite):
         fam_t, fam_b = _model_family(turbo_model), _model_family(base_model)
         if fam_t != fam_b:
-            raise ValueError(f"turbo model is {fam_t[1]} but base model is {fam_b[1]}: connect the base of the same family")
+            raise files.ADDError(f"turbo_model is {fam_t[1]} but base_model is {fam_b[1]}: connect the base of the same family")
         path = safe_output_path(folder_paths.get_folder_paths("loras")[0], filename)
+        if os.path.exists(path) and not overwrite:  # before the SVD: minutes of work would be lost
+            raise files.ADDFileExistsError(f"{path} already exists; turn on 'overwrite' to replace it, or choose another "
+                                           "file name.")
         sd, errs, overall = extract_lora_sd(turbo_model, base_model, rank)
         if not sd:
-            raise ValueError("the two models have identical weights: nothing to extract (connect the turbo model and its base)")
+            raise files.ADDError("the two models have identical weights: nothing to extract (connect the turbo model and its base)")
         worst = sorted(errs.items(), key=lambda kv: -kv[1])[:3]
         record = turbo_model.model_options.get(MERGE_INFO_KEY) or {}
-        md = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank),
+        # The rank actually stored: a layer narrower than the requested rank keeps its full width.
+        used = max((int(v.shape[0]) for k, v in sd.items() if k.endswith(".lora_down.weight")), default=0)
+        md = {"ss_network_module": "networks.lora", "ss_network_dim": str(used), "ss_network_alpha": str(used),
               "modelspec.architecture": _MODELSPEC_ARCH.get(fam_t[0], "unknown") + "/lora",
-              "add.rank": str(rank), "add.relative_error": f"{overall:.6g}",
+              "add.rank": str(used), "add.requested_rank": str(rank), "add.relative_error": f"{overall:.6g}",
               "add.worst_layer": f"{worst[0][0]}={worst[0][1]:.6g}" if worst else "",
               "add.sampling": record.get("sampling", "eps")}
-        atomic_write(path, lambda tmp: comfy.utils.save_torch_file(sd, tmp, metadata=md), overwrite)
-        report = (f"saved {path}\nrank {rank}: {len(errs)} low-rank layers, "
+        atomic_write(path, sd, md, overwrite)
+        capped = f" (requested {rank}; no layer is wider than {used})" if used < rank else ""
+        report = (f"saved {path}\nrank {used}{capped}: {len(errs)} low-rank layers, "
                   f"{sum(1 for k in sd if k.endswith(('.diff', '.diff_b')))} exact 1-D diffs\n"
                   f"relative error overall: {overall:.4g}\n"
                   + "\n".join(f"worst: {k} {v:.4g}" for k, v in worst))

@@ -14,6 +14,7 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
+from ..training import files
 from ..core import sampling as add_sampling
 from ..core import schedules
 
@@ -72,6 +73,8 @@ def _sample_add_comfy(model, x, sigmas, extra_args=None, callback=None, disable=
 
 
 def make_sampler(noise_strength: float = 1.0) -> comfy.samplers.KSAMPLER:
+    if not 0.0 <= float(noise_strength) <= 1.0:  # also NaN, which ComfyUI's min/max check lets through
+        raise files.ADDError(f"noise_strength is {noise_strength!r}: type a number from 0 to 1 (1 = ADD/LCM).")
     return comfy.samplers.KSAMPLER(_sample_add_comfy, extra_options={"noise_strength": float(noise_strength)})
 
 
@@ -90,15 +93,41 @@ class PositiveOnlyGuider(comfy.samplers.CFGGuider):
                                                 1.0, model_options=model_options or {}, seed=seed)
 
 
-def check_latent_channels(model, samples: torch.Tensor) -> None:
+def check_latent(model, latent, label: str = "latent_image") -> torch.Tensor:
+    """The LATENT's samples, checked: a (batch, channels, height, width) tensor (one more dim for
+    video formats), batch >= 1, finite, with the model's channel count."""
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor):
+        raise files.ADDError(f"{label} holds no latent tensor: connect a LATENT (Empty Latent Image or VAE Encode).")
+    if getattr(samples, "is_nested", False):
+        return samples
+    fmt = model.get_model_object("latent_format")
+    want_ndim = 2 + int(getattr(fmt, "latent_dimensions", 2))
+    if samples.ndim != want_ndim:
+        raise files.ADDError(
+            f"{label} has shape {tuple(samples.shape)} ({samples.ndim}-D) but this model takes {want_ndim}-D latents "
+            "(batch, channels, height, width): connect a latent made for an image model (Empty Latent Image, or VAE "
+            "Encode with this checkpoint's VAE).")
+    if samples.shape[0] == 0 or any(int(s) == 0 for s in samples.shape[2:]):
+        raise files.ADDError(f"{label} is empty (shape {tuple(samples.shape)}): set batch_size (and width/height) to at "
+                             "least 1 in the node that made it.")
+    if samples.is_floating_point() and not bool(torch.isfinite(samples).all()):
+        raise files.ADDError(f"{label} holds NaN or infinite values, which would give NaN images: the node that made it "
+                             "failed (e.g. a VAE Encode that overflowed in fp16). Re-encode the image (fp32 VAE) or use a "
+                             "fresh Empty Latent Image.")
+    check_latent_channels(model, samples, label)
+    return samples
+
+
+def check_latent_channels(model, samples: torch.Tensor, label: str = "latent_image") -> None:
     """A non-empty latent must have the model's latent channel count (empty ones core resizes)."""
-    if getattr(samples, "is_nested", False) or samples.ndim < 2:
+    if getattr(samples, "is_nested", False) or samples.ndim < 3:
         return
     fmt = model.get_model_object("latent_format")
     want, got = int(fmt.latent_channels), int(samples.shape[1])
     if got != want and torch.count_nonzero(samples) > 0:
         raise ValueError(
-            f"latent_image has {got} channels but this model ({type(model.model).__name__}, latent format "
+            f"{label} has {got} channels but this model ({type(model.model).__name__}, latent format "
             f"{type(fmt).__name__}) expects {want}. The latent was made by another model family's VAE: encode the "
             f"image with this checkpoint's VAE (VAE Encode with the same checkpoint's VAE output), or load a "
             f"checkpoint of the family the latent came from."
@@ -107,8 +136,7 @@ def check_latent_channels(model, samples: torch.Tensor) -> None:
 
 def add_sample(model, positive, latent: dict, seed: int, sigmas: torch.Tensor, noise_strength: float = 1.0) -> dict:
     """Seeded ADD sampling of a LATENT dict with the positive conditioning only; returns a new dict."""
-    samples = latent["samples"]
-    check_latent_channels(model, samples)
+    samples = check_latent(model, latent)
     samples = comfy.sample.fix_empty_latent_channels(model, samples)
     noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index", None))
     callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)

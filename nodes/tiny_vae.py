@@ -18,6 +18,7 @@ import comfy.utils
 import folder_paths
 from comfy.taesd.taesd import TAESD
 
+from ..training import files
 from ..core import taesd as core
 
 FOLDER = "vae_approx"
@@ -60,15 +61,13 @@ def _video_tae_prefixes() -> tuple[str, ...]:
 
 
 def _read(name: str) -> dict:
-    """A vae_approx file's tensors; unreadable files raise a TAESDError naming the file."""
-    path = folder_paths.get_full_path_or_raise(FOLDER, name)
-    if os.path.getsize(path) == 0:
-        raise core.TAESDError(f"{name} is empty (0 bytes): re-download it into models/vae_approx.")
-    try:
-        return comfy.utils.load_torch_file(path, safe_load=True)
-    except Exception as e:  # safetensors/pickle raise assorted types; re-raised with the file named
-        raise core.TAESDError(f"{name} could not be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                              "the file is corrupt or not a model file. Re-download it into models/vae_approx.") from e
+    """A vae_approx file's tensors, through the plugin's one checked reader (never unpickled)."""
+    path = folder_paths.get_full_path(FOLDER, name)
+    if path is None:
+        raise core.TAESDError(f"tae_name {str(name)[:120]!r} is not a file in models/vae_approx: put the TAESD file "
+                              "there (press 'r' in the browser to refresh the list) and select it.")
+    return files.read_safetensors(path, f"vae_approx/{name}",
+                                  "Re-download it (madebyollin/taesd, the .safetensors files) into models/vae_approx.")[0]
 
 
 def load_tiny_vae(name: str, variant: str = "auto") -> TinyVAE:
@@ -182,6 +181,7 @@ def tiny_encode(vae, pixels: torch.Tensor, chunk: int = 8, dtype: str = "auto") 
     _, variant = _taesd_of(vae)
     if isinstance(vae, TinyVAE):
         vae.require_encoder()
+    core.check_pixels(pixels)
     pixels = core.crop_to_multiple(pixels[..., :3], 8)
     dt = working_dtype(dtype, vae)
     memory = core.decode_bytes(min(chunk, pixels.shape[0]), pixels.shape[1] // 8, pixels.shape[2] // 8, mm.dtype_size(dt))

@@ -8,6 +8,7 @@ are in nodes/train_adapter.py.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -23,7 +24,8 @@ import latent_preview
 
 from ..training.config import ADDConfig, DISCRIMINATOR_TYPES
 from ..training.data import SyntheticTeacherData, LatentDataset
-from ..training.run import ADDRun, ResumeConflict, RunHooks, RunSpec, check_start, state_dir_for
+from ..training import files
+from ..training.run import STATE_SUFFIX, ADDRun, ResumeConflict, RunHooks, RunSpec, check_start, state_dir_for
 from ..training.schedule import DiscreteSchedule
 from . import train_adapter as adapter
 from .jobs import REGISTRY, Job, png_bytes
@@ -53,7 +55,7 @@ def parse_timesteps(text: str, t_max: int = 999) -> tuple[int, ...]:
     except ValueError:
         ts = ()
     if not ts or len(ts) > 8 or len(set(ts)) != len(ts) or any(not 0 <= t <= t_max for t in ts):
-        raise ValueError(f"student_timesteps {str(text)[:60]!r} is not valid: type 1-8 distinct whole numbers from 0 to "
+        raise files.ADDError(f"student_timesteps {str(text)[:60]!r} is not valid: type 1-8 distinct whole numbers from 0 to "
                          f"{t_max}, separated by commas, e.g. 999,749,499,249 (the ADD paper's 4 steps) or 999 (1 step).")
     return tuple(sorted(ts, reverse=True))
 
@@ -63,29 +65,22 @@ def parse_prompts(text: str) -> list[str]:
     return [ln.strip() for ln in str(text).splitlines() if ln.strip() and not ln.strip().startswith("#")]
 
 
-def check_name(name: str) -> str:
-    """The LoRA file name (without .safetensors); no folders, no '..', nothing a file system refuses."""
-    name = str(name).strip()
-    if name.endswith(".safetensors"):
-        name = name[: -len(".safetensors")]
-    bad = [c for c in ("/", "\\", "..", ":", "\0") if c in name]
-    if not name or bad or name.startswith(".") or len(name.encode()) > 200:
-        why = (f"contains {bad[0]!r}" if bad else "is empty" if not name else "starts with '.'"
-               if name.startswith(".") else "is longer than 200 bytes")
-        raise ValueError(f"name {name[:80]!r} {why}: type a plain file name for the LoRA, e.g. my_turbo_lora "
-                         "(it is saved as models/loras/<name>.safetensors).")
-    return name
+def check_name(name: str, what: str = "name") -> str:
+    """The LoRA file name (without .safetensors); no folders, no '..', nothing a file system refuses
+    (its state folder ``<name>.add-state`` must fit too)."""
+    return files.check_name(name, what, ".safetensors", suffixes=(STATE_SUFFIX,),
+                            folder=folder_paths.get_folder_paths("loras")[0], example="my_turbo_lora")
 
 
 def _input_subfolder(folder: str) -> str:
     root = os.path.realpath(folder_paths.get_input_directory())
     rel = str(folder).strip()
     if os.path.isabs(rel) or ".." in rel.replace("\\", "/").split("/") or ":" in rel:
-        raise ValueError(f"image_folder {rel!r} must be a folder inside ComfyUI's input/ folder, given relative to it "
+        raise files.ADDError(f"image_folder {rel!r} must be a folder inside ComfyUI's input/ folder, given relative to it "
                          "(e.g. my_dataset), with no '..' or absolute path.")
     path = os.path.realpath(os.path.join(root, rel))
     if os.path.commonpath([root, path]) != root or not os.path.isdir(path):
-        raise ValueError(f"image_folder {rel!r}: there is no such folder in {root}. Put your images (with same-name .txt "
+        raise files.ADDError(f"image_folder {rel!r}: there is no such folder in {root}. Put your images (with same-name .txt "
                          "captions) in a folder there and type its name.")
     return path
 
@@ -97,7 +92,7 @@ def load_image_folder(folder: str, width: int, height: int) -> tuple[torch.Tenso
     path = _input_subfolder(folder)
     files = sorted(f for f in os.listdir(path) if f.lower().endswith(_IMAGE_EXTS))
     if not files:
-        raise ValueError(f"image_folder {folder!r} holds no images ({', '.join(_IMAGE_EXTS)}); add some or clear the input.")
+        raise files.ADDError(f"image_folder {folder!r} holds no images ({', '.join(_IMAGE_EXTS)}); add some or clear the input.")
     images, captions = [], []
     for f in files:
         try:
@@ -105,7 +100,7 @@ def load_image_folder(folder: str, width: int, height: int) -> tuple[torch.Tenso
                 im = ImageOps.fit(ImageOps.exif_transpose(im).convert("RGB"), (width, height), Image.LANCZOS)
                 images.append(torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(height, width, 3))
         except OSError as exc:
-            raise ValueError(f"image_folder {folder!r}: {f} cannot be read as an image ({exc}); remove or replace it.") from exc
+            raise files.ADDError(f"image_folder {folder!r}: {f} cannot be read as an image ({exc}); remove or replace it.") from exc
         cap = os.path.join(path, os.path.splitext(f)[0] + ".txt")
         captions.append(open(cap, encoding="utf-8").read().strip() if os.path.isfile(cap) else "")
     return torch.stack(images).float() / 255.0, captions
@@ -121,15 +116,15 @@ def _fit_images(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
 def _dinov2_path(name: str) -> str:
     rel = str(name).strip()
     if not rel:
-        raise ValueError("discriminator is 'dinov2' but dinov2_file is empty: put DINOv2 ViT-S/14 weights "
+        raise files.ADDError("discriminator is 'dinov2' but dinov2_file is empty: put DINOv2 ViT-S/14 weights "
                          "(model.safetensors of facebook/dinov2-small) under ComfyUI's models/ folder and type its "
                          "path relative to models/, e.g. dinov2/dinov2_vits14.safetensors; or use discriminator 'teacher'.")
     root = os.path.realpath(folder_paths.models_dir)
     path = os.path.realpath(os.path.join(root, rel))
     if os.path.isabs(rel) or os.path.commonpath([root, path]) != root:
-        raise ValueError(f"dinov2_file {rel!r} must be a path relative to {root} without '..'.")
+        raise files.ADDError(f"dinov2_file {rel!r} must be a path relative to {root} without '..'.")
     if not os.path.isfile(path):
-        raise ValueError(f"dinov2_file {rel!r}: no such file in {root}. Put the DINOv2 ViT-S/14 .safetensors file there, "
+        raise files.ADDError(f"dinov2_file {rel!r}: no such file in {root}. Put the DINOv2 ViT-S/14 .safetensors file there, "
                          "or use discriminator 'teacher' (needs no file).")
     return path
 
@@ -278,10 +273,12 @@ def start_training(model, clip, name, prompts, max_steps, batch_size, width, hei
     family = adapter.check_trainable(model)
     for label, v in (("width", width), ("height", height)):
         if int(v) % 8 or int(v) < 64:
-            raise ValueError(f"{label} {v} must be a multiple of 8 and at least 64 (the VAE works on 8x8 pixel "
+            raise files.ADDError(f"{label} {v} must be a multiple of 8 and at least 64 (the VAE works on 8x8 pixel "
                              f"blocks); try {max(64, round(int(v) / 8) * 8)}.")
+    if not (math.isfinite(float(data_cfg)) and 1.0 <= float(data_cfg) <= 30.0):  # NaN passes ComfyUI's min/max
+        raise files.ADDError(f"data_cfg is {data_cfg!r}: type a number from 1 to 30 (7 is typical).")
     if run_mode not in RUN_MODES:
-        raise ValueError(f"run_mode {run_mode!r}: choose one of {RUN_MODES}.")
+        raise files.ADDError(f"run_mode {run_mode!r}: choose one of {RUN_MODES}.")
     t_max = len(adapter.schedule_sigmas(model)) - 1
     timesteps = parse_timesteps(student_timesteps, t_max)
     prompt_list = parse_prompts(prompts)
@@ -291,13 +288,13 @@ def start_training(model, clip, name, prompts, max_steps, batch_size, width, hei
     if images is not None and int(images.shape[0]) == 0:
         images = None
     if not prompt_list and images is None and folder_images is None:
-        raise ValueError("prompts is empty and no images are connected: type at least one prompt per line (the teacher "
+        raise files.ADDError("prompts is empty and no images are connected: type at least one prompt per line (the teacher "
                          "then generates the training images), or connect images / set image_folder.")
     if (images is not None or folder_images is not None) and vae is None:
-        raise ValueError("images / image_folder need the VAE to encode them: connect the checkpoint's VAE to 'vae'.")
+        raise files.ADDError("images / image_folder need the VAE to encode them: connect the checkpoint's VAE to 'vae'.")
     dino_path = _dinov2_path(dinov2_file) if discriminator == "dinov2" else None
     if dino_path is not None and vae is None:
-        raise ValueError("discriminator 'dinov2' judges decoded images: connect the checkpoint's VAE to 'vae'.")
+        raise files.ADDError("discriminator 'dinov2' judges decoded images: connect the checkpoint's VAE to 'vae'.")
     try:
         cfg = ADDConfig(student_timesteps=timesteps, num_train_timesteps=t_max + 1, lora_rank=int(lora_rank),
                         lora_alpha=float(lora_alpha), lr_lora=float(lr_lora), lr_disc=float(lr_disc),
@@ -306,7 +303,7 @@ def start_training(model, clip, name, prompts, max_steps, batch_size, width, hei
                         max_steps=int(max_steps), save_every=int(save_every), preview_every=int(preview_every),
                         teacher_timestep_range=(1, t_max), disc_timestep_range=(0, t_max))
     except ValueError as exc:  # name the widget: ADDConfig's field names are the inputs' names
-        raise ValueError(f"ADD Train: {exc}") from exc
+        raise files.ADDError(f"ADD Train: {exc}") from exc
     lora_dir = folder_paths.get_folder_paths("loras")[0]
     lora_path = os.path.join(lora_dir, name + ".safetensors")
     running = REGISTRY.active_for(lora_path)
@@ -329,7 +326,7 @@ def start_training(model, clip, name, prompts, max_steps, batch_size, width, hei
     free = adapter.free_memory_bytes(device) + (model.loaded_size() if device.type != "cpu" else 0)
     if need["total"] > free:
         gb = lambda b: f"{b / 2**30:.1f} GB"  # noqa: E731
-        raise ValueError(
+        raise files.ADDError(
             f"ADD Train needs about {gb(need['total'])} on {device} (weights copy {gb(need['weights'])}, adapters and "
             f"optimiser {gb(need['adapters'])}, activations {gb(need['activations'])}) but about {gb(free)} is free. "
             "Lower batch_size or width/height, turn on gradient_checkpointing, or close other work and queue again.")
@@ -495,7 +492,7 @@ class ADDTrainingStatus:
     def status(self, job_id):
         job = REGISTRY.get(str(job_id).strip())
         if job is None:
-            raise ValueError(f"job_id {str(job_id)[:40]!r}: no ADD training job with this id in this ComfyUI session (jobs "
+            raise files.ADDError(f"job_id {str(job_id)[:40]!r}: no ADD training job with this id in this ComfyUI session (jobs "
                              "live until ComfyUI restarts). Connect ADD Train's job_id output; to continue a run after a "
                              "restart, queue ADD Train with the same name.")
         img = job.preview_image if job.preview_image is not None else torch.zeros(1, 64, 64, 3)
@@ -579,13 +576,21 @@ class ADDCompare:
                 student_steps, width, height):
         prompt_list = parse_prompts(prompts)
         if not prompt_list:
-            raise ValueError("prompts is empty: type at least one prompt (one per line).")
-        name = check_name(lora_name) + ".safetensors"
+            raise files.ADDError("prompts is empty: type at least one prompt (one per line).")
+        name = check_name(lora_name, "lora_name") + ".safetensors"
+        for label, v in (("width", width), ("height", height)):
+            if int(v) % 8 or int(v) < 64:
+                raise files.ADDError(f"{label} {v} must be a multiple of 8 and at least 64; try {max(64, round(int(v) / 8) * 8)}.")
         path = folder_paths.get_full_path("loras", name)
         student, trained = None, [999]
         if path is not None:
-            sd, md = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
-            trained = json.loads((md or {}).get("add.student_timesteps", "[999, 749, 499, 249]"))
+            sd, md = files.read_safetensors(path, f"loras/{name}", "Queue ADD Train with the same name to write it "
+                                            "again, or re-download it as an intact .safetensors file.")
+            try:
+                trained = [int(t) for t in json.loads(md.get("add.student_timesteps", "[999, 749, 499, 249]"))]
+            except (ValueError, TypeError):
+                raise files.ADDError(f"loras/{name}: its add.student_timesteps metadata is not a list of whole "
+                                     "numbers; the file was edited or is not from ADD Train.") from None
             student, _ = comfy.sd.load_lora_for_models(model, None, sd, 1.0, 0.0)
         ts = pick_timesteps(trained, int(student_steps))
         latent = {"samples": torch.zeros(1, adapter.latent_channels(model), int(height) // 8, int(width) // 8)}

@@ -312,12 +312,11 @@ def test_save_is_atomic_and_never_overwrites_silently(L, sd15, monkeypatch, comf
     with pytest.raises(FileExistsError, match="overwrite"):
         node.save(model, clip, vae, "lora_atomic/keep", False, 4, 1.0, "")
 
-    def broken_writer(sd, ckpt, metadata=None):
-        with open(ckpt, "wb") as f:
-            f.write(b"half a file")
+    def broken_writer(f, tensors, metadata=None):
+        f.write(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(comfy.utils, "save_torch_file", broken_writer)
+    monkeypatch.setattr(L.files, "write_safetensors_to", broken_writer)
     with pytest.raises(OSError, match="disk full"):
         node.save(model, clip, vae, "lora_atomic/keep", True, 4, 1.0, "")
     with pytest.raises(OSError, match="disk full"):

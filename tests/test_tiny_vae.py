@@ -173,12 +173,12 @@ def test_decoder_only_file_decodes_and_refuses_to_encode(comfy, approx, tv, err)
 
 
 @pytest.mark.parametrize("name,match", [
-    ("empty_decoder.safetensors", "empty"),
-    ("corrupt_decoder.safetensors", "could not be read"),
+    ("empty_decoder.safetensors", "is 0 bytes"),
+    ("corrupt_decoder.safetensors", r"is cut short: the header promises at least \d+ bytes, the file has 5000"),
     ("lora_decoder.safetensors", "not a TAESD file"),
 ])
 def test_bad_files_are_clear_errors(approx, tv, err, name, match):
-    with pytest.raises(err, match=match) as e:
+    with pytest.raises((err, tv.files.ADDError), match=match) as e:
         tv.ADDTinyVAELoader().load(name, "auto")
     assert name in str(e.value)
 

@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
-
+from .files import atomic_write_bytes, atomic_write_json, read_safetensors, write_safetensors_to
 from .config import ADDConfig
+
+__all__ = ["atomic_write_bytes", "atomic_write_json", "save_checkpoint", "load_checkpoint", "read_meta",
+           "resolve_checkpoint", "list_checkpoints"]
 
 FORMAT_VERSION = 1
 STATE_FILE = "state.add-ckpt"  # safetensors bytes; see the module docstring for the name
@@ -91,7 +93,10 @@ def _fsync_path(path: str | os.PathLike) -> None:
 
 def _write_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
     """Separate function so tests can simulate a writer that fails half-way."""
-    save_file(tensors, path, metadata=metadata)
+    with open(path, "xb") as f:
+        write_safetensors_to(f, tensors, metadata)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _write_json(obj: Any, path: str) -> None:
@@ -99,33 +104,6 @@ def _write_json(obj: Any, path: str) -> None:
         json.dump(obj, f, indent=1, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
-
-
-def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
-    """Write ``data`` to a hidden temp file in the same directory, fsync, os.replace over ``path``.
-
-    The temp name starts with '.' and ends in '.partial' (no extension a model list shows); a crash
-    leaves the old file intact, and the temp file is removed on any error.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".partial", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_path(directory)
-
-
-def atomic_write_json(obj: Any, path: str) -> None:
-    """Write JSON to a temp file in the same directory, fsync, os.replace over ``path``."""
-    atomic_write_bytes(json.dumps(obj, indent=1, sort_keys=True).encode("utf-8"), path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,7 +227,8 @@ def load_checkpoint(trainer: Any, path: str | os.PathLike, restore_global_rng: b
         raise ValueError(f"Checkpoint {ckpt!r} was trained with a different config ({diff}: saved "
                          f"{[saved[k] for k in diff]}, now {[current[k] for k in diff]}). Resume with the saved "
                          "values, or start a new run.")
-    tensors = load_file(os.path.join(ckpt, STATE_FILE))
+    tensors, _ = read_safetensors(os.path.join(ckpt, STATE_FILE), f"the training state {os.path.join(ckpt, STATE_FILE)}",
+                                  "Delete that step_* folder to resume from the one before it, or start a new run.")
     sub = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
     trainer.models.student.load_trainable_state_dict(sub("student."))
     if trainer.models.discriminator is not None:

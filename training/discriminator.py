@@ -312,9 +312,11 @@ def load_dinov2(weights_path: str | os.PathLike, config: Any = None) -> FrozenMo
     except ImportError as exc:
         raise ImportError("discriminator='dinov2' needs the 'transformers' package: pip install transformers; "
                           "or use discriminator='teacher'.") from exc
-    from safetensors.torch import load_file
+    from .files import read_safetensors
 
-    state = load_file(path)
+    state, _ = read_safetensors(path, f"dinov2_file {os.path.basename(path)}",
+                                "Put an intact DINOv2 ViT-S/14 model.safetensors (facebook/dinov2-small) there, or use "
+                                "discriminator 'teacher'.")
     for prefix in ("dinov2.", "model."):
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}

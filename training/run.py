@@ -28,10 +28,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
+from .files import ADDError, safetensors_metadata
 from .checkpoint import (_RESUMABLE_CHANGES, atomic_write_bytes, atomic_write_json, load_checkpoint, plugin_version,
                          read_meta)
 from .config import ADDConfig
@@ -43,8 +43,11 @@ LORA_FORMAT = "comfyui-add-lora"  # value of the 'add.format' metadata key of ev
 STATE_SUFFIX = ".add-state"
 
 
-class ResumeConflict(ValueError):
+class ResumeConflict(ADDError):
     """A run of this name exists and the new settings cannot continue it."""
+
+
+ResumeConflict.__module__ = ADDError.__module__  # what ComfyUI shows users: not the server's folder
 
 
 # --------------------------------------------------------------------------------------------
@@ -60,8 +63,7 @@ def state_dir_for(lora_path: str | os.PathLike) -> str:
 
 def lora_file_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The safetensors header metadata of a file ({} when it has none)."""
-    with safe_open(os.fspath(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    return safetensors_metadata(path, os.path.basename(os.fspath(path)))
 
 
 def weights_fingerprint(module: nn.Module) -> str:
