@@ -1,0 +1,152 @@
+"""training/files.py: the one checked reader, the one atomic writer, the one name check (pure, no ComfyUI)."""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import safetensors.torch
+import torch
+
+from training_helpers import ROOT, single_thread  # noqa: F401  (repo root on sys.path; autouse fixture)
+from training import checkpoint
+from training import files
+
+
+def _good(tmp_path, name="good.safetensors"):
+    path = tmp_path / name
+    safetensors.torch.save_file({"w": torch.randn(64, 64), "b": torch.randn(64)}, str(path), metadata={"k": "v"})
+    return path
+
+
+@pytest.mark.parametrize("make,fragment", [
+    (lambda good: b"", "is 0 bytes"),
+    (lambda good: good[:5], "is cut short: 5 bytes"),
+    (lambda good: good[:40], "is cut short: the header promises at least"),
+    (lambda good: good[:-100], "is cut short: the header promises"),
+    (lambda good: os.urandom(4096), "is not a safetensors file"),
+    (lambda good: (20).to_bytes(8, "little") + b"x" * 20 + b"\0" * 64, "its header is not JSON"),
+])
+def test_broken_files_are_described_in_words(tmp_path, make, fragment):
+    good = _good(tmp_path).read_bytes()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(make(good))
+    with pytest.raises(files.ADDError, match=fragment) as e:
+        files.read_safetensors(bad, "loras/bad.safetensors", "Re-download it.")
+    assert "loras/bad.safetensors" in str(e.value) and "Re-download it." in str(e.value)
+
+
+def test_cut_short_reports_both_sizes(tmp_path):
+    good = _good(tmp_path).read_bytes()
+    bad = tmp_path / "cut.safetensors"
+    bad.write_bytes(good[:-100])
+    with pytest.raises(files.ADDError, match=f"promises {len(good)} bytes, the file has {len(good) - 100}"):
+        files.safetensors_header(bad)
+
+
+@pytest.mark.parametrize("name", ["renamed.safetensors", "model.pt", "model.ckpt"])
+def test_pickles_are_refused_without_unpickling_or_unsafe_advice(tmp_path, name):
+    class Boom:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    path = tmp_path / name
+    torch.save({"x": Boom()}, str(path))
+    with pytest.raises(files.ADDError, match="is a pickle checkpoint.*Convert it to .safetensors") as e:
+        files.read_safetensors(path, f"loras/{name}")
+    assert "weights_only" not in str(e.value) and f"loras/{name}" in str(e.value)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_good_file_reads_back(tmp_path):
+    tensors, md = files.read_safetensors(_good(tmp_path))
+    assert set(tensors) == {"w", "b"} and md == {"k": "v"}
+
+
+def test_streamed_safetensors_load_with_the_library(tmp_path):
+    t = {"a": torch.randn(3, 4), "h": torch.randn(5).half(), "bf": torch.randn(2, 2).bfloat16(), "e": torch.zeros(0),
+         "i": torch.arange(3), "flag": torch.tensor([True, False]), "strided": torch.randn(4, 3).T}
+    buf = io.BytesIO()
+    files.write_safetensors_to(buf, t, {"x": "1"})
+    back = safetensors.torch.load(buf.getvalue())
+    assert all(torch.equal(back[k], v.contiguous()) for k, v in t.items())
+    path = tmp_path / "s.safetensors"
+    files.atomic_write_safetensors(t, path, {"x": "1"})
+    assert files.safetensors_metadata(path) == {"x": "1"}
+
+
+def test_overwrite_false_never_replaces_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "keep.safetensors"
+    path.write_bytes(b"old")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        files.atomic_write_bytes(b"new", path, overwrite=False)
+    assert path.read_bytes() == b"old"
+    files.atomic_write_bytes(b"new", path, overwrite=True)
+    assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["keep.safetensors"]
+
+
+def test_near_limit_names_save(tmp_path):
+    """The temporary's name is short whatever the final name is (the old one was longer than it)."""
+    limit = files.name_max(tmp_path)
+    stem = files.check_name("x" * (limit - len(".safetensors")), folder=tmp_path)
+    files.atomic_write_bytes(b"ok", tmp_path / (stem + ".safetensors"), overwrite=False)
+    assert (tmp_path / (stem + ".safetensors")).read_bytes() == b"ok"
+    with pytest.raises(files.ADDError, match="too long"):
+        files.check_name("x" * (limit - len(".safetensors") + 1), folder=tmp_path)
+
+
+def test_checkpoint_reexports_the_one_writer():
+    assert checkpoint.atomic_write_bytes is files.atomic_write_bytes
+    assert checkpoint.atomic_write_json is files.atomic_write_json
+
+
+def test_kill_during_write_keeps_old_file_and_next_write_cleans_up(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"old model")
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from training import files; "
+            "files.atomic_write(sys.argv[2], lambda f: (f.write(b'x' * 4096), f.flush(), time.sleep(60)))")
+    proc = subprocess.Popen([sys.executable, "-c", code, ROOT, str(path)])
+    try:
+        end = time.time() + 60
+        while not [e for e in os.listdir(tmp_path) if e.endswith(".partial")]:
+            assert time.time() < end and proc.poll() is None, "the writer never started"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    temps = [e for e in os.listdir(tmp_path) if e != "model.safetensors"]
+    assert len(temps) == 1 and temps[0].startswith(".") and temps[0].endswith(".partial")
+    assert path.read_bytes() == b"old model"
+    files.atomic_write_bytes(b"other", tmp_path / "other.safetensors")  # any later write there cleans up
+    assert sorted(os.listdir(tmp_path)) == ["model.safetensors", "other.safetensors"]
+
+
+@pytest.mark.parametrize("name,fragment", [
+    ("", "is empty"), ("../up", "path separator"), ("a/../b", "path separator"), ("/abs/x", "absolute path"),
+    ("C:evil", "drive letter"), ("a\0b", "NUL"), ("a\\b", "path separator"), ("bad|name", "'|'"),
+    (".hidden", "starting with '.'"), ("x" * 300, "too long"),
+])
+def test_name_check_refuses(name, fragment):
+    with pytest.raises(files.ADDError, match=fragment) as e:
+        files.check_name(name, "name")
+    assert str(e.value).startswith("name ") and "type a plain file name" in str(e.value)
+
+
+def test_name_check_subfolders_and_extension(tmp_path):
+    assert files.check_name("my_lora.safetensors") == "my_lora"
+    assert files.check_name("sub/dir/model", subfolders=True) == "sub/dir/model"
+    with pytest.raises(files.ADDError, match="'..'"):
+        files.check_name("sub/../../x", subfolders=True)
+    with pytest.raises(files.ADDError, match="too long"):  # the state folder beside it must fit too
+        files.check_name("x" * 244, suffixes=(".add-state-longer-than-ext",))
+    assert files.safe_path(tmp_path, "a/b").endswith(os.path.join("a", "b.safetensors"))
+
+
+def test_nonfinite_keys():
+    t = {"ok": torch.ones(2), "nan": torch.tensor([1.0, float("nan")]), "inf": torch.tensor([float("inf")]),
+         "int": torch.arange(2)}
+    assert sorted(files.nonfinite_keys(t)) == ["inf", "nan"]
