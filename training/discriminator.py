@@ -307,16 +307,17 @@ def load_dinov2(weights_path: str | os.PathLike, config: Any = None) -> FrozenMo
                                 "(facebook/dinov2-small layout) there, or use discriminator='teacher'.")
     if not path.endswith(".safetensors"):
         raise ValueError(f"DINOv2 weights must be a .safetensors file (no pickle), got {path!r}.")
-    try:
-        from transformers import Dinov2Model
-    except ImportError as exc:
-        raise ImportError("discriminator='dinov2' needs the 'transformers' package: pip install transformers; "
-                          "or use discriminator='teacher'.") from exc
     from .files import read_safetensors
 
     state, _ = read_safetensors(path, f"dinov2_file {os.path.basename(path)}",
                                 "Put an intact DINOv2 ViT-S/14 model.safetensors (facebook/dinov2-small) there, or use "
                                 "discriminator 'teacher'.")
+    try:
+        from transformers import Dinov2Model
+    except ImportError as exc:
+        raise ImportError("discriminator='dinov2' needs the 'transformers' package: pip install transformers; "
+                          "or use discriminator='teacher'.") from exc
+
     for prefix in ("dinov2.", "model."):
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}

@@ -216,7 +216,9 @@ def safe_path(folder: str | os.PathLike, name: Any, ext: str = ".safetensors", w
     """``folder/name.ext`` for a checked ``name``; never outside ``folder`` (symlinks resolved)."""
     text = check_name(name, what, ext, subfolders=subfolders, folder=folder, example=example)
     root = os.path.realpath(folder)
-    path = os.path.realpath(os.path.join(root, *text.split("/")) + ext)
+    joined = os.path.join(root, *text.split("/")) + ext
+    # the folder is resolved (a symlinked sub-folder must not lead out); the file itself may be a link
+    path = os.path.join(os.path.realpath(os.path.dirname(joined)), os.path.basename(joined))
     if os.path.commonpath([root, path]) != root:
         raise ADDError(f"{what} {str(name)[:80]!r} resolves outside {root} (through a symlinked folder); "
                        "choose another name.")

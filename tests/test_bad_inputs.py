@@ -1,0 +1,295 @@
+"""Bad inputs through a real ComfyUI server: every case gives an error that names the file or input
+and says what to do; after each one a valid prompt still runs, and no stray or partial file is left.
+
+One server for this module (its own base folder, so the broken files planted here stay here).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from safetensors import safe_open
+
+from server_harness import ComfyServer, link_models
+
+pytestmark = pytest.mark.server
+
+CKPT = "tiny_sd15.safetensors"
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory, tiny):
+    home = tmp_path_factory.mktemp("bad_inputs_home")
+    link_models(home, tiny)
+    _plant_files(home, tiny)
+    server = ComfyServer(home, home / "server.log")
+    try:
+        server.wait_ready(server.proc, timeout=180, log_tail=lambda: server.log()[-4000:])
+        yield server
+    finally:
+        server.stop()
+
+
+def _plant_files(home: Path, tiny) -> None:
+    """Broken LoRAs, TAESDs and latents a user meets: empty, cut, random, pickles, NaN, odd shapes."""
+    loras, approx, inp = home / "models" / "loras", home / "models" / "vae_approx", home / "input"
+    inp.mkdir(parents=True, exist_ok=True)
+    good = Path(tiny["tiny_sd15_kohya"]).read_bytes()
+    (loras / "empty.safetensors").write_bytes(b"")
+    (loras / "truncated.safetensors").write_bytes(good[: len(good) // 2])
+    (loras / "random.safetensors").write_bytes(os.urandom(4096))
+    torch.save({"w": torch.zeros(2)}, str(loras / "pickle_renamed.safetensors"))
+    torch.save({"w": torch.zeros(2)}, str(loras / "old_style.pt"))
+    sd = safetensors.torch.load(good)
+    nan = dict(sd)
+    k = next(k for k in nan if k.endswith("lora_up.weight"))
+    nan[k] = nan[k].clone()
+    nan[k][0, 0] = float("nan")
+    safetensors.torch.save_file(nan, str(loras / "nan_weights.safetensors"))
+    alpha = dict(sd)
+    a = next(k for k in alpha if k.endswith(".alpha"))
+    alpha[a] = torch.tensor(float("nan"))
+    safetensors.torch.save_file(alpha, str(loras / "nan_alpha.safetensors"))
+    ranks = dict(sd)
+    d = next(k for k in ranks if k.endswith("lora_down.weight"))
+    ranks[d] = torch.cat([ranks[d], ranks[d][:1]])  # one more row than its up matrix has columns
+    safetensors.torch.save_file(ranks, str(loras / "mismatched_ranks.safetensors"))
+    # an ordinary kohya-trained LoRA (trainer metadata) whose name merely contains "lcm"
+    shutil.copy(tiny["tiny_sd15_kohya"], loras / "my_lcm_style.safetensors")
+    (approx / "empty_decoder.safetensors").write_bytes(b"")
+    (approx / "cut_decoder.safetensors").write_bytes(Path(tiny["taesd_decoder"]).read_bytes()[:3000])
+    latents = {"batch0": torch.zeros(0, 4, 8, 8), "five_d": torch.zeros(1, 4, 2, 8, 8), "three_d": torch.zeros(8, 8, 8),
+               "nan": torch.full((1, 4, 8, 8), float("nan"))}
+    for name, t in latents.items():
+        safetensors.torch.save_file({"latent_tensor": t}, str(inp / f"{name}.latent"))
+
+
+# --------------------------------------------------------------------------------------------
+# prompts
+# --------------------------------------------------------------------------------------------
+def _base() -> dict:
+    return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
+            "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red fox", "clip": ["1", 1]}},
+            "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}}
+
+
+def valid_prompt() -> dict:
+    """The prompt that must still run after every bad one: ADD KSampler -> TinyVAE decode -> preview."""
+    p = _base()
+    p["5"] = {"class_type": "ADDKSampler", "inputs": {"model": ["1", 0], "positive": ["3", 0], "latent_image": ["4", 0],
+                                                      "seed": 1, "steps": 1, "schedule": "add_trailing", "custom": "999",
+                                                      "denoise": 1.0}}
+    p["6"] = {"class_type": "ADDTinyVAELoader", "inputs": {"tae_name": "taesd_decoder.safetensors", "variant": "auto"}}
+    p["7"] = {"class_type": "ADDTinyVAEDecode", "inputs": {"samples": ["5", 0], "vae": ["6", 0], "batch_chunk": 8,
+                                                           "dtype": "auto"}}
+    p["8"] = {"class_type": "PreviewImage", "inputs": {"images": ["7", 0]}}
+    return p
+
+
+def merge(lora: str, strength=1.0, sampling="auto") -> dict:
+    p = _base()
+    p["2"] = {"class_type": "ADDLoraMerge", "inputs": {"model": ["1", 0], "lora_name": lora, "strength_model": strength,
+                                                       "strength_clip": 1.0, "sampling": sampling}}
+    return p
+
+
+def ksampler(latent_file: str | None = None, **over) -> dict:
+    p = _base()
+    lat = ["4", 0]
+    if latent_file:
+        p["9"] = {"class_type": "LoadLatent", "inputs": {"latent": latent_file}}
+        lat = ["9", 0]
+    inputs = {"model": ["1", 0], "positive": ["3", 0], "latent_image": lat, "seed": 1, "steps": 1,
+              "schedule": "add_trailing", "custom": "999", "denoise": 1.0}
+    inputs.update(over)
+    p["5"] = {"class_type": "ADDKSampler", "inputs": inputs}
+    p["8"] = {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "latents/bad_inputs"}}
+    return p
+
+
+def tiny_decode(latent_file: str) -> dict:
+    return {"9": {"class_type": "LoadLatent", "inputs": {"latent": latent_file}},
+            "6": {"class_type": "ADDTinyVAELoader", "inputs": {"tae_name": "taesd_decoder.safetensors", "variant": "auto"}},
+            "7": {"class_type": "ADDTinyVAEDecode", "inputs": {"samples": ["9", 0], "vae": ["6", 0], "batch_chunk": 8,
+                                                               "dtype": "auto"}},
+            "8": {"class_type": "PreviewImage", "inputs": {"images": ["7", 0]}}}
+
+
+def tae_loader(name: str) -> dict:
+    p = tiny_decode("batch0.latent")
+    p["6"]["inputs"]["tae_name"] = name
+    return p
+
+
+def save_ckpt(filename: str, overwrite=False) -> dict:
+    p = _base()
+    p["2"] = {"class_type": "ADDSaveTurboCheckpoint", "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
+                                                                 "filename": filename, "overwrite": overwrite, "steps": 1,
+                                                                 "cfg": 1.0, "base_model_name": ""}}
+    return p
+
+
+def extract(filename: str, rank=4, overwrite=False) -> dict:
+    p = merge("tiny_sd15_kohya.safetensors")
+    p["5"] = {"class_type": "ADDExtractLoRA", "inputs": {"turbo_model": ["2", 0], "base_model": ["1", 0], "rank": rank,
+                                                         "filename": filename, "overwrite": overwrite}}
+    return p
+
+
+def train(**over) -> dict:
+    inputs = dict(name="bad_inputs_run", prompts="a red fox", max_steps=1, batch_size=1, width=64, height=64,
+                  student_timesteps="999", lora_rank=2, lora_alpha=2.0, lr_lora=1e-3, lr_disc=1e-3, distill_weight=2.5,
+                  discriminator="teacher", data_cfg=3.0, data_steps=1, distill_cfg=1.0, save_every=0, preview_every=0,
+                  training_seed=0, gradient_checkpointing=False, run_mode="polite", model=["1", 0], clip=["1", 1])
+    inputs.update(over)
+    return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
+            "2": {"class_type": "ADDTrain", "inputs": inputs}}
+
+
+def compare(**over) -> dict:
+    p = _base()
+    inputs = dict(model=["1", 0], clip=["1", 1], vae=["1", 2], lora_name="nothing_yet.safetensors", prompts="a fox",
+                  seed=0, teacher_steps=1, teacher_cfg=1.0, teacher_sampler="euler", student_steps=1, width=64, height=64)
+    inputs.update(over)
+    p["2"] = {"class_type": "ADDCompare", "inputs": inputs}
+    p["8"] = {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}
+    return p
+
+
+LONG = "n" * 300
+# (case id, prompt, fragments the error must hold: the file or input, what is wrong, what to do)
+CASES = [
+    ("lora_empty", merge("empty.safetensors"), ["loras/empty.safetensors is 0 bytes", "Re-download"]),
+    ("lora_truncated", merge("truncated.safetensors"), ["loras/truncated.safetensors is cut short: the header promises",
+                                                        "the file has"]),
+    ("lora_random", merge("random.safetensors"), ["loras/random.safetensors is not a safetensors file"]),
+    ("lora_pickle_renamed", merge("pickle_renamed.safetensors"), ["loras/pickle_renamed.safetensors is a pickle",
+                                                                  "Convert it to .safetensors"]),
+    ("lora_pickle_pt", merge("old_style.pt"), ["loras/old_style.pt is a pickle", "Convert it to .safetensors"]),
+    ("lora_nan_weights", merge("nan_weights.safetensors"), ["loras/nan_weights.safetensors holds NaN", "intact copy"]),
+    ("lora_nan_alpha", merge("nan_alpha.safetensors"), ["loras/nan_alpha.safetensors holds NaN", ".alpha"]),
+    ("lora_mismatched_ranks", merge("mismatched_ranks.safetensors"), ["loras/mismatched_ranks.safetensors is corrupt",
+                                                                      "disagree on the rank"]),
+    ("strength_nan", merge("tiny_sd15_kohya.safetensors", strength=math.nan), ["strength_model is nan",
+                                                                               "type a number from -10 to 10"]),
+    ("ksampler_batch0", ksampler("batch0.latent"), ["latent_image is empty", "batch_size"]),
+    ("ksampler_5d", ksampler("five_d.latent"), ["latent_image has shape (1, 4, 2, 8, 8) (5-D)", "takes 4-D"]),
+    ("ksampler_3d", ksampler("three_d.latent"), ["latent_image has shape (8, 8, 8) (3-D)", "takes 4-D"]),
+    ("ksampler_nan_latent", ksampler("nan.latent", denoise=0.5), ["latent_image holds NaN", "Re-encode"]),
+    ("custom_huge_list", ksampler(schedule="custom", custom=",".join(["999"] * 100000)),
+     ["custom=", "has 100000 entries", "type a short list"]),
+    ("custom_repeated", ksampler(schedule="custom", custom="999,999"), ["custom: timesteps", "strictly decreasing"]),
+    ("custom_out_of_range", ksampler(schedule="custom", custom="1500,999"), ["outside the model's range 0-999"]),
+    ("decode_batch0", tiny_decode("batch0.latent"), ["samples is empty", "batch_size"]),
+    ("decode_nan", tiny_decode("nan.latent"), ["samples holds NaN", "queue again"]),
+    ("decode_3d", tiny_decode("three_d.latent"), ["expected an image latent", "(8, 8, 8)"]),
+    ("tae_empty", tae_loader("empty_decoder.safetensors"), ["vae_approx/empty_decoder.safetensors is 0 bytes"]),
+    ("tae_cut", tae_loader("cut_decoder.safetensors"), ["vae_approx/cut_decoder.safetensors is cut short"]),
+    ("save_dotdot", save_ckpt("../escape"), ["filename '../escape'", "'..'"]),
+    ("save_absolute", save_ckpt("/tmp/abs_model"), ["filename '/tmp/abs_model' is an absolute path"]),
+    ("save_drive", save_ckpt("C:model"), ["drive letter"]),
+    ("save_nul", save_ckpt("a\0b"), ["NUL"]),
+    ("save_too_long", save_ckpt(LONG), ["is too long", "the file system allows"]),
+    ("extract_exists", extract("tiny_sd15_kohya"), ["tiny_sd15_kohya.safetensors already exists", "overwrite"]),
+    ("extract_bad_name", extract("sub/../../x"), ["filename 'sub/../../x'", "'..'"]),
+    ("train_name_dotdot", train(name="../x"), ["name '../x'", "path separator", "my_turbo_lora"]),
+    ("train_name_absolute", train(name="/etc/x"), ["name '/etc/x' is an absolute path"]),
+    ("train_name_nul", train(name="a\0b"), ["NUL"]),
+    ("train_name_too_long", train(name=LONG), ["is too long"]),
+    ("train_timesteps_repeated", train(student_timesteps="999,999"), ["student_timesteps '999,999' is not valid",
+                                                                       "distinct"]),
+    ("train_timesteps_range", train(student_timesteps="5000"), ["student_timesteps '5000' is not valid"]),
+    ("train_width", train(width=100), ["width 100 must be a multiple of 8", "try 96"]),
+    ("train_lr_nan", train(lr_lora=math.nan), ["lr_lora"]),
+    ("train_data_cfg_nan", train(data_cfg=math.nan), ["data_cfg is nan", "type a number from 1 to 30"]),
+    ("train_image_folder", train(image_folder="../../etc"), ["image_folder '../../etc'", "inside ComfyUI's input/"]),
+    ("train_dinov2_escape", train(discriminator="dinov2", dinov2_file="../../x.safetensors", vae=["1", 2]),
+     ["dinov2_file '../../x.safetensors'", "without '..'"]),
+    ("train_dinov2_truncated", train(discriminator="dinov2", dinov2_file="loras/truncated.safetensors", vae=["1", 2]),
+     ["dinov2_file truncated.safetensors is cut short"]),
+    ("compare_name", compare(lora_name="../../x"), ["lora_name '../../x'"]),
+    ("compare_width", compare(width=100), ["width 100 must be a multiple of 8"]),
+    ("compare_truncated", compare(lora_name="truncated.safetensors"), ["loras/truncated.safetensors is cut short"]),
+]
+
+
+def _error(hist: dict) -> dict:
+    assert hist["status"]["status_str"] == "error", f"expected an error, got {hist['status']}"
+    return next(m[1] for m in hist["status"]["messages"] if m[0] == "execution_error")
+
+
+def _stray(home: Path) -> list[str]:
+    """Temporary or partial files anywhere under the server's output and models folders."""
+    out = []
+    for top in ("output", "models"):
+        for dirpath, _, names in os.walk(home / top):
+            out += [os.path.join(dirpath, n) for n in names if n.endswith((".partial", ".tmp")) or n.startswith(".tmp")]
+    return out
+
+
+@pytest.mark.parametrize("case,prompt,fragments", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_a_clear_error_and_the_server_stays_usable(srv, case, prompt, fragments):
+    err = _error(srv.run(prompt))
+    msg = err["exception_message"]
+    for frag in fragments:
+        assert frag in msg, f"{case}: {frag!r} not in {msg!r}"
+    assert len(msg) < 1500, f"{case}: a {len(msg)}-character message"
+    assert "weights_only" not in msg
+    assert str(srv.home) not in err["exception_type"] and "/" not in err["exception_type"], err["exception_type"]
+    assert _stray(srv.home) == []
+    ok = srv.run(valid_prompt())
+    assert ok["status"]["status_str"] == "success", ok["status"]
+
+
+def test_plugin_errors_show_a_short_type(srv):
+    err = _error(srv.run(merge("empty.safetensors")))
+    assert err["exception_type"] == "comfyui_add.ADDError"
+
+
+def test_a_lora_named_lcm_keeps_the_model_sampling(srv):
+    hist = srv.run(merge("my_lcm_style.safetensors"))
+    assert hist["status"]["status_str"] == "success", hist["status"]
+    report = hist["outputs"]["2"]["text"][0]
+    assert "LCM: no" in report and "sampling: none" in report and "set sampling to 'lcm'" in report
+
+
+def test_near_limit_save_name_works_and_nothing_is_overwritten(srv):
+    name = "m" * (255 - len(".safetensors"))
+    hist = srv.run(save_ckpt(name))
+    assert hist["status"]["status_str"] == "success", hist["status"]
+    path = srv.home / "output" / (name + ".safetensors")
+    before = path.stat().st_mtime_ns
+    again = save_ckpt(name)
+    again["2"]["inputs"]["steps"] = 2  # other inputs: ComfyUI would answer a repeat from its cache
+    err = _error(srv.run(again))
+    assert "already exists" in err["exception_message"] and "overwrite" in err["exception_message"]
+    assert path.stat().st_mtime_ns == before and _stray(srv.home) == []
+
+
+def test_extract_above_layer_width_reports_the_rank_it_stored(srv):
+    hist = srv.run(extract("wide_rank_extract", rank=1024))
+    assert hist["status"]["status_str"] == "success", hist["status"]
+    with safe_open(str(srv.home / "models" / "loras" / "wide_rank_extract.safetensors"), framework="pt") as f:
+        md = f.metadata()
+    downs = [int(json.loads(md["ss_network_dim"]))]
+    assert md["add.requested_rank"] == "1024" and downs[0] < 1024 and md["add.rank"] == md["ss_network_dim"]
+    assert f"rank {downs[0]} (requested 1024" in hist["outputs"]["5"]["text"][0]
+
+
+@pytest.mark.parametrize("path,status", [("/add/jobs/zzzzzzzzzzzz", 404), ("/api/add/jobs/0123456789ab", 404),
+                                         ("/add/jobs/0123456789ab/preview.png", 404)])
+def test_job_routes_refuse_unknown_ids(srv, path, status):
+    import urllib.error
+    import urllib.request
+
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(srv.url + path, timeout=30)
+    assert e.value.code == status
+    body = json.loads(e.value.read())
+    assert "no ADD training job" in body["error"]
