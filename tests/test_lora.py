@@ -365,3 +365,39 @@ def test_extract_then_merge_approximates_turbo(L, sd15, loras_dir):
     assert float((out_b - out_t).norm()) < float((run(model) - out_t).norm())
     with pytest.raises(FileExistsError, match="overwrite"):
         L.ADDExtractLoRA().extract(turbo, model, 8, name, False)
+
+
+class _KeysOnly:
+    """Just enough of a ModelPatcher for the architecture check: key -> (weight,) patches."""
+
+    def __init__(self, shapes):
+        self.kp = {k: [(torch.zeros(s), None)] for k, s in shapes.items()}
+
+    def get_key_patches(self, prefix=""):
+        return {k: v for k, v in self.kp.items() if k.startswith(prefix)}
+
+
+def test_extract_checks_the_architecture_both_ways(L):
+    base = {"diffusion_model.a.weight": (4, 4), "diffusion_model.b.weight": (4, 4)}
+    with pytest.raises(ValueError, match="base_model has 1 weights the turbo model lacks"):
+        L.check_same_architecture(_KeysOnly({"diffusion_model.a.weight": (4, 4)}), _KeysOnly(base))
+    with pytest.raises(ValueError, match="turbo_model has 1 weights the base lacks"):
+        L.check_same_architecture(_KeysOnly({**base, "diffusion_model.c.weight": (2,)}), _KeysOnly(base))
+    with pytest.raises(ValueError, match=r"diffusion_model.b.weight: turbo_model \(4, 2\) vs base_model \(4, 4\)"):
+        L.check_same_architecture(_KeysOnly({**base, "diffusion_model.b.weight": (4, 2)}), _KeysOnly(base))
+    L.check_same_architecture(_KeysOnly(base), _KeysOnly(base))
+
+
+def test_extract_refuses_an_existing_file_before_any_work(L, sd15, monkeypatch, comfy):
+    import folder_paths
+
+    model = sd15[0]
+    os.makedirs(folder_paths.get_folder_paths("loras")[0], exist_ok=True)
+    target = os.path.join(folder_paths.get_folder_paths("loras")[0], "exists_before_svd.safetensors")
+    with open(target, "wb") as f:
+        f.write(b"user file")
+    monkeypatch.setattr(L, "extract_lora_sd", lambda *a, **k: pytest.fail("the SVD ran before the file check"))
+    with pytest.raises(FileExistsError, match="overwrite"):
+        L.ADDExtractLoRA().extract(model, model, 4, "exists_before_svd", False)
+    assert open(target, "rb").read() == b"user file"
+    os.remove(target)
