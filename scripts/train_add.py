@@ -51,6 +51,13 @@ RUN_KEYS: dict[str, tuple[object, str]] = {
 }
 
 
+# names other trainers use for our keys (for the "did you mean" hint)
+_ALIASES = {"learning_rate": "lr_lora", "lr": "lr_lora", "unet_lr": "lr_lora", "steps": "max_steps",
+            "max_train_steps": "max_steps", "rank": "lora_rank", "network_dim": "lora_rank",
+            "network_alpha": "lora_alpha", "train_batch_size": "batch_size", "resolution": "width",
+            "checkpoint": "model", "pretrained_model": "model", "output_name": "output"}
+
+
 class ConfigError(ValueError):
     """The config file is unusable; the message names the file and the key."""
 
@@ -88,7 +95,7 @@ def check_config(data: dict, source: str = "config") -> dict:
     known = set(RUN_KEYS) | fields
     for key in data:
         if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
+            close = ([_ALIASES[key]] if key in _ALIASES else difflib.get_close_matches(key, sorted(known), n=1))
             raise ConfigError(f"{source}: unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
                               + f". Known keys: run keys {sorted(RUN_KEYS)}, and the ADDConfig fields "
                               f"{sorted(fields)}.")
@@ -233,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from scripts.comfy_host import import_comfy, plugin_module
 
-    import_comfy(load_plugin=True, cpu=device.type == "cpu")
+    import_comfy(load_plugin=True, cpu=device.type == "cpu", extra_nodes=False)
     return _train(settings, dist, device, plugin_module)
 
 
@@ -280,7 +287,7 @@ def _train(settings: dict, dist_env, device, plugin_module) -> int:
 
     def on_term(signum, _frame):
         raise _Stopped(128 + signum)
-    signal.signal(signal.SIGTERM, on_term)
+    previous_handler = signal.signal(signal.SIGTERM, on_term)
 
     try:
         start_step = run.build()
@@ -306,6 +313,8 @@ def _train(settings: dict, dist_env, device, plugin_module) -> int:
                    f"{str(exc).splitlines()[0][:200]}); {_last_saved(R.existing_run, lora_path)}. Run the same "
                    "command again to resume.")
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     if main_rank:
         _say(dist, f"done: {os.path.basename(lora_path)} trained to step {result.step}.")
     D.destroy_process_group()

@@ -286,13 +286,13 @@ class Trainer:
     """
 
     def __init__(self, models: ADDModels, cfg: ADDConfig, data: DataFn, device: str | torch.device = "cpu",
-                 dist: Dist | None = None, data_streams: int = 1) -> None:
+                 dist: Dist | None = None, data_streams: int | None = None) -> None:
         self.models, self.cfg, self.data = models, cfg, data
         self.device = torch.device(device)
         self.dist = dist or Dist()
         # Re-seeded at every step from (seed, step, stream): see distributed.py.
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
-        self.set_data_streams(data_streams)
+        self.set_data_streams(data_streams or self.dist.world_size)  # default: one stream per rank
         self.student_params = models.student.trainable_parameters()
         self.opt_g = torch.optim.AdamW(self.student_params, lr=cfg.lr_student, betas=cfg.gen_betas,
                                        weight_decay=cfg.weight_decay)
