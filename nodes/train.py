@@ -87,20 +87,24 @@ def _input_subfolder(folder: str) -> str:
 
 def load_image_folder(folder: str, width: int, height: int) -> tuple[torch.Tensor, list[str]]:
     """Images of ``input/<folder>`` resized and centre-cropped to width x height -> (N, H, W, 3), captions."""
+    return read_image_folder(_input_subfolder(folder), width, height, label=f"image_folder {folder!r}")
+
+
+def read_image_folder(path: str, width: int, height: int, label: str) -> tuple[torch.Tensor, list[str]]:
+    """Images of folder ``path`` (see load_image_folder); ``label`` names the input in errors."""
     from PIL import Image, ImageOps
 
-    path = _input_subfolder(folder)
-    files = sorted(f for f in os.listdir(path) if f.lower().endswith(_IMAGE_EXTS))
-    if not files:
-        raise files.ADDError(f"image_folder {folder!r} holds no images ({', '.join(_IMAGE_EXTS)}); add some or clear the input.")
+    names = sorted(f for f in os.listdir(path) if f.lower().endswith(_IMAGE_EXTS))
+    if not names:
+        raise files.ADDError(f"{label} holds no images ({', '.join(_IMAGE_EXTS)}); add some or clear the input.")
     images, captions = [], []
-    for f in files:
+    for f in names:
         try:
             with Image.open(os.path.join(path, f)) as im:
                 im = ImageOps.fit(ImageOps.exif_transpose(im).convert("RGB"), (width, height), Image.LANCZOS)
                 images.append(torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(height, width, 3))
         except OSError as exc:
-            raise files.ADDError(f"image_folder {folder!r}: {f} cannot be read as an image ({exc}); remove or replace it.") from exc
+            raise files.ADDError(f"{label}: {f} cannot be read as an image ({exc}); remove or replace it.") from exc
         cap = os.path.join(path, os.path.splitext(f)[0] + ".txt")
         captions.append(open(cap, encoding="utf-8").read().strip() if os.path.isfile(cap) else "")
     return torch.stack(images).float() / 255.0, captions
@@ -263,6 +267,16 @@ def locals_without_self(d: dict) -> dict:
     return {k: v for k, v in d.items() if k not in ("self", "__class__")}
 
 
+def config_for_model(t_max: int, **fields) -> ADDConfig:
+    """ADDConfig for a model whose schedule has ``t_max + 1`` timesteps: the schedule-derived fields
+    (length, teacher and discriminator timestep ranges) from the model, the rest from ``fields`` or
+    ADDConfig's defaults. The node and the headless trainer both build their config here, so equal
+    settings give equal configs and either can resume the other's run."""
+    base = {"num_train_timesteps": t_max + 1, "teacher_timestep_range": (1, t_max), "disc_timestep_range": (0, t_max)}
+    base.update(fields)
+    return ADDConfig(**base)
+
+
 def start_training(model, clip, name, prompts, max_steps, batch_size, width, height, student_timesteps, lora_rank,
                    lora_alpha, lr_lora, lr_disc, distill_weight, discriminator, data_cfg, data_steps, distill_cfg,
                    save_every, preview_every, seed, gradient_checkpointing, run_mode, vae=None, images=None,
@@ -296,12 +310,12 @@ def start_training(model, clip, name, prompts, max_steps, batch_size, width, hei
     if dino_path is not None and vae is None:
         raise files.ADDError("discriminator 'dinov2' judges decoded images: connect the checkpoint's VAE to 'vae'.")
     try:
-        cfg = ADDConfig(student_timesteps=timesteps, num_train_timesteps=t_max + 1, lora_rank=int(lora_rank),
-                        lora_alpha=float(lora_alpha), lr_lora=float(lr_lora), lr_disc=float(lr_disc),
-                        distill_weight=float(distill_weight), discriminator=discriminator,
-                        teacher_cfg_scale=float(distill_cfg), batch_size=int(batch_size), seed=int(seed),
-                        max_steps=int(max_steps), save_every=int(save_every), preview_every=int(preview_every),
-                        teacher_timestep_range=(1, t_max), disc_timestep_range=(0, t_max))
+        cfg = config_for_model(t_max, student_timesteps=timesteps, lora_rank=int(lora_rank),
+                               lora_alpha=float(lora_alpha), lr_lora=float(lr_lora), lr_disc=float(lr_disc),
+                               distill_weight=float(distill_weight), discriminator=discriminator,
+                               teacher_cfg_scale=float(distill_cfg), batch_size=int(batch_size), seed=int(seed),
+                               max_steps=int(max_steps), save_every=int(save_every),
+                               preview_every=int(preview_every))
     except ValueError as exc:  # name the widget: ADDConfig's field names are the inputs' names
         raise files.ADDError(f"ADD Train: {exc}") from exc
     lora_dir = folder_paths.get_folder_paths("loras")[0]
@@ -332,6 +346,32 @@ def start_training(model, clip, name, prompts, max_steps, batch_size, width, hei
             "Lower batch_size or width/height, turn on gradient_checkpointing, or close other work and queue again.")
 
     # ---- build the run's inputs (prompt thread: ComfyUI's models are not in use elsewhere) --
+    spec, decode_preview = build_run_spec(
+        model, clip, vae, cfg, lora_path, family=family, fingerprint=fingerprint, prompt_list=prompt_list,
+        width=width, height=height, data_cfg=data_cfg, data_steps=data_steps,
+        gradient_checkpointing=gradient_checkpointing, images=images, folder_images=folder_images,
+        folder_captions=folder_captions, dino_path=dino_path, device=device)
+    job = Job(name=name, max_steps=cfg.max_steps, lora_path=lora_path, state_dir=state_dir_for(lora_path),
+              mode=run_mode, step=start_step, start_step=start_step)
+    if start_step >= cfg.max_steps:
+        job.state, job.message = "done", (f"already trained to step {start_step}; raise max_steps to train further "
+                                          "(same name) or choose a new name")
+        return REGISTRY.add(job)
+
+    return REGISTRY.start(job, lambda j: _job_body(j, spec, decode_preview))
+
+
+def build_run_spec(model, clip, vae, cfg: ADDConfig, lora_path: str, *, family: str, fingerprint: str,
+                   prompt_list: list[str], width: int, height: int, data_cfg: float, data_steps: int,
+                   gradient_checkpointing: bool, images=None, folder_images=None, folder_captions=(),
+                   dino_path: str | None = None, device: torch.device):
+    """The run's inputs from ComfyUI objects -> (RunSpec, decode_preview(latents) -> IMAGE).
+
+    The one place a run is assembled: the ADD Train node and the headless trainer
+    (``python -m ...scripts.train_add``) both call it, so they train the same way and write the
+    same files, and either can resume the other's run. Inputs are already validated.
+    """
+    lat_hw = (int(height) // 8, int(width) // 8)
     network = adapter.frozen_copy(model, device)
     c = adapter.latent_channels(model)
     captions = prompt_list
@@ -383,12 +423,6 @@ def start_training(model, clip, name, prompts, max_steps, batch_size, width, hei
                    "base_fingerprint": fingerprint},
         run_info={"width": int(width), "height": int(height), **data_summary},
         preview_cond=preview_cond, preview_shape=(n_prev, c, *lat_hw))
-    job = Job(name=name, max_steps=cfg.max_steps, lora_path=lora_path, state_dir=state_dir_for(lora_path),
-              mode=run_mode, step=start_step, start_step=start_step)
-    if start_step >= cfg.max_steps:
-        job.state, job.message = "done", (f"already trained to step {start_step}; raise max_steps to train further "
-                                          "(same name) or choose a new name")
-        return REGISTRY.add(job)
 
     def decode_preview(lat: torch.Tensor) -> torch.Tensor:
         if decoder is None:
@@ -396,8 +430,7 @@ def start_training(model, clip, name, prompts, max_steps, batch_size, width, hei
         with torch.no_grad():
             img = decoder.decode(network.process_latent_out(lat.to(device)))
         return ((img.float() + 1.0) / 2.0).clamp(0, 1).movedim(1, -1).cpu()
-
-    return REGISTRY.start(job, lambda j: _job_body(j, spec, decode_preview))
+    return spec, decode_preview
 
 
 def _dinov2_features(path, vae, network, device):

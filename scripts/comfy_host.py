@@ -49,7 +49,8 @@ _loaded = False
 _plugin_loaded = False
 
 
-def import_comfy(base_directory: str | os.PathLike | None = None, load_plugin: bool = True, cpu: bool | None = None):
+def import_comfy(base_directory: str | os.PathLike | None = None, load_plugin: bool = True, cpu: bool | None = None,
+                 extra_nodes: bool = True):
     """Import ComfyUI in this process and (optionally) load this plugin into it.
 
     ``cpu``: run ComfyUI on the CPU (its ``--cpu``). Default: True, unless the environment
@@ -58,14 +59,15 @@ def import_comfy(base_directory: str | os.PathLike | None = None, load_plugin: b
     ComfyUI's root must come first on sys.path: its top-level ``nodes``/``utils`` modules would
     otherwise be shadowed by same-named packages elsewhere. Its modules are imported with the
     working directory at its root (a few of them read relative paths at import), then the old
-    working directory is restored. Idempotent.
+    working directory is restored. ``extra_nodes=False`` skips ComfyUI's comfy_extras nodes (the
+    headless trainer needs none of them). Idempotent.
     Returns ComfyUI's ``nodes`` module.
     """
     global _loaded, _plugin_loaded
     if _loaded:
         comfy_nodes = importlib.import_module("nodes")
         if load_plugin and not _plugin_loaded:
-            _load_plugin(comfy_nodes)
+            _load_plugin(comfy_nodes, extra_nodes)
             _plugin_loaded = True
         return comfy_nodes
     root = host_path()
@@ -87,7 +89,7 @@ def import_comfy(base_directory: str | os.PathLike | None = None, load_plugin: b
         import nodes as comfy_nodes
 
         if load_plugin:
-            _load_plugin(comfy_nodes)
+            _load_plugin(comfy_nodes, extra_nodes)
             _plugin_loaded = True
     finally:
         os.chdir(cwd)
@@ -95,11 +97,12 @@ def import_comfy(base_directory: str | os.PathLike | None = None, load_plugin: b
     return comfy_nodes
 
 
-def _load_plugin(comfy_nodes) -> None:
+def _load_plugin(comfy_nodes, extra_nodes: bool = True) -> None:
     """Load this checkout as a custom node the way ComfyUI's loader does, and fail loudly."""
     # init_extra_nodes loads ComfyUI's own comfy_extras (SamplerCustom, ...); a few of them need
     # optional packages (torchaudio) and are skipped with a log line, as in a normal start.
-    asyncio.run(comfy_nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    if extra_nodes:
+        asyncio.run(comfy_nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
     ok = asyncio.run(comfy_nodes.load_custom_node(str(ROOT), module_parent="custom_nodes"))
     if not ok:
         raise RuntimeError("The plugin failed to load into ComfyUI: see the traceback above.")

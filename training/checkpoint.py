@@ -5,7 +5,8 @@ Layout under a root directory::
     root/step_00000500/state.add-ckpt      all tensors (student, heads, optimisers, EMA, RNG), in
                                            safetensors format; the extension is not one ComfyUI
                                            lists, so a state kept beside a LoRA never shows up as one
-    root/step_00000500/meta.json           scalars: step, counters, config, optimiser groups, version
+    root/step_00000500/meta.json           scalars: step, counters, config, optimiser groups, version,
+                                           data_streams (how the per-step data streams continue)
     root/latest.json                       {"checkpoint": "step_00000500", "step": 500}
 
 A checkpoint directory is written under a temporary name, every file fsync'ed, then renamed into
@@ -133,8 +134,14 @@ def _collect(trainer: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             tensors[f"rng.cuda.{i}"] = s.clone()
     meta.update(format=FORMAT_VERSION, plugin_version=plugin_version(), step=trainer.step,
                 nonfinite_total=trainer.nonfinite_total, nonfinite_consecutive=trainer.nonfinite_consecutive,
-                config=trainer.cfg.to_dict(), generator_device=str(trainer.generator.device))
+                config=trainer.cfg.to_dict(), generator_device=str(trainer.generator.device),
+                data_streams=int(getattr(trainer, "data_streams", 1)))
     return tensors, meta
+
+
+def checkpoint_path(root: str | os.PathLike, step: int) -> str:
+    """Where :func:`save_checkpoint` puts the checkpoint of ``step`` under ``root``."""
+    return os.path.join(os.fspath(root), f"step_{step:08d}")
 
 
 def save_checkpoint(trainer: Any, root: str | os.PathLike, keep_last: int | None = None) -> str:
@@ -146,8 +153,8 @@ def save_checkpoint(trainer: Any, root: str | os.PathLike, keep_last: int | None
     root = os.fspath(root)
     os.makedirs(root, exist_ok=True)
     _remove_stale_temporaries(root)
-    name = f"step_{trainer.step:08d}"
-    final = os.path.join(root, name)
+    final = checkpoint_path(root, trainer.step)
+    name = os.path.basename(final)
     tensors, meta = _collect(trainer)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root)
     try:

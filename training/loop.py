@@ -21,6 +21,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .config import ADDConfig
+from .distributed import Dist, local_streams, stream_seed
 from .discriminator import (Discriminator, HookedActivations, TeacherFeatures, check_frozen,
                                     probe_feature_channels)
 from .losses import DistillationLoss, HingeDLoss, HingeGLoss, R1Penalty
@@ -254,6 +255,17 @@ def _all_finite(tensors: Sequence[Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
+def _buffers(module: nn.Module | None) -> list[Tensor]:
+    return [b.detach().clone() for b in module.buffers()] if module is not None else []
+
+
+@torch.no_grad()
+def _restore(module: nn.Module | None, saved: list[Tensor]) -> None:
+    if module is not None:
+        for b, s in zip(module.buffers(), saved):
+            b.copy_(s)
+
+
 # --------------------------------------------------------------------------------------------
 # the loop
 # --------------------------------------------------------------------------------------------
@@ -273,10 +285,14 @@ class Trainer:
     checkpoint (which stores that generator's state) resumes the data stream as well.
     """
 
-    def __init__(self, models: ADDModels, cfg: ADDConfig, data: DataFn, device: str | torch.device = "cpu") -> None:
+    def __init__(self, models: ADDModels, cfg: ADDConfig, data: DataFn, device: str | torch.device = "cpu",
+                 dist: Dist | None = None, data_streams: int | None = None) -> None:
         self.models, self.cfg, self.data = models, cfg, data
         self.device = torch.device(device)
+        self.dist = dist or Dist()
+        # Re-seeded at every step from (seed, step, stream): see distributed.py.
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
+        self.set_data_streams(data_streams or self.dist.world_size)  # default: one stream per rank
         self.student_params = models.student.trainable_parameters()
         self.opt_g = torch.optim.AdamW(self.student_params, lr=cfg.lr_student, betas=cfg.gen_betas,
                                        weight_decay=cfg.weight_decay)
@@ -290,14 +306,25 @@ class Trainer:
         self.last_checkpoint: str | None = None
         self.saved_step: int | None = None  # step of the last checkpoint written or loaded
 
-    def _apply(self, loss: Tensor, params: list, opt: torch.optim.Optimizer) -> bool:
-        """backward, clip, step; False (and no update) if the loss or any gradient is not finite."""
-        if not bool(torch.isfinite(loss.detach())):
-            opt.zero_grad(set_to_none=True)
-            return False
-        loss.backward()
+    def set_data_streams(self, data_streams: int) -> None:
+        """Global number of data streams per step; this rank runs its share of them (distributed.py)."""
+        self.streams = local_streams(data_streams, self.dist.rank, self.dist.world_size)
+        self.data_streams = data_streams
+
+    def _backward(self, loss: Tensor, params: list, scale: float = 1.0) -> None:
+        """Accumulate the gradient of ``scale * loss``; a non-finite loss poisons the gradients with NaN
+        instead, so that the update is skipped on every rank after the reduction (no rank waits alone)."""
+        if bool(torch.isfinite(loss.detach())):
+            (loss * scale if scale != 1.0 else loss).backward()
+        else:
+            for p in params:
+                p.grad = torch.full_like(p, float("nan"))
+
+    def _finish(self, params: list, opt: torch.optim.Optimizer) -> bool:
+        """Average over ranks, clip, step; False (and no update) if any gradient is not finite."""
+        self.dist.average_grads_(params)
         grads = [p.grad for p in params if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip) if grads else loss.new_zeros(())
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip) if grads else torch.zeros(())
         if not bool(torch.isfinite(norm)) or not _all_finite(grads):
             opt.zero_grad(set_to_none=True)
             return False
@@ -305,30 +332,31 @@ class Trainer:
         opt.zero_grad(set_to_none=True)
         return True
 
+    def _apply(self, loss: Tensor, params: list, opt: torch.optim.Optimizer) -> bool:
+        """backward, (average over ranks), clip, step; False (and no update) if the loss or any gradient is not finite."""
+        self._backward(loss, params)
+        return self._finish(params, opt)
+
+    def _seed(self, stream: int) -> torch.Generator:
+        self.generator.manual_seed(stream_seed(self.cfg.seed, self.step, stream))
+        return self.generator
+
     def train_step(self) -> dict[str, float]:
-        """One iteration: D step then G step on the same x_hat_theta. Returns logs."""
+        """One iteration: D step then G step on the same x_hat_theta, over this rank's data streams. Returns logs."""
         cfg, models = self.cfg, self.models
         for opt, base in ((self.opt_g, cfg.lr_student), (self.opt_d, cfg.lr_disc)):
             for group in (opt.param_groups if opt is not None else []):
                 group["lr"] = get_lr(self.step, base, cfg.lr_warmup_steps, cfg.lr_schedule, cfg.max_steps)
-        batch = self.data(self.generator, cfg.batch_size)
         if models.discriminator is not None:
             models.discriminator.train(True)
-        fake = student_forward(batch, models, cfg, self.generator)  # keeps the graph for phase G
-        logs: dict[str, float] = {}
-        ok = True
-        if self.opt_d is not None:
-            self.opt_d.zero_grad(set_to_none=True)
-            d_losses, d_logs = step(batch, models, cfg, "D", generator=self.generator, fake=fake.detach())
-            ok &= self._apply(d_losses["total"], self.disc_params, self.opt_d)
-            logs.update(d_logs)
-        self.opt_g.zero_grad(set_to_none=True)
-        g_losses, g_logs = step(batch, models, cfg, "G", generator=self.generator, fake=fake)
-        g_ok = self._apply(g_losses["total"], self.student_params, self.opt_g)
+        if len(self.streams) == 1:
+            ok, g_ok, logs = self._step_one(self.streams[0])
+        else:
+            ok, g_ok, logs = self._step_accumulated(self.streams)
         if g_ok and self.ema is not None:
             self.ema.update()
         ok &= g_ok
-        logs.update(g_logs)
+        logs = self.dist.mean_logs(logs)
         self.step += 1
         if ok:
             self.nonfinite_consecutive = 0
@@ -338,13 +366,81 @@ class Trainer:
         logs.update(step=self.step, nonfinite=self.nonfinite_total, skipped=float(not ok))
         return logs
 
+    def _step_one(self, stream: int) -> tuple[bool, bool, dict[str, float]]:
+        cfg, models = self.cfg, self.models
+        gen = self._seed(stream)
+        batch = self.data(gen, cfg.batch_size)
+        fake = student_forward(batch, models, cfg, gen)  # keeps the graph for phase G
+        logs: dict[str, float] = {}
+        ok = True
+        if self.opt_d is not None:
+            self.opt_d.zero_grad(set_to_none=True)
+            d_losses, d_logs = step(batch, models, cfg, "D", generator=gen, fake=fake.detach())
+            ok &= self._apply(d_losses["total"], self.disc_params, self.opt_d)
+            logs.update(d_logs)
+        self.opt_g.zero_grad(set_to_none=True)
+        g_losses, g_logs = step(batch, models, cfg, "G", generator=gen, fake=fake)
+        g_ok = self._apply(g_losses["total"], self.student_params, self.opt_g)
+        logs.update(g_logs)
+        return ok, g_ok, logs
+
+    def _step_accumulated(self, streams: Sequence[int]) -> tuple[bool, bool, dict[str, float]]:
+        """Several streams on this rank: the same update as one stream per rank, by gradient accumulation.
+
+        Each stream's phase starts from the same discriminator buffers (spectral-norm power-iteration
+        vectors), as it would on its own rank; the student output of phase G is recomputed from the
+        stream's saved generator state, so it equals the one phase D saw (no graph kept per stream)."""
+        cfg, models, n = self.cfg, self.models, len(streams)
+        disc = models.discriminator
+        batches, after_data, after_d = [], [], []
+        sums: dict[str, float] = {}
+
+        def add(d: dict[str, float]) -> None:
+            for k, v in d.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / n
+
+        ok = True
+        buffers = _buffers(disc)
+        if self.opt_d is not None:
+            self.opt_d.zero_grad(set_to_none=True)
+        for r in streams:
+            gen = self._seed(r)
+            batches.append(self.data(gen, cfg.batch_size))
+            after_data.append(gen.get_state())
+            with torch.no_grad():
+                fake = student_forward(batches[-1], models, cfg, gen)
+            if self.opt_d is not None:
+                _restore(disc, buffers)
+                d_losses, d_logs = step(batches[-1], models, cfg, "D", generator=gen, fake=fake)
+                self._backward(d_losses["total"], self.disc_params, 1.0 / n)
+                add(d_logs)
+            after_d.append(gen.get_state())
+        if self.opt_d is not None:
+            ok &= self._finish(self.disc_params, self.opt_d)
+        buffers = _buffers(disc)
+        self.opt_g.zero_grad(set_to_none=True)
+        for i, batch in enumerate(batches):
+            self.generator.set_state(after_data[i])
+            fake = student_forward(batch, models, cfg, self.generator)
+            self.generator.set_state(after_d[i])
+            _restore(disc, buffers)
+            g_losses, g_logs = step(batch, models, cfg, "G", generator=self.generator, fake=fake)
+            self._backward(g_losses["total"], self.student_params, 1.0 / n)
+            add(g_logs)
+        g_ok = self._finish(self.student_params, self.opt_g)
+        return ok, g_ok, sums
+
     def _save(self, checkpoint_dir: str, keep_last: int | None,
               on_save: Callable[["Trainer", str], None] | None) -> None:
-        from .checkpoint import save_checkpoint  # local import: checkpoint imports this module
+        from .checkpoint import checkpoint_path, save_checkpoint  # local import: checkpoint imports this module
 
-        self.last_checkpoint = save_checkpoint(self, checkpoint_dir, keep_last=keep_last)
-        if on_save is not None:
-            on_save(self, self.last_checkpoint)
+        if self.dist.is_main:  # rank 0 alone writes; the others wait until the files are in place
+            self.last_checkpoint = save_checkpoint(self, checkpoint_dir, keep_last=keep_last)
+            if on_save is not None:
+                on_save(self, self.last_checkpoint)
+        else:
+            self.last_checkpoint, self.saved_step = checkpoint_path(checkpoint_dir, self.step), self.step
+        self.dist.barrier()
 
     def run(self, stop_event: threading.Event | None = None,
             progress: Callable[[int, dict], None] | None = None,

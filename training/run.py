@@ -35,6 +35,7 @@ from .files import ADDError, safetensors_metadata
 from .checkpoint import (_RESUMABLE_CHANGES, atomic_write_bytes, atomic_write_json, load_checkpoint, plugin_version,
                          read_meta)
 from .config import ADDConfig
+from .distributed import Dist, resolve_streams
 from .loop import ADDModels, DataFn, TrainResult, Trainer, build_models
 from .schedule import DiscreteSchedule
 from .student import DenoiseFn, LoRAStudent
@@ -214,8 +215,14 @@ class RunHooks:
 class ADDRun:
     """Builds the models, resumes from the state folder, trains, writes the LoRA."""
 
-    def __init__(self, spec: RunSpec) -> None:
+    def __init__(self, spec: RunSpec, dist: Dist | None = None, data_streams: int | None = None) -> None:
+        """``dist``: this process's place in a data-parallel group (None = one process).
+        ``data_streams``: global data streams per step (None = keep the saved count, or one per rank;
+        see distributed.resolve_streams)."""
         self.spec = spec
+        self.dist = dist or Dist()
+        self.requested_streams = data_streams
+        self.stream_note = ""  # set by build() when a resume had to change the global batch
         self.state_dir = state_dir_for(spec.lora_path)
         self.models: ADDModels | None = None
         self.trainer: Trainer | None = None
@@ -238,16 +245,25 @@ class ADDRun:
             data = s.data_factory(self.models.student.teacher)
         if s.checkpoint_modules and isinstance(self.models.student, LoRAStudent):
             self.models.student.enable_gradient_checkpointing(s.checkpoint_modules)
-        self.trainer = Trainer(self.models, s.cfg, data, device=s.device)
-        os.makedirs(self.state_dir, exist_ok=True)
+        self.trainer = Trainer(self.models, s.cfg, data, device=s.device, dist=self.dist)
         prev = existing_run(s.lora_path)
+        saved_streams = None
         if prev is not None and prev["config"] is not None:
-            load_checkpoint(self.trainer, self.state_dir, restore_global_rng=False)
-        else:
+            ckpt = load_checkpoint(self.trainer, self.state_dir, restore_global_rng=False)
+            saved_streams = int(read_meta(ckpt).get("data_streams", 1))
+        elif self.dist.is_main:
+            os.makedirs(self.state_dir, exist_ok=True)
             atomic_write_json({"base": dict(s.base_info), **dict(s.run_info),
                                "base_fingerprint": s.base_info.get("base_fingerprint", ""),
                                "created": time.strftime("%Y-%m-%d %H:%M:%S")},
                               os.path.join(self.state_dir, "run.json"))
+        count, self.stream_note = resolve_streams(saved_streams, self.requested_streams, self.dist.world_size)
+        self.trainer.set_data_streams(count)
+        # Identical replicas: every rank starts from rank 0's trainable tensors and buffers.
+        self.dist.broadcast_(self.trainer.student_params + self.trainer.disc_params
+                             + (list(self.models.discriminator.heads.buffers()) if self.models.discriminator else [])
+                             + (self.trainer.ema.shadow if self.trainer.ema is not None else []))
+        self.dist.barrier()
         self.start_step = self.trainer.step
         return self.start_step
 
@@ -309,7 +325,7 @@ class ADDRun:
             waited[0] = hooks.wait_if_busy() if hooks.wait_if_busy is not None else 0.0
 
         def preview(step: int, _trainer: Trainer) -> None:
-            if hooks.preview is not None:
+            if hooks.preview is not None and self.dist.is_main:
                 lat = self.preview_latents()
                 if lat is not None:
                     hooks.preview(step, lat)

@@ -1,0 +1,374 @@
+"""Headless ADD training: the ADD Train node's run from a config file, on one process or many (torchrun).
+
+    python scripts/train_add.py my_run.toml                                  # one GPU (or the CPU)
+    torchrun --nproc_per_node 8 scripts/train_add.py my_run.toml             # 8 GPUs, data parallel
+    torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 \\
+             --rdzv_backend c10d --rdzv_endpoint HOST:29500 scripts/train_add.py my_run.toml
+
+The config (TOML or JSON) holds the run's files and data (RUN_KEYS below) and any ADDConfig field
+(training/config.py) at the top level. The checkpoint is loaded with ComfyUI's own loader; the run
+is assembled by the node's own ``build_run_spec`` and trained by ``training.run.ADDRun``, so it
+writes the same ``<output>.safetensors`` LoRA and ``<output>.add-state/`` folder as the node: a
+run started here resumes in the node and the other way round (same model, same settings). Running
+the same command again resumes the run. Also written into the state folder: ``train_log.jsonl``
+(the losses of every step) and ``samples/step_XXXXXXXX.png`` (a grid of 1-step student samples
+every ``preview_every`` steps).
+
+Data parallel: every rank trains on its own data streams (training/distributed.py); global batch =
+``batch_size * data_streams`` (default one stream per rank). Rank 0 alone writes files.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import io
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))  # appended: ComfyUI's root must win for its top-level ``nodes``
+
+# key -> (default, what it is); everything else in a config must be an ADDConfig field
+RUN_KEYS: dict[str, tuple[object, str]] = {
+    "model": (None, "checkpoint file to distil (.safetensors / .ckpt), loaded with ComfyUI's loader"),
+    "output": (None, "the LoRA to write, e.g. loras/my_turbo_lora.safetensors; its state goes beside it"),
+    "prompts": ([], "list of prompts (or one string, a prompt per line): the teacher makes the training images"),
+    "image_folder": ("", "folder of training images with same-name .txt captions (instead of teacher images)"),
+    "width": (512, "training width in pixels (multiple of 8)"),
+    "height": (512, "training height in pixels (multiple of 8)"),
+    "data_cfg": (7.0, "CFG scale of the teacher when it generates training images"),
+    "data_steps": (25, "teacher sampling steps per generated training image"),
+    "gradient_checkpointing": (False, "recompute activations in the backward pass (less memory, slower)"),
+    "dinov2_file": ("", "DINOv2 ViT-S/14 .safetensors for discriminator = 'dinov2'"),
+    "data_streams": (0, "global data streams per step (0 = keep the saved count, else one per rank)"),
+    "device": ("auto", "'auto' (cuda:LOCAL_RANK when CUDA is there, else cpu), 'cuda' or 'cpu'"),
+    "dist_timeout_s": (1800, "seconds a rank waits for the others in a collective before giving up"),
+}
+
+
+# names other trainers use for our keys (for the "did you mean" hint)
+_ALIASES = {"learning_rate": "lr_lora", "lr": "lr_lora", "unet_lr": "lr_lora", "steps": "max_steps",
+            "max_train_steps": "max_steps", "rank": "lora_rank", "network_dim": "lora_rank",
+            "network_alpha": "lora_alpha", "train_batch_size": "batch_size", "resolution": "width",
+            "checkpoint": "model", "pretrained_model": "model", "output_name": "output"}
+
+
+class ConfigError(ValueError):
+    """The config file is unusable; the message names the file and the key."""
+
+
+# --------------------------------------------------------------------------------------------
+# config: read and validate everything before ComfyUI is imported or a process group formed
+# --------------------------------------------------------------------------------------------
+def read_config(path: str | os.PathLike) -> dict:
+    """The config file as a dict (TOML by default, JSON for .json)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist: pass the path of a .toml or .json file.")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            import tomllib
+
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {str(path)!r} cannot be parsed: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a table/object of keys, not {type(data).__name__}.")
+    return data
+
+
+def check_config(data: dict, source: str = "config") -> dict:
+    """Validate a config dict -> settings (run keys with defaults + ``train``: the ADDConfig fields given).
+
+    Raises ConfigError naming the key (unknown keys get a suggestion) or the missing file."""
+    from training.config import ADDConfig  # pure torch; the plugin's own copy is used once ComfyUI is up
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(ADDConfig)} - {"num_train_timesteps"}
+    known = set(RUN_KEYS) | fields
+    for key in data:
+        if key not in known:
+            close = ([_ALIASES[key]] if key in _ALIASES else difflib.get_close_matches(key, sorted(known), n=1))
+            raise ConfigError(f"{source}: unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                              + f". Known keys: run keys {sorted(RUN_KEYS)}, and the ADDConfig fields "
+                              f"{sorted(fields)}.")
+    out = {k: data.get(k, default) for k, (default, _) in RUN_KEYS.items()}
+    train = {k: v for k, v in data.items() if k in fields}
+    for key in ("model", "output"):
+        if not isinstance(out[key], str) or not out[key].strip():
+            raise ConfigError(f"{source}: {key!r} is required ({RUN_KEYS[key][1]}).")
+    model = os.path.abspath(os.path.expanduser(out["model"]))
+    if not os.path.isfile(model):
+        raise ConfigError(f"{source}: model file {model!r} does not exist: set 'model' to the checkpoint to distil.")
+    out["model"] = model
+    output = os.path.abspath(os.path.expanduser(out["output"]))
+    if not output.endswith(".safetensors"):
+        output += ".safetensors"
+    name = os.path.basename(output)[: -len(".safetensors")]
+    if not name or name.startswith("."):
+        raise ConfigError(f"{source}: output {out['output']!r} needs a file name, e.g. loras/my_turbo_lora.safetensors.")
+    if not os.path.isdir(os.path.dirname(output)):
+        raise ConfigError(f"{source}: the folder of output {output!r} does not exist; create it first.")
+    out["output"] = output
+    prompts = out["prompts"]
+    if isinstance(prompts, str):
+        prompts = prompts.splitlines()
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise ConfigError(f"{source}: 'prompts' must be a list of strings (or one string, a prompt per line).")
+    out["prompts"] = [p.strip() for p in prompts if p.strip() and not p.strip().startswith("#")]
+    folder = str(out["image_folder"] or "").strip()
+    if folder:
+        folder = os.path.abspath(os.path.expanduser(folder))
+        if not os.path.isdir(folder):
+            raise ConfigError(f"{source}: image_folder {folder!r} does not exist.")
+    out["image_folder"] = folder
+    if not out["prompts"] and not folder:
+        raise ConfigError(f"{source}: 'prompts' is empty and no image_folder is set: give at least one prompt (the "
+                          "teacher then generates the training images) or an image_folder.")
+    for key in ("width", "height"):
+        v = out[key]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 64 or v % 8:
+            raise ConfigError(f"{source}: {key} {v!r} must be a whole number of pixels >= 64, a multiple of 8.")
+    for key, kind in (("data_cfg", (int, float)), ("data_steps", int), ("data_streams", int),
+                      ("dist_timeout_s", (int, float)), ("gradient_checkpointing", bool)):
+        if not isinstance(out[key], kind) or (kind is not bool and isinstance(out[key], bool)):
+            raise ConfigError(f"{source}: {key} {out[key]!r} has the wrong type ({RUN_KEYS[key][1]}).")
+    if out["data_steps"] < 1 or out["data_streams"] < 0 or out["dist_timeout_s"] <= 0:
+        raise ConfigError(f"{source}: data_steps must be >= 1, data_streams >= 0, dist_timeout_s > 0.")
+    if out["device"] not in ("auto", "cuda", "cpu"):
+        raise ConfigError(f"{source}: device {out['device']!r}: use 'auto', 'cuda' or 'cpu'.")
+    if train.get("discriminator") == "dinov2":
+        dino = os.path.abspath(os.path.expanduser(str(out["dinov2_file"] or "")))
+        if not out["dinov2_file"] or not os.path.isfile(dino):
+            raise ConfigError(f"{source}: discriminator 'dinov2' needs dinov2_file, an existing DINOv2 ViT-S/14 "
+                              f".safetensors file (got {out['dinov2_file']!r}).")
+        out["dinov2_file"] = dino
+    try:  # every ADDConfig rule, with the schedule length of SD-class models (re-checked with the model's)
+        ADDConfig(**train)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+    out["train"] = train
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# outputs of rank 0: terminal progress, loss log, sample grids
+# --------------------------------------------------------------------------------------------
+def _log_path(state_dir: str) -> str:
+    return os.path.join(state_dir, "train_log.jsonl")
+
+
+def trim_log(state_dir: str, start_step: int, atomic_write_bytes) -> None:
+    """Drop log lines past the resumed step (a killed run may have logged steps it never saved)."""
+    path = _log_path(state_dir)
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
+    atomic_write_bytes("".join(lines).encode("utf-8"), path)
+
+
+def image_grid_png(images, columns: int = 4) -> bytes:
+    """IMAGE (N, H, W, 3) in [0, 1] -> PNG bytes of a grid."""
+    from PIL import Image
+
+    n, h, w, _ = images.shape
+    cols = min(columns, n)
+    rows = (n + cols - 1) // cols
+    canvas = Image.new("RGB", (cols * w, rows * h))
+    for i in range(n):
+        arr = (images[i].clamp(0, 1) * 255).round().byte().cpu().numpy()
+        canvas.paste(Image.fromarray(arr), ((i % cols) * w, (i // cols) * h))
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class _Stopped(SystemExit):
+    pass
+
+
+def _say(dist, text: str) -> None:
+    print(f"[rank {dist.rank}/{dist.world_size}] {text}", file=sys.stderr, flush=True)
+
+
+def _last_saved(existing_run, lora_path: str) -> str:
+    prev = existing_run(lora_path)
+    if prev is None or prev["config"] is None:
+        return "no checkpoint was saved yet"
+    return f"the last checkpoint (step {prev['step']}, in {os.path.dirname(lora_path)}) is intact"
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", help="TOML or JSON file: the model, the data, the output and ADDConfig fields")
+    parser.add_argument("--check", action="store_true", help="validate the config and exit")
+    args = parser.parse_args(argv)
+    try:
+        settings = check_config(read_config(args.config), source=f"config {args.config!r}")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"config {args.config!r} is valid.")
+        return 0
+
+    import torch
+
+    from training.distributed import from_env
+
+    dist = from_env()
+    want = settings["device"]
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            print("error: device 'cuda' was asked for but torch sees no CUDA device.", file=sys.stderr)
+            return 2
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)  # before ComfyUI is imported: its model management uses the current device
+    else:
+        device = torch.device("cpu")
+
+    from scripts.comfy_host import import_comfy, plugin_module
+
+    import_comfy(load_plugin=True, cpu=device.type == "cpu", extra_nodes=False)
+    return _train(settings, dist, device, plugin_module)
+
+
+def _train(settings: dict, dist_env, device, plugin_module) -> int:
+    import torch
+    import comfy.sd
+
+    T = plugin_module("nodes.train")
+    adapter = plugin_module("nodes.train_adapter")
+    R = plugin_module("training.run")
+    D = plugin_module("training.distributed")
+    C = plugin_module("training.checkpoint")
+    dist = D.Dist(rank=dist_env.rank, world_size=dist_env.world_size, local_rank=dist_env.local_rank)
+    lora_path = settings["output"]
+    main_rank = dist.is_main
+
+    model, clip, vae = comfy.sd.load_checkpoint_guess_config(settings["model"], output_vae=True, output_clip=True)[:3]
+    family = adapter.check_trainable(model)
+    t_max = len(adapter.schedule_sigmas(model)) - 1
+    train = dict(settings["train"])
+    if "student_timesteps" in train:
+        train["student_timesteps"] = T.parse_timesteps(",".join(map(str, train["student_timesteps"])), t_max)
+    cfg = T.config_for_model(t_max, **train)
+    folder_images, folder_captions = None, []
+    if settings["image_folder"]:
+        folder_images, folder_captions = T.read_image_folder(settings["image_folder"], settings["width"],
+                                                             settings["height"], label="image_folder")
+    fingerprint = adapter.base_fingerprint(model)
+    start_step = R.check_start(lora_path, cfg, fingerprint)  # conflicts and foreign files fail on every rank
+    if start_step >= cfg.max_steps:
+        if main_rank:
+            _say(dist, f"{os.path.basename(lora_path)} is already trained to step {start_step}; raise max_steps to "
+                       "train further.")
+        return 0
+
+    D.init_process_group(dist, device, settings["dist_timeout_s"])
+    spec, decode_preview = T.build_run_spec(
+        model, clip, vae, cfg, lora_path, family=family, fingerprint=fingerprint, prompt_list=settings["prompts"],
+        width=settings["width"], height=settings["height"], data_cfg=settings["data_cfg"],
+        data_steps=settings["data_steps"], gradient_checkpointing=settings["gradient_checkpointing"],
+        folder_images=folder_images, folder_captions=folder_captions,
+        dino_path=settings["dinov2_file"] if cfg.discriminator == "dinov2" else None, device=device)
+    run = R.ADDRun(spec, dist=dist, data_streams=settings["data_streams"] or None)
+
+    def on_term(signum, _frame):
+        raise _Stopped(128 + signum)
+    previous_handler = signal.signal(signal.SIGTERM, on_term)
+
+    try:
+        start_step = run.build()
+        state_dir = run.state_dir
+        streams = run.trainer.data_streams
+        if main_rank:
+            if run.stream_note:
+                _say(dist, "note: " + run.stream_note)
+            trim_log(state_dir, start_step, C.atomic_write_bytes)
+            _say(dist, f"{'resuming at step ' + str(start_step) if start_step else 'starting'}: {family}, "
+                       f"{dist.world_size} rank(s) on {device.type}, {streams} data stream(s) x batch {cfg.batch_size} "
+                       f"= global batch {streams * cfg.batch_size}; LoRA -> {lora_path}")
+        hooks = _hooks(run, dist, cfg, decode_preview, vae, model, state_dir, start_step) if main_rank else None
+        result = run.train(hooks=hooks)
+    except _Stopped as exc:
+        _say(dist, f"stopped by the launcher (another rank failed or the run was interrupted); "
+                   f"{_last_saved(R.existing_run, lora_path)}. Run the same command again to resume.")
+        return exc.code
+    except (RuntimeError, TimeoutError) as exc:
+        if not dist.active or not _is_comm_error(exc):
+            raise
+        _say(dist, f"training stopped: another rank died or lost its connection ({type(exc).__name__}: "
+                   f"{str(exc).splitlines()[0][:200]}); {_last_saved(R.existing_run, lora_path)}. Run the same "
+                   "command again to resume.")
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+    if main_rank:
+        _say(dist, f"done: {os.path.basename(lora_path)} trained to step {result.step}.")
+    D.destroy_process_group()
+    return 0
+
+
+def _is_comm_error(exc: BaseException) -> bool:
+    import torch
+
+    if isinstance(exc, getattr(torch.distributed, "DistError", ())):
+        return True
+    text = str(exc).lower()
+    return any(s in text for s in ("gloo", "nccl", "connection", "peer", "timed out", "socket", "broken pipe"))
+
+
+def _hooks(run, dist, cfg, decode_preview, vae, model, state_dir: str, start_step: int):
+    """Rank 0's callbacks: tqdm progress, one JSON line of losses per step, sample grids."""
+    import torch
+    from tqdm import tqdm
+
+    R = sys.modules[type(run).__module__]
+    bar = tqdm(total=cfg.max_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr)
+    global_batch = run.trainer.data_streams * cfg.batch_size
+    log = open(_log_path(state_dir), "a", encoding="utf-8")
+    samples = os.path.join(state_dir, "samples")
+
+    def progress(stats: dict) -> None:
+        logs = {k: float(v) for k, v in stats["logs"].items() if isinstance(v, (int, float))}
+        ips = stats["it_s"] * global_batch if stats["it_s"] else None
+        logs.pop("step", None)
+        log.write(json.dumps({"step": int(stats["step"]), "time": round(time.time(), 3), "images_per_s": ips,
+                              "ranks": dist.world_size, "global_batch": global_batch, **logs}) + "\n")
+        log.flush()
+        bar.n = stats["step"]
+        bar.set_postfix({k: f"{logs[k]:.3g}" for k in ("d_loss", "g_loss", "distill") if k in logs}
+                        | ({"img/s": f"{ips:.3g}"} if ips else {}), refresh=False)
+        bar.refresh()
+
+    def preview(step: int, lat) -> None:
+        try:  # the checkpoint's own VAE; the node's cheap preview when it cannot decode here
+            with torch.no_grad():
+                img = vae.decode(model.model.process_latent_out(lat.detach().float().cpu()))
+            img = img.reshape(-1, *img.shape[-3:]).float()
+        except (RuntimeError, ValueError):
+            img = decode_preview(lat)
+        os.makedirs(samples, exist_ok=True)
+        plugin_ckpt = sys.modules[R.__name__.rsplit(".", 1)[0] + ".checkpoint"]
+        plugin_ckpt.atomic_write_bytes(image_grid_png(img), os.path.join(samples, f"step_{step:08d}.png"))
+
+    def saved(step: int, path: str) -> None:
+        bar.write(f"step {step}: saved {os.path.basename(path)} and the resumable state")
+
+    return R.RunHooks(progress=progress, preview=preview if run.spec.preview_shape else None, saved=saved)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
