@@ -6,6 +6,8 @@ prompt over HTTP, waits for it and returns its history entry (outputs, status, e
 """
 from __future__ import annotations
 
+import contextlib
+
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +63,17 @@ class ComfyServer(ComfyClient):
         self._log.close()
 
 
+@contextlib.contextmanager
+def running_server(home: Path):
+    """A ComfyServer on ``home`` once it answers; stopped on exit."""
+    srv = ComfyServer(home, home / "server.log")
+    try:
+        srv.wait_ready(srv.proc, timeout=180, log_tail=lambda: srv.log()[-4000:])
+        yield srv
+    finally:
+        srv.stop()
+
+
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory, tiny):
     """A running ComfyUI server with the plugin and the tiny models (session scope)."""
@@ -70,9 +83,5 @@ def comfy_server(tmp_path_factory, tiny):
     link_models(home, tiny)
     # Stand-ins for the real names the shipped workflows use (sd_turbo.safetensors, ...).
     prepare([], home / "models", home / "input", extra=tuple((ROOT / "tests" / "data").glob("*_ui.json")))
-    srv = ComfyServer(home, home / "server.log")
-    try:
-        srv.wait_ready(srv.proc, timeout=180, log_tail=lambda: srv.log()[-4000:])
+    with running_server(home) as srv:
         yield srv
-    finally:
-        srv.stop()

@@ -16,7 +16,7 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
-from server_harness import ComfyServer, link_models
+from server_harness import link_models, running_server
 
 pytestmark = pytest.mark.server
 
@@ -28,12 +28,8 @@ def srv(tmp_path_factory, tiny):
     home = tmp_path_factory.mktemp("bad_inputs_home")
     link_models(home, tiny)
     _plant_files(home, tiny)
-    server = ComfyServer(home, home / "server.log")
-    try:
-        server.wait_ready(server.proc, timeout=180, log_tail=lambda: server.log()[-4000:])
+    with running_server(home) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _plant_files(home: Path, tiny) -> None:
