@@ -1,0 +1,186 @@
+"""ADD on real images: a small ComfyUI UNet teacher of handwritten digits distilled into a 1-step
+LoRA student through the training node's code path (see ``benchmarks/digits.py`` for what is real).
+
+Rows (``per_class`` samples of each of the 10 class prompts, the same seeds in every row):
+
+* teacher 1 and 4 steps without CFG (one evaluation a step, like the student) and with CFG
+  (``teacher_cfg``), and 25 steps with CFG (the target): ComfyUI's KSampler path (euler, "normal");
+* ADD 1 / 2 / 4 steps: the LoRA trained by ``ADDRun`` on teacher-generated data from the class
+  prompts (ADD Train's default), applied with ComfyUI's LoRA loader, sampled with the ADD sampler;
+* ablations at 1 step: distillation only (``adv_weight`` 0), adversarial only (``distill_weight`` 0);
+* ADD trained on the real train split instead of teacher data (1 and 4 steps).
+
+Metrics from a classifier trained on the train split (frozen): FD = Frechet distance of its
+penultimate features to the held-out test split's, acc = share classified as the prompted digit,
+div = mean within-class feature distance relative to the test split's. Every row's samples go to
+``out/digits/<row>.npz`` (``samples`` (N, 1, 8, 8) in [-1, 1], ``classes`` (N,)) and a picture grid
+(rows x classes) to ``out/digits/grid.png``. The trained teacher and classifier are cached in
+``.cache/digits/`` (delete it to retrain them).
+
+    .venv/bin/python -m benchmarks.bench_digits [--reduced] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import digits as D  # noqa: E402
+
+GOALS = ("ADD 1 step FD <= 2x teacher 25-step CFG FD", "ADD 1 step FD <= 0.3x teacher 1-step (cfg 1) FD",
+         "ADD 1 step accuracy >= 90 % of teacher 25-step accuracy", "distillation only is worse (FD) than ADD",
+         "ADD 4 steps is not worse (FD) than ADD 1 step")
+
+
+def run(size: D.Size, out_dir: Path, log=D._log, rows_wanted: set[str] | None = None) -> dict:
+    """Trains (or loads) the teacher and classifier, trains the students, samples and scores every
+    row. -> {'rows': {name: metrics + evals + seconds}, 'test_acc', 'seconds', 'samples': {name: tensor}}."""
+    from scripts.comfy_host import import_comfy
+
+    import_comfy()
+    import comfy.utils
+
+    comfy.utils.PROGRESS_BAR_ENABLED = False  # the benchmark prints its own progress
+    t_start = time.perf_counter()
+    x, y, x_test, y_test = D.load_split(size.seed)
+    clip = D.ClassEmbeddingCLIP(size.context_dim, seed=size.seed)
+    teacher_sd = D.cached("teacher", size.key(*D.TEACHER_FIELDS), lambda: D.train_teacher(size, x, y, clip, log), log)
+    clf_sd = D.cached("classifier", size.key("clf_epochs", "seed"), lambda: D.train_classifier(size, x, y), log)
+    mp = D.model_patcher(size, teacher_sd)
+    ev = D.Evaluator(clf_sd, x_test, y_test)
+    log(f"classifier: {ev.test_acc:.1%} on the test split")
+    classes = D.prompted_classes(size)
+    rows: dict[str, dict] = {}
+    samples: dict[str, torch.Tensor] = {}
+
+    def score(name: str, s: torch.Tensor, evals: int, train_s: float | None = None) -> None:
+        m = ev.metrics(s, classes)
+        rows[name] = {**m, "evals": evals, "train_s": train_s}
+        samples[name] = s
+        log(f"{name}: FD {m['fd']:.2f}, acc {m['acc']:.1%}, div {m['diversity']:.2f}, {evals} evals/img")
+
+    want = (lambda n: rows_wanted is None or n in rows_wanted)
+    teacher_rows = [(1, 1.0), (1, size.teacher_cfg), (4, 1.0), (4, size.teacher_cfg), (25, size.teacher_cfg)]
+    for steps, cfg in teacher_rows:
+        if want(f"teacher {steps}"):
+            s, n = D.sample_teacher(mp, clip, size, steps, cfg)
+            score(teacher_row(steps, cfg), s, n)
+
+    runs = [("ADD", dict(data="teacher"), (1, 2, 4)),
+            ("distillation only", dict(data="teacher", adv_weight=0.0), (1,)),
+            ("adversarial only", dict(data="teacher", distill_weight=0.0), (1,)),
+            ("ADD on real data", dict(data="real", real=(x, y)), (1, 4))]
+    with tempfile.TemporaryDirectory(prefix="add-digits-") as tmp:
+        for label, kwargs, step_counts in runs:
+            if not want(label):
+                continue
+            log(f"training: {label} ({size.add_steps} steps, batch {size.add_batch})")
+            lora = os.path.join(tmp, label.replace(" ", "_") + ".safetensors")
+            info = D.train_student(mp, clip, size, lora, log=log, **kwargs)
+            for steps in step_counts:
+                s, n = D.sample_student(mp, lora, clip, size, steps)
+                score(f"{label} {steps} step{'s' if steps > 1 else ''}", s, n, info["seconds"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, s in samples.items():
+        np.savez_compressed(out_dir / (name.replace(" ", "_").replace(".", "") + ".npz"),
+                            samples=s.numpy().astype(np.float32), classes=classes.numpy())
+    return {"rows": rows, "samples": samples, "test_acc": ev.test_acc, "seconds": time.perf_counter() - t_start}
+
+
+def teacher_row(steps: int, cfg: float) -> str:
+    return f"teacher {steps} step{'s' if steps > 1 else ''}" + (f", cfg {cfg:g}" if cfg != 1.0 else "")
+
+
+def _find(rows: dict, prefix: str) -> dict:
+    return next(v for k, v in rows.items() if k.startswith(prefix))
+
+
+def goals(rows: dict) -> list[tuple[str, bool, str]]:
+    t1, t1c, t25 = rows["teacher 1 step"], _find(rows, "teacher 1 step, cfg"), _find(rows, "teacher 25 steps")
+    a1, a4 = rows["ADD 1 step"], rows["ADD 4 steps"]
+    d1 = rows["distillation only 1 step"]
+    return [
+        (GOALS[0], a1["fd"] <= 2 * t25["fd"], f"{a1['fd']:.2f} vs 2 x {t25['fd']:.2f}"),
+        (GOALS[1], a1["fd"] <= 0.3 * t1["fd"], f"{a1['fd']:.2f} vs 0.3 x {t1['fd']:.2f} (teacher 1 step with CFG: "
+                                               f"{a1['fd'] / t1c['fd']:.2f} x its {t1c['fd']:.2f})"),
+        (GOALS[2], a1["acc"] >= 0.9 * t25["acc"], f"{a1['acc']:.1%} vs 0.9 x {t25['acc']:.1%}"),
+        (GOALS[3], d1["fd"] > a1["fd"], f"{d1['fd']:.2f} vs {a1['fd']:.2f}"),
+        (GOALS[4], a4["fd"] <= a1["fd"] * 1.05, f"{a4['fd']:.2f} vs {a1['fd']:.2f} (+5 % noise allowance)"),
+    ]
+
+
+def table(result: dict) -> str:
+    rows = result["rows"]
+    t1, t25 = rows["teacher 1 step"], _find(rows, "teacher 25 steps")
+    lines = ["| row | FD | FD / teacher 25 | FD / teacher 1 | accuracy | acc / teacher 25 | diversity | UNet evals/img "
+             "| training |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in rows.items():
+        train = f"{r['train_s']:.0f} s" if r["train_s"] is not None else ""
+        lines.append(f"| {name} | {r['fd']:.2f} | {r['fd'] / t25['fd']:.2f} | {r['fd'] / t1['fd']:.2f} | "
+                     f"{r['acc']:.1%} | {r['acc'] / max(t25['acc'], 1e-9):.2f} | {r['diversity']:.2f} | {r['evals']} "
+                     f"| {train} |")
+    return "\n".join(lines)
+
+
+def grid_png(result: dict, path: Path, per_row: int = 2, scale: int = 4) -> None:
+    """Rows x classes picture: ``per_row`` samples of every class per row, upscaled, row labels left."""
+    from PIL import Image, ImageDraw
+
+    samples = result["samples"]
+    names = list(samples)
+    n_per = next(iter(samples.values())).shape[0] // D.CLASSES
+    cell, label_w = 8 * scale + 2, 190
+    w = label_w + D.CLASSES * per_row * cell
+    h = (len(names) + 1) * cell
+    img = Image.new("L", (w, h), 255)
+    draw = ImageDraw.Draw(img)
+    for c in range(D.CLASSES):
+        draw.text((label_w + c * per_row * cell + cell // 2, 8), str(c), fill=0)
+    for r, name in enumerate(names):
+        y0 = (r + 1) * cell
+        draw.text((4, y0 + cell // 3), name, fill=0)
+        for c in range(D.CLASSES):
+            for j in range(per_row):
+                s = samples[name][c * n_per + j, 0].clamp(-1, 1)
+                # ink dark on white, like the digits on paper
+                pix = ((1 - (s + 1) / 2) * 255).round().to(torch.uint8).numpy()
+                tile = Image.fromarray(pix, "L").resize((8 * scale, 8 * scale), Image.NEAREST)
+                img.paste(tile, (label_w + (c * per_row + j) * cell + 1, y0 + 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reduced", action="store_true", help="the test suite's smaller sizes (a few minutes)")
+    ap.add_argument("--out", default=str(ROOT / "out" / "digits"), help="folder for the .npz files and grid.png")
+    args = ap.parse_args(argv)
+    size = D.REDUCED if args.reduced else D.FULL
+    result = run(size, Path(args.out))
+    print()
+    print(f"digits, {size.name} sizes: teacher {size.teacher_iters} iterations, ADD {size.add_steps} steps at batch "
+          f"{size.add_batch}, {size.per_class} samples per class per row; classifier {result['test_acc']:.1%} on the "
+          f"test split; threads {torch.get_num_threads()}")
+    print(table(result))
+    print()
+    for goal, ok, detail in goals(result["rows"]):
+        print(f"{'met ' if ok else 'MISSED'} {goal}: {detail}")
+    grid_png(result, Path(args.out) / "grid.png")
+    print(f"\nsamples: {args.out}/*.npz, grid: {args.out}/grid.png; total {result['seconds'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,483 @@
+"""Handwritten digits through ComfyUI's own UNet: the image-scale proof of ADD (used by
+``benchmarks/bench_digits.py`` and, reduced, by ``tests/test_digits.py``).
+
+Real images without a download: scikit-learn's ``load_digits`` (1,797 grey 8x8 digits, UCI) ships in
+its wheel. Everything a user's run goes through is the real thing:
+
+- the teacher is ComfyUI's ``UNetModel`` (``comfy.ldm.modules.diffusionmodules.openaimodel``) inside a
+  ComfyUI ``BaseModel`` and ``ModelPatcher``: eps prediction on SD's discrete schedule (1000 steps,
+  ``ModelSamplingDiscrete``), cross-attention conditioning, one channel at 8x8 in a "latent" layout
+  (a ``LatentFormat`` of 1 channel, scale 1);
+- the "text encoder" is :class:`ClassEmbeddingCLIP`: one fixed random context (and pooled vector) per
+  class prompt "a handwritten digit 3", the empty prompt for the unconditional pass; it has the
+  ``tokenize`` / ``encode_from_tokens`` surface of ComfyUI's CLIP, so the training node's
+  ``PromptBank`` encodes the prompts exactly as it does a checkpoint's CLIP;
+- the student is trained the way ADD Train trains it: ``train_adapter.frozen_copy``, ``comfy_denoise``,
+  ``feature_modules``, ``lora_targets``, ``PromptBank``, ``SyntheticTeacherData`` (teacher-generated
+  x0 from the class prompts with CFG: the node's default) in a ``RunSpec`` run by ``ADDRun``, which
+  writes a ComfyUI LoRA file; that file is applied with ComfyUI's ``load_lora_for_models`` and sampled
+  with the plugin's ADD sampler (``nodes.sampling.add_sample``), like the shipped workflows;
+- teacher rows are sampled with ComfyUI's ``comfy.sample.sample`` (euler, CFG).
+
+The evaluator is a small CNN classifier trained on the same train split and frozen: class accuracy
+against the prompted class, Frechet distance of its penultimate features (generated vs the held-out
+test split), and diversity within a class (mean pairwise feature distance, relative to the test split's).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+CLASSES = 10
+PROMPTS = [f"a handwritten digit {d}" for d in range(CLASSES)]
+CACHE = ROOT / ".cache" / "digits"
+
+
+# --------------------------------------------------------------------------------------------
+# sizes
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Size:
+    """Every knob of one benchmark run (the full benchmark and the reduced test differ only here)."""
+
+    name: str = "full"
+    model_channels: int = 32
+    context_dim: int = 32
+    teacher_iters: int = 1500
+    teacher_batch: int = 64
+    teacher_lr: float = 2e-3
+    class_dropout: float = 0.1
+    clf_epochs: int = 40
+    teacher_cfg: float = 2.0  # CFG of the teacher rows and of the teacher-generated training data
+    data_steps: int = 10  # teacher steps per generated batch (ADD Train's data_steps)
+    add_steps: int = 300
+    add_batch: int = 32
+    lora_rank: int = 16
+    lr_lora: float = 1e-3
+    lr_disc: float = 1e-3
+    disc_t_hi: int = 50  # the teacher-feature discriminator's noise levels t-hat ~ U{0..disc_t_hi}
+    spectral_norm: bool = True
+    ema_decay: float | None = None
+    disc_norm: str = "sample"
+    lr_schedule: str = "cosine"  # ADDConfig.lr_schedule: 'constant' | 'cosine' (to 0 at the last step)
+    distill_cfg: float = 1.0  # CFG of the teacher's distillation target (ADD Train's distill_cfg default)
+    per_class: int = 100  # samples per class per row
+    seed: int = 0
+
+    def key(self, *fields: str) -> str:
+        d = dataclasses.asdict(self)
+        return hashlib.sha256(json.dumps({f: d[f] for f in fields}, sort_keys=True).encode()).hexdigest()[:12]
+
+
+FULL = Size()
+REDUCED = Size(name="reduced", teacher_iters=500, clf_epochs=15, data_steps=6, add_steps=100, add_batch=16,
+               per_class=30)
+REDUCED_MARGIN = 0.75  # the reduced test: ADD 1-step FD below this share of the teacher's 1-step FD
+TEACHER_FIELDS = ("model_channels", "context_dim", "teacher_iters", "teacher_batch", "teacher_lr", "class_dropout",
+                  "seed")
+
+
+# --------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------
+def load_split(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_train, y_train, x_test, y_test): digits as (N, 1, 8, 8) in [-1, 1], a fixed stratified
+    75/25 split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
+    y = torch.tensor(d.target, dtype=torch.long)
+    tr, te = train_test_split(np.arange(len(y)), test_size=0.25, random_state=seed, stratify=d.target)
+    return x[tr], y[tr], x[te], y[te]
+
+
+class ClassEmbeddingCLIP:
+    """Stands for a text encoder: the prompt "a handwritten digit d" -> a fixed random context
+    (1, tokens, dim) and pooled vector (1, dim); "" -> the unconditional embedding. The subset of
+    ComfyUI's CLIP object the training node and the samplers use."""
+
+    def __init__(self, dim: int, tokens: int = 2, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed + 77)
+        self.context = torch.randn(CLASSES + 1, tokens, dim, generator=g)
+        self.context[CLASSES] = 0.0  # the empty prompt
+        self.pooled = self.context.mean(1)
+
+    @staticmethod
+    def index(prompt: str) -> int:
+        if prompt.strip() == "":
+            return CLASSES
+        if prompt not in PROMPTS:
+            raise ValueError(f"unknown digit prompt {prompt!r}; expected one of {PROMPTS} or ''.")
+        return PROMPTS.index(prompt)
+
+    def tokenize(self, text: str) -> str:
+        return text
+
+    def encode_from_tokens(self, tokens: str, return_pooled: bool = False, return_dict: bool = False):
+        i = self.index(tokens)
+        cond, pooled = self.context[i : i + 1].clone(), self.pooled[i : i + 1].clone()
+        if return_dict:
+            return {"cond": cond, "pooled_output": pooled}
+        return (cond, pooled) if return_pooled else cond
+
+    def conditioning(self, prompt: str) -> list:
+        """ComfyUI CONDITIONING for one prompt."""
+        cond, pooled = self.encode_from_tokens(prompt, return_pooled=True)
+        return [[cond, {"pooled_output": pooled}]]
+
+
+# --------------------------------------------------------------------------------------------
+# the ComfyUI model
+# --------------------------------------------------------------------------------------------
+def unet_config(size: Size) -> dict:
+    return {
+        "image_size": 8, "in_channels": 1, "out_channels": 1, "model_channels": size.model_channels,
+        "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [1, 1], "transformer_depth_middle": 1,
+        "transformer_depth_output": [1, 1, 1, 1], "context_dim": size.context_dim, "use_spatial_transformer": True,
+        "use_linear_in_transformer": True, "num_heads": -1, "num_head_channels": 16, "legacy": False,
+        "use_checkpoint": False, "adm_in_channels": None, "use_temporal_resblock": False,
+        "use_temporal_attention": False,
+    }
+
+
+def model_patcher(size: Size, state_dict: dict | None = None):
+    """A ComfyUI ModelPatcher around a BaseModel (eps, SD's discrete schedule) of the digit UNet."""
+    import comfy.latent_formats
+    import comfy.model_base
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models_base
+
+    class DigitsLatent(comfy.latent_formats.LatentFormat):
+        latent_channels = 1
+        scale_factor = 1.0
+
+    class DigitsModel(comfy.supported_models_base.BASE):
+        latent_format = DigitsLatent
+        unet_extra_config = {}
+
+    model_config = DigitsModel(unet_config(size))
+    model_config.set_inference_dtype(torch.float32, None)
+    model = comfy.model_base.BaseModel(model_config, model_type=comfy.model_base.ModelType.EPS)
+    if state_dict is not None:
+        model.diffusion_model.load_state_dict(state_dict, strict=True)
+    else:
+        init_unet_(model.diffusion_model, size.seed)
+    dev = mm.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=dev, offload_device=mm.unet_offload_device())
+
+
+# Layers the UNet's own constructor zero-initialises (``zero_module``): the output convolution, the
+# second convolution of every ResBlock and every transformer's output projection.
+_ZERO_INIT = ("out.2", "out_layers.3", "proj_out")
+
+
+def init_unet_(unet: nn.Module, seed: int) -> nn.Module:
+    """Torch's default initialisation for every layer (ComfyUI's ops skip it: their weights are
+    uninitialised memory until a checkpoint is loaded), zeros where the UNet zero-initialises."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, m in unet.named_modules():
+            base = next((b for b in type(m).__mro__ if b.__module__.startswith("torch.nn") and
+                         hasattr(b, "reset_parameters")), None)
+            if base is None:
+                continue
+            base.reset_parameters(m)
+            if name.endswith(_ZERO_INIT):
+                for p in m.parameters(recurse=False):
+                    p.zero_()
+    return unet
+
+
+def _log(msg: str) -> None:
+    print(f"[digits] {msg}", flush=True)
+
+
+def train_teacher(size: Size, x: torch.Tensor, y: torch.Tensor, clip: ClassEmbeddingCLIP,
+                  log: Callable[[str], None] = _log) -> dict:
+    """Eps-prediction training of the digit UNet through ComfyUI's ``apply_model`` (SD's discrete
+    schedule, t ~ U{0..999}), classes dropped to the empty prompt with ``class_dropout`` (for CFG).
+    Returns the EMA weights (state dict of ``diffusion_model``)."""
+    torch.manual_seed(size.seed)
+    mp = model_patcher(size)
+    base = mp.model
+    unet = base.diffusion_model
+    unet.train().requires_grad_(True)
+    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    opt = torch.optim.AdamW(unet.parameters(), lr=size.teacher_lr, weight_decay=0.0)
+    sigmas = base.model_sampling.sigmas.float()
+    g = torch.Generator().manual_seed(size.seed)
+    t0 = time.perf_counter()
+    for it in range(size.teacher_iters):
+        idx = torch.randint(0, x.shape[0], (size.teacher_batch,), generator=g)
+        x0, cls = x[idx], y[idx].clone()
+        cls[torch.rand(cls.shape, generator=g) < size.class_dropout] = CLASSES
+        ctx = clip.context[cls]
+        t = torch.randint(0, len(sigmas), (x0.shape[0],), generator=g)
+        sigma = sigmas[t]
+        eps = torch.randn(x0.shape, generator=g)
+        xt = x0 + sigma.view(-1, 1, 1, 1) * eps
+        x0_hat = base.apply_model(xt, sigma, c_crossattn=ctx, transformer_options={})
+        eps_hat = (xt - x0_hat) / sigma.view(-1, 1, 1, 1)
+        loss = F.mse_loss(eps_hat, eps)
+        lr = size.teacher_lr * min(1.0, (it + 1) / 100) * 0.5 * (1 + np.cos(np.pi * it / size.teacher_iters))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(0.999, (1 + it) / (10 + it))
+            for k, v in unet.state_dict().items():
+                if v.is_floating_point():
+                    ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+                else:
+                    ema[k].copy_(v)
+        if (it + 1) % max(1, size.teacher_iters // 10) == 0:
+            log(f"teacher {it + 1}/{size.teacher_iters}: loss {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)")
+    return ema
+
+
+class Classifier(nn.Module):
+    """The frozen evaluator: 8x8 digit -> 10 classes; ``features`` is the 128-d penultimate layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 16, 128), nn.ReLU())
+        self.head = nn.Linear(128, CLASSES)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def train_classifier(size: Size, x: torch.Tensor, y: torch.Tensor) -> dict:
+    torch.manual_seed(size.seed + 1)
+    clf = Classifier()
+    opt = torch.optim.Adam(clf.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(size.seed + 1)
+    for _ in range(size.clf_epochs):
+        perm = torch.randperm(x.shape[0], generator=g)
+        for i in range(0, len(perm), 64):
+            idx = perm[i : i + 64]
+            # small shifts make the evaluator judge shapes, not exact pixel positions
+            xb = torch.roll(x[idx], shifts=(int(torch.randint(-1, 2, (1,), generator=g)),
+                                            int(torch.randint(-1, 2, (1,), generator=g))), dims=(2, 3))
+            loss = F.cross_entropy(clf(xb), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return clf.state_dict()
+
+
+def cached(name: str, key: str, make: Callable[[], dict], log: Callable[[str], None] = _log) -> dict:
+    """A state dict from ``.cache/digits/{name}-{key}.safetensors``, made (and written atomically) when absent."""
+    from safetensors.torch import load_file, save
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path = CACHE / f"{name}-{key}.safetensors"
+    if path.is_file():
+        log(f"{name}: cached {path.relative_to(ROOT)}")
+        return load_file(str(path))
+    t0 = time.perf_counter()
+    sd = make()
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_bytes(save({k: v.contiguous() for k, v in sd.items()}))
+    os.replace(tmp, path)
+    log(f"{name}: trained in {time.perf_counter() - t0:.0f} s -> {path.relative_to(ROOT)}")
+    return sd
+
+
+# --------------------------------------------------------------------------------------------
+# metrics
+# --------------------------------------------------------------------------------------------
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets (the FID formula)."""
+    from scipy import linalg
+
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
+    if not np.isfinite(covmean).all():
+        eps = np.eye(s1.shape[0]) * 1e-6
+        covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
+    covmean = covmean.real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+class Evaluator:
+    def __init__(self, clf_state: dict, x_test: torch.Tensor, y_test: torch.Tensor) -> None:
+        self.clf = Classifier()
+        self.clf.load_state_dict(clf_state)
+        self.clf.eval().requires_grad_(False)
+        self.test_feats = self._features(x_test)
+        self.test_acc = float((self._logits(x_test).argmax(1) == y_test).float().mean())
+        self.test_div = self._diversity(self.test_feats, y_test.numpy())
+
+    @torch.no_grad()
+    def _features(self, x: torch.Tensor) -> np.ndarray:
+        return self.clf.features(x.float().clamp(-1, 1)).numpy().astype(np.float64)
+
+    @torch.no_grad()
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.clf(x.float().clamp(-1, 1))
+
+    @staticmethod
+    def _diversity(feats: np.ndarray, labels: np.ndarray) -> float:
+        out = []
+        for c in range(CLASSES):
+            f = feats[labels == c]
+            if len(f) > 1:
+                d = np.sqrt(((f[:, None] - f[None]) ** 2).sum(-1))
+                out.append(d.sum() / (len(f) * (len(f) - 1)))
+        return float(np.mean(out))
+
+    def metrics(self, samples: torch.Tensor, classes: torch.Tensor) -> dict[str, float]:
+        feats = self._features(samples)
+        acc = float((self._logits(samples).argmax(1) == classes).float().mean())
+        return {"fd": frechet_distance(feats, self.test_feats), "acc": acc,
+                "diversity": self._diversity(feats, classes.numpy()) / self.test_div}
+
+
+# --------------------------------------------------------------------------------------------
+# sampling through ComfyUI
+# --------------------------------------------------------------------------------------------
+def sample_teacher(mp, clip: ClassEmbeddingCLIP, size: Size, steps: int, cfg: float,
+                   sampler: str = "euler") -> tuple[torch.Tensor, int]:
+    """``per_class`` samples of every class with ComfyUI's KSampler path -> (samples, evals per image)."""
+    import comfy.sample
+
+    counted, counter = _count_evals(mp)
+    neg = clip.conditioning("")
+    out = []
+    for c in range(CLASSES):
+        latent = torch.zeros(size.per_class, 1, 8, 8)
+        noise = comfy.sample.prepare_noise(latent, size.seed + 1000 + c)
+        out.append(comfy.sample.sample(counted, noise, steps, cfg, sampler, "normal", clip.conditioning(PROMPTS[c]),
+                                       neg, latent, seed=size.seed + 1000 + c, disable_pbar=True).float())
+    return torch.cat(out), counter[0] // (CLASSES * size.per_class)
+
+
+def sample_student(mp, lora_path: str, clip: ClassEmbeddingCLIP, size: Size, steps: int) -> tuple[torch.Tensor, int]:
+    """The LoRA file applied with ComfyUI's loader, sampled with the plugin's ADD sampler at ``steps``
+    of its trained timesteps (as the ADD Compare node picks them)."""
+    import comfy.sd
+    import comfy.utils
+
+    from scripts.comfy_host import plugin_module
+
+    sampling = plugin_module("nodes.sampling")
+    train = plugin_module("nodes.train")
+    sd, md = comfy.utils.load_torch_file(lora_path, safe_load=True, return_metadata=True)
+    student, _ = comfy.sd.load_lora_for_models(mp, None, sd, 1.0, 0.0)
+    ts = train.pick_timesteps(json.loads(md["add.student_timesteps"]), steps)
+    counted, counter = _count_evals(student)
+    sigmas = sampling.build_sigmas(counted, "custom", len(ts), 1.0, ",".join(map(str, ts)))
+    out = []
+    for c in range(CLASSES):
+        latent = {"samples": torch.zeros(size.per_class, 1, 8, 8)}
+        out.append(sampling.add_sample(counted, clip.conditioning(PROMPTS[c]), latent, size.seed + 1000 + c,
+                                       sigmas)["samples"].float())
+    return torch.cat(out), counter[0] // (CLASSES * size.per_class)
+
+
+def _count_evals(mp):
+    from scripts.comfy_host import plugin_module
+
+    return plugin_module("nodes.train")._count_evals(mp)
+
+
+def prompted_classes(size: Size) -> torch.Tensor:
+    return torch.arange(CLASSES).repeat_interleave(size.per_class)
+
+
+# --------------------------------------------------------------------------------------------
+# ADD runs, built the way ADD Train builds them
+# --------------------------------------------------------------------------------------------
+def train_student(mp, clip: ClassEmbeddingCLIP, size: Size, lora_path: str, *, data: str = "teacher",
+                  distill_weight: float = 2.5, adv_weight: float = 1.0, steps: int | None = None,
+                  real: tuple[torch.Tensor, torch.Tensor] | None = None, save_every: int = 0,
+                  on_save: Callable[[int, str], None] | None = None,
+                  log: Callable[[str], None] = _log) -> dict[str, Any]:
+    """One ADD run through the node's adapter and ``training.run`` -> {'seconds', 'logs'}.
+
+    ``data='teacher'``: x0 generated by the teacher from the class prompts with CFG (ADD Train's
+    default, ``SyntheticTeacherData``); ``data='real'``: the train split (``LatentDataset``, like an
+    image batch connected to the node)."""
+    from scripts.comfy_host import plugin_module
+
+    adapter = plugin_module("nodes.train_adapter")
+    tr_config = plugin_module("training.config")
+    tr_data = plugin_module("training.data")
+    tr_run = plugin_module("training.run")
+    tr_schedule = plugin_module("training.schedule")
+
+    device = torch.device("cpu")
+    t_max = len(adapter.schedule_sigmas(mp)) - 1
+    cfg = tr_config.ADDConfig(
+        student_timesteps=(999, 749, 499, 249), num_train_timesteps=t_max + 1, lora_rank=size.lora_rank,
+        lora_alpha=float(size.lora_rank), lr_lora=size.lr_lora, lr_disc=size.lr_disc, distill_weight=distill_weight,
+        adv_weight=adv_weight, teacher_cfg_scale=size.distill_cfg, lr_schedule=size.lr_schedule, batch_size=size.add_batch, seed=size.seed,
+        max_steps=int(steps or size.add_steps), save_every=save_every, preview_every=0,
+        teacher_timestep_range=(1, t_max), disc_timestep_range=(0, size.disc_t_hi),
+        disc_spectral_norm=size.spectral_norm, ema_decay=size.ema_decay, disc_norm=size.disc_norm)
+    network = adapter.frozen_copy(mp, device)
+    bank = adapter.PromptBank(clip, PROMPTS, network, 64, 64)
+    schedule = tr_schedule.DiscreteSchedule(adapter.schedule_sigmas(mp))
+    if data == "teacher":
+        def data_factory(teacher):
+            return tr_data.SyntheticTeacherData(teacher, bank.prompts, lambda ps: bank.encode(ps, device), (1, 8, 8),
+                                                schedule, steps=size.data_steps, cfg_scale=size.teacher_cfg,
+                                                uncond=bank.uncond_on(device), device=device)
+    elif data == "real":
+        assert real is not None
+        x_tr, y_tr = real
+        cond, pooled = bank.encode([PROMPTS[int(c)] for c in y_tr], device)
+
+        def data_factory(_teacher):
+            return tr_data.LatentDataset(x_tr.clone(), cond=cond, pooled=pooled, uncond=bank.uncond_on(device))
+    else:
+        raise ValueError(f"data must be 'teacher' or 'real', got {data!r}")
+    spec = tr_run.RunSpec(
+        cfg=cfg, network=network, denoise=adapter.comfy_denoise, data=None, data_factory=data_factory,
+        schedule=schedule, lora_path=lora_path, device=device, feature_modules=adapter.feature_modules(network),
+        target_modules=adapter.lora_targets(network), c_dim=bank.c_dim,
+        base_info={"base_model": "digits UNet", "base_fingerprint": adapter.base_fingerprint(mp)},
+        run_info={"data": data}, keep_last=1)
+    run = tr_run.ADDRun(spec)
+    run.build()
+    history: list[dict] = []
+    t0 = time.perf_counter()
+    every = max(1, cfg.max_steps // 5)
+
+    def progress(stats: dict) -> None:
+        history.append(stats["logs"])
+        if stats["step"] % every == 0:
+            shown = {k: round(v, 4) for k, v in stats["logs"].items() if k in ("d_loss", "d_real", "d_fake", "adv", "distill")}
+            log(f"  step {stats['step']}/{cfg.max_steps} {shown} ({time.perf_counter() - t0:.0f} s)")
+
+    run.train(hooks=tr_run.RunHooks(progress=progress, saved=on_save))
+    return {"seconds": time.perf_counter() - t0, "logs": history}
