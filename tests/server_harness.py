@@ -6,72 +6,11 @@ prompt over HTTP, waits for it and returns its history entry (outputs, status, e
 """
 from __future__ import annotations
 
-import contextlib
-
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from scripts.comfy_client import ComfyClient
-from scripts.comfy_host import PLUGIN_LINK_NAME, ROOT, free_port, host_path
-
-
-def link_models(home: Path, tiny: dict[str, Path]) -> None:
-    """Put the tiny models where ComfyUI's folder paths look (symlinks, no copies)."""
-    from scripts.tiny_models import CACHE
-
-    for name, path in tiny.items():
-        rel = Path(path).relative_to(CACHE)
-        dst = home / "models" / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if not dst.exists():
-            dst.symlink_to(path)
-
-
-class ComfyServer(ComfyClient):
-    def __init__(self, home: Path, log_path: Path):
-        self.home = home
-        self.port = free_port()
-        super().__init__(f"http://127.0.0.1:{self.port}")
-        self.log_path = log_path
-        (home / "custom_nodes").mkdir(parents=True, exist_ok=True)
-        link = home / "custom_nodes" / PLUGIN_LINK_NAME
-        if not link.exists():
-            link.symlink_to(ROOT)
-        cmd = [
-            sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-            "--base-directory", str(home), "--database-url", "sqlite:///:memory:",
-            "--disable-auto-launch",
-        ]
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=host_path(), stdout=self._log, stderr=subprocess.STDOUT)
-
-    def log(self) -> str:
-        self._log.flush()
-        return Path(self.log_path).read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-
-@contextlib.contextmanager
-def running_server(home: Path):
-    """A ComfyServer on ``home`` once it answers; stopped on exit."""
-    srv = ComfyServer(home, home / "server.log")
-    try:
-        srv.wait_ready(srv.proc, timeout=180, log_tail=lambda: srv.log()[-4000:])
-        yield srv
-    finally:
-        srv.stop()
+from scripts.comfy_host import ROOT
+from scripts.comfy_server import ComfyServer, link_models, running_server  # noqa: F401 (used by tests)
 
 
 @pytest.fixture(scope="session")

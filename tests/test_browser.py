@@ -1,9 +1,14 @@
-"""What a user sees: the ADD Training panel in a real browser (Debian's chromium, headless, driven by
-Playwright with that binary; no browser download) against the real ComfyUI front end and server.
+"""What a user sees, in a real browser (Debian's chromium, headless, driven by Playwright with that
+binary; no browser download) against the real ComfyUI front end and server with this plugin and
+the stand-in models.
 
-A training job is started from the page (the shipped add_train_lora workflow loaded into the graph,
-sized for a CPU, queued with the page's own Queue), then the panel shows it: progress advancing, a
-loss plot, a preview image, and Cancel.
+* Every shipped workflow is opened through the page's file input, shows no missing node, no
+  "invalid workflow" dialog and no widget value outside its choices, is queued with the page's Run
+  button, shows its output images on the canvas, and is queued again (the seed control set to
+  "increment", as a user pressing Run twice with that control) with new images the second time.
+  A screenshot of each lands in out/screenshots/.
+* A training job started from the page is followed in the ADD Training panel: progress
+  advancing, a loss plot, a preview image, and Cancel.
 """
 from __future__ import annotations
 
@@ -15,37 +20,48 @@ from pathlib import Path
 import pytest
 
 from scripts.comfy_host import ROOT
+from scripts.ui_driver import chromium_path
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SHIPPED = sorted((ROOT / "workflows").glob("*.json"))
+SHOTS = ROOT / "out" / "screenshots"
 try:
     from playwright.sync_api import sync_playwright
 except ImportError:  # the test set-up installs it; a bare environment skips with the reason
     sync_playwright = None
 
+# Settings a 2-core CPU finishes in seconds (the shipped defaults are for a GPU at 512²).
+CPU_SIZED = {
+    "ADDTrain": dict(width=64, height=64, batch_size=2, max_steps=2, data_steps=2, save_every=1, preview_every=1,
+                     run_mode="alongside"),
+    "ADDCompare": dict(width=64, height=64, teacher_steps=2),
+    "EmptyLatentImage": dict(width=128, height=128),
+}
+
 
 @pytest.fixture(scope="module")
-def browser_page(comfy_server):
+def comfy_page(comfy_server):
     if sync_playwright is None:
         pytest.skip("playwright is not installed: run bash scripts/test.sh (it installs the test tools)")
-    if CHROMIUM is None:
+    if chromium_path() is None:
         pytest.skip("Debian's chromium is not installed: run bash scripts/test.sh as root (it apt-installs it)")
+    from scripts.ui_driver import ComfyPage
+
+    # A returning user: the first-run template browser would cover the canvas.
+    comfy_server.post("/settings/Comfy.TutorialCompleted", True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1500, "height": 950})
-        errors = []
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        # A returning user: the first-run template browser would cover the canvas.
-        comfy_server.post("/settings/Comfy.TutorialCompleted", True)
-        page.goto(comfy_server.url)
-        page.wait_for_function("window.app && window.app.graph && window.app.extensionManager", timeout=90_000)
-        time.sleep(1)
-        _close_dialogs(page)
-        page.errors = errors
-        yield page
-        browser.close()
+        cp = ComfyPage(p, comfy_server.url)
+        cp.picture_settings()
+        yield cp
+        cp.close()
+
+
+@pytest.fixture(scope="module")
+def browser_page(comfy_page):
+    page = comfy_page.page
+    page.errors = comfy_page.console_errors
+    return page
 
 
 def _close_dialogs(page) -> None:
@@ -62,8 +78,48 @@ def _close_dialogs(page) -> None:
     raise AssertionError("a dialog stays open: " + page.locator(".p-dialog").first.inner_text()[:300])
 
 
-def _job_card(page):
-    return page.locator("[data-testid^='add-job-']").first
+def _cancel_jobs(comfy_server) -> None:
+    for job in comfy_server.get("/add/jobs")["jobs"]:  # let no started job outlive a test
+        if job["state"] in ("queued", "running", "paused"):
+            comfy_server.post(f"/add/jobs/{job['id']}/cancel", {})
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_workflow_runs_twice_from_the_page(comfy_page, comfy_server, path):
+    cp = comfy_page
+    types = cp.open_workflow(path)
+    assert set(types) == {n["type"] for n in json.loads(path.read_text())["nodes"]}
+    assert cp.problems() == [], f"{path.name} as the page shows it"
+    for node_type, values in CPU_SIZED.items():
+        if node_type in types:
+            cp.set_widgets(node_type, values)
+    if "ADDTrain" in types:
+        cp.set_widgets("ADDTrain", {"name": f"browser_{path.stem}"})
+    cp.set_seed_control("increment")
+
+    saved = []
+    try:
+        for attempt in (1, 2):
+            end = cp.run()
+            assert end["kind"] == "execution_success", f"run {attempt} of {path.name}: {json.dumps(end)[:3000]}"
+            expected = cp.output_images(end["prompt_id"])
+            assert expected, f"run {attempt} of {path.name} gave no image to show"
+            shown = cp.wait_images_shown(expected)
+            assert all(shown[nid] == names for nid, names in expected.items()), (shown, expected)
+            assert cp.problems() == [], f"run {attempt} of {path.name}"
+            saved.append({f for names in cp.output_images(end["prompt_id"], ("output",)).values() for f in names})
+    finally:
+        _cancel_jobs(comfy_server)
+    # The second run saved new files (next seed, numbered names) and showed them; nothing overwritten.
+    assert saved[0] and saved[1] and not (saved[0] & saved[1]), saved
+    cp.fit_view()
+    cp.screenshot(SHOTS / f"workflow_{path.stem}.png")
+    ours = [e for e in cp.console_errors if "add_training" in e or "comfyui-add" in e]
+    assert ours == [], ours
+
+
+def _job_card(page, name: str):
+    return page.locator(f"[data-testid^='add-job-'][data-job-name='{name}']").first
 
 
 def test_training_panel_follows_a_job_started_from_the_page(browser_page, comfy_server, tmp_path):
@@ -94,7 +150,7 @@ def test_training_panel_follows_a_job_started_from_the_page(browser_page, comfy_
     assert missing == []
     _close_dialogs(page)
     page.locator(".add-training-tab-button").click()
-    card = _job_card(page)
+    card = _job_card(page, "browser_run")
     card.wait_for(timeout=120_000)
     assert "browser_run" in card.inner_text()
 
@@ -110,19 +166,18 @@ def test_training_panel_follows_a_job_started_from_the_page(browser_page, comfy_
     assert card.locator("[data-testid='add-loss-plot']").count() == 1
     preview = card.locator("[data-testid='add-preview']")
     preview.wait_for(timeout=60_000)
-    page.wait_for_function("""() => { const i = document.querySelector("[data-testid='add-preview']");
+    page.wait_for_function("""() => { const i = document.querySelector("[data-job-name='browser_run'] [data-testid='add-preview']");
                                       return i && i.complete && i.naturalWidth > 0; }""", timeout=30_000)
     text = card.inner_text()
     assert "it/s" in text and "ETA" in text and "D " in text
 
-    shots = ROOT / "out" / "screenshots"
-    shots.mkdir(parents=True, exist_ok=True)
+    SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(tmp_path / "training_panel.png"))
-    shutil.copy(tmp_path / "training_panel.png", shots / "training_panel.png")
+    shutil.copy(tmp_path / "training_panel.png", SHOTS / "training_panel.png")
 
     # Cancel from the panel: the job stops at a step boundary, saved
     card.locator("[data-testid='add-cancel']").click()
-    page.wait_for_function("""() => { const s = document.querySelector("[data-testid^='add-job-'] [data-testid='add-state']");
+    page.wait_for_function("""() => { const s = document.querySelector("[data-job-name='browser_run'] [data-testid='add-state']");
                                       return s && s.textContent === 'cancelled'; }""", timeout=120_000)
     jobs = [j for j in comfy_server.get("/add/jobs")["jobs"] if j["name"] == "browser_run"]
     assert jobs and jobs[-1]["state"] == "cancelled" and jobs[-1]["last_checkpoint_step"] == jobs[-1]["step"]

@@ -102,7 +102,7 @@ function drawPlot(canvas, history) {
 function jobCard(job) {
   const pct = job.max_steps ? Math.min(100, (100 * job.step) / job.max_steps) : 0;
   const losses = job.losses || {};
-  const card = el("div", { "data-testid": `add-job-${job.id}`, class: "add-job",
+  const card = el("div", { "data-testid": `add-job-${job.id}`, "data-job-name": job.name, class: "add-job",
     style: { border: "1px solid var(--border-color, #444)", borderRadius: "6px", padding: "8px", marginBottom: "10px" } });
   card.append(el("div", { style: { display: "flex", justifyContent: "space-between", alignItems: "baseline" } },
     el("b", {}, job.name),
@@ -190,7 +190,9 @@ app.registerExtension({
     loadAll();
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData.name !== "ADDTrain" && nodeData.name !== "ADDTrainingStatus") return;
+    // Every node of this plugin that reports text (training status, LoRA merge report, saved file,
+    // extraction error, comparison) shows it on the node, where the user is looking.
+    if (!String(nodeData.category || "").startsWith("ADD")) return;
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);
