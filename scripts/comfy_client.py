@@ -28,6 +28,10 @@ class ComfyClient:
         with urllib.request.urlopen(self.url + path, timeout=30) as r:
             return json.loads(r.read())
 
+    def get_bytes(self, path: str) -> bytes:
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return r.read()
+
     def post(self, path: str, data: dict) -> dict:
         """POST JSON; an HTTP error comes back as its JSON body plus ``http_status``."""
         req = urllib.request.Request(self.url + path, data=json.dumps(data).encode(), headers={"Content-Type": "application/json"})

@@ -83,11 +83,23 @@ def _clip(box: dict, margin: float, page) -> dict:
     return {"x": x, "y": y, "width": min(vw - x, box["width"] + 2 * margin), "height": min(vh - y, box["height"] + 2 * margin)}
 
 
-def graph_picture(cp) -> bytes:
-    """PNG of the graph as it is on the canvas, cropped to its nodes."""
+def graph_picture(cp, aspect: float | None = 4 / 3) -> bytes:
+    """PNG of the graph as it is on the canvas, cropped to its nodes; ``aspect``: widen the short
+    side to this width/height ratio (the template browser's 4:3 cards) around the graph's centre."""
     cp.fit_view()
     box = cp.page.evaluate(_GRAPH_BOX)
-    return cp.page.screenshot(clip=_clip(box, 16, cp.page))
+    png = cp.page.screenshot(clip=_clip(box, 16, cp.page))
+    if aspect is None:
+        return png
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    w, h = max(img.width, round(img.height * aspect)), max(img.height, round(img.width / aspect))
+    canvas = Image.new("RGB", (w, h), img.getpixel((2, 2)))  # the canvas background around the graph
+    canvas.paste(img, ((w - img.width) // 2, (h - img.height) // 2))
+    out = io.BytesIO()
+    canvas.save(out, "PNG")
+    return out.getvalue()
 
 
 def node_picture(cp, node_type: str, margin: float = 24) -> bytes:
@@ -145,7 +157,9 @@ def _run_output_png(cp, server) -> bytes | None:
     return bytes(data)
 
 
-def thumbnails(cp, server, workflows: list[Path], stood_in: list[str]) -> list[Path]:
+def thumbnails(cp, server, workflows: list[Path], stood_in: list[str] | None, out_dir: Path | None = None) -> list[Path]:
+    """Write ``<name>.jpg`` beside each workflow (or into ``out_dir``); returns the paths.
+    ``stood_in``: the model files that are stand-ins ("folder/name"); None: all of them."""
     written = []
     for wf in workflows:
         cp.open_workflow(wf)
@@ -153,15 +167,15 @@ def thumbnails(cp, server, workflows: list[Path], stood_in: list[str]) -> list[P
         if problems:
             raise RuntimeError(f"{wf.name} does not load cleanly in the page: {problems}")
         png = None
-        if _real_for(wf, stood_in):
+        if stood_in is not None and _real_for(wf, stood_in):
             print(f"[pictures] {wf.stem}: real weights present, running it for its output", flush=True)
             png = _run_output_png(cp, server)
         if png is None:
             png = graph_picture(cp)
-        out = wf.with_suffix(".jpg")
+        out = (out_dir / wf.name if out_dir else wf).with_suffix(".jpg")
         _write_atomic(out, _jpeg(png))
         written.append(out)
-        print(f"[pictures] {out.relative_to(ROOT)}", flush=True)
+        print(f"[pictures] {out}", flush=True)
     return written
 
 
@@ -177,8 +191,8 @@ def screenshots(cp, server) -> list[Path]:
     end = cp.run(timeout=1800)
     assert end["kind"] == "execution_success", end
     cp.wait_images_shown(cp.output_images(end["prompt_id"]))
-    cp.fit_view()
-    written.append(cp.screenshot(SHOTS / "sampling_workflow.png"))
+    _write_atomic(SHOTS / "sampling_workflow.png", graph_picture(cp, aspect=None))
+    written.append(SHOTS / "sampling_workflow.png")
 
     # 2. The LoRA merge report, shown on the ADD LoRA Merge node after a run.
     cp.open_workflow(WORKFLOWS / "lcm_lora_merge_4step.json")

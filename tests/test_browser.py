@@ -189,3 +189,27 @@ def test_training_panel_follows_a_job_started_from_the_page(browser_page, comfy_
     assert shown and "browser_run" in shown[0]
     ours = [e for e in page.errors if "add_training" in e or "comfyui-add" in e]
     assert ours == [], ours
+
+
+def test_every_workflow_has_a_thumbnail_made_from_the_page(comfy_page, comfy_server, tmp_path):
+    """ComfyUI's template browser shows ``<name>.jpg`` beside each template: one per workflow,
+    served by the server, made by scripts/thumbnails.py from the page (checked here by making one)."""
+    from PIL import Image
+
+    from scripts.thumbnails import thumbnails
+
+    for wf in SHIPPED:
+        thumb = wf.with_suffix(".jpg")
+        assert thumb.is_file(), f"{thumb.name} is missing: run .venv/bin/python -m scripts.thumbnails"
+        with Image.open(thumb) as im:
+            assert im.format == "JPEG" and 1.2 < im.width / im.height < 1.45, (thumb.name, im.size)
+    served = comfy_server.get_bytes(f"/api/workflow_templates/comfyui-add/{SHIPPED[0].stem}.jpg")
+    assert served == SHIPPED[0].with_suffix(".jpg").read_bytes()
+
+    wf = ROOT / "workflows" / "sd_turbo_txt2img_1step.json"
+    [made] = thumbnails(comfy_page, comfy_server, [wf], stood_in=None, out_dir=tmp_path)
+    with Image.open(made) as im:
+        import numpy as np
+
+        px = np.asarray(im.convert("L"), dtype=np.float32)
+    assert made.name == "sd_turbo_txt2img_1step.jpg" and px.std() > 10, "the thumbnail should show the graph's nodes"
