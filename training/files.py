@@ -7,7 +7,8 @@
 - Writing: :func:`atomic_write` and its wrappers write a temporary file in the target folder (a
   short hidden name ending in ``.partial`` that no model list shows and that fits any file name
   limit), fsync, then rename. ``overwrite=False`` never replaces a file, even one that appears
-  while writing. Temporaries left by a killed process are removed by the next write there.
+  while writing. :func:`atomic_write_first_free` writes once and takes the first free name of a
+  sequence (numbered saves). Temporaries left by a killed process are removed by the next write there.
 - Names: :func:`check_name` / :func:`safe_path` refuse '..', absolute paths, drive letters, NUL and
   control characters, separators where none are allowed, and names the file system cannot hold.
 
