@@ -30,6 +30,7 @@ import folder_paths
 
 from ..core import lora_keys
 from ..training import files
+from . import saving
 
 log = logging.getLogger(__name__)
 
@@ -316,16 +317,6 @@ def _fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
-def safe_output_path(folder: str, name: str, ext: str = ".safetensors") -> str:
-    """``folder/name.ext`` where ``name`` may hold sub-folders but never leaves ``folder``."""
-    return files.safe_path(folder, name, ext, what="filename", subfolders=True)
-
-
-def atomic_write(path: str, tensors: dict, metadata: dict, overwrite: bool) -> None:
-    """The one atomic safetensors write (core.files): a kill leaves the old file and no stray temporary."""
-    files.atomic_write_safetensors(tensors, path, metadata, overwrite=overwrite)
-
-
 def read_lora(lora_name: str) -> tuple[dict, dict]:
     """(tensors, metadata) of a file in models/loras, through the plugin's one checked reader."""
     path = folder_paths.get_full_path("loras", lora_name)
@@ -493,8 +484,9 @@ class ADDSaveTurboCheckpoint:
     """Save a fused model (+ CLIP + VAE) as one .safetensors with honest metadata, atomically."""
 
     DESCRIPTION = ("Writes model + CLIP + VAE as one .safetensors checkpoint in the output folder with modelspec metadata "
-                   "(base model, merged LoRAs and strengths, recommended steps / timesteps / cfg). Atomic; never "
-                   "overwrites unless asked.")
+                   "(base model, merged LoRAs and strengths, recommended steps / timesteps / cfg). Numbered like "
+                   "ComfyUI's Save Checkpoint (<prefix>_00001_.safetensors, ...): queueing again writes the next "
+                   "number and never replaces a file, unless exact_name_overwrite is on. Atomic.")
     CATEGORY = "ADD/lora"
     FUNCTION = "save"
     OUTPUT_NODE = True
@@ -509,9 +501,10 @@ class ADDSaveTurboCheckpoint:
                 "model": ("MODEL", {"tooltip": "The fused model (from ADD LoRA Merge, or any model)."}),
                 "clip": ("CLIP", {"tooltip": "Text encoder saved into the checkpoint."}),
                 "vae": ("VAE", {"tooltip": "VAE saved into the checkpoint."}),
-                "filename": ("STRING", {"default": "checkpoints/turbo_model",
-                                        "tooltip": "File name inside the output folder ('.safetensors' is added); sub-folders with '/'."}),
-                "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing file of that name."}),
+                # filename_prefix / exact_name_overwrite sit where the old filename / overwrite widgets were:
+                # old workflows restore their values by position (see nodes/saving.py).
+                "filename_prefix": saving.prefix_input("checkpoints/turbo_model", "ComfyUI's output folder"),
+                "exact_name_overwrite": saving.exact_input(),
                 "steps": ("INT", {"default": 4, "min": 1, "max": 50, "tooltip": "Recommended sampling steps written to metadata."}),
                 "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 30.0, "step": 0.1, "tooltip": "Recommended cfg written to metadata."}),
                 "base_model_name": ("STRING", {"default": "", "tooltip": "Name of the checkpoint the merge started from "
@@ -519,14 +512,13 @@ class ADDSaveTurboCheckpoint:
             },
         }
 
-    def save(self, model, clip, vae, filename, overwrite, steps, cfg, base_model_name):
-        path = safe_output_path(folder_paths.get_output_directory(), filename)
-        title = os.path.basename(path)[: -len(".safetensors")]
+    def save(self, model, clip, vae, filename_prefix, exact_name_overwrite, steps, cfg, base_model_name):
+        out = folder_paths.get_output_directory()
+        # the name is checked before gathering gigabytes of weights
+        title = os.path.basename(saving.check_prefix(filename_prefix, out, exact_name_overwrite))
         md, extra = turbo_metadata(model, title, steps, cfg, base_model_name)
-        if os.path.exists(path) and not overwrite:  # before gathering gigabytes of weights
-            raise files.ADDFileExistsError(f"{path} already exists; turn on 'overwrite' to replace it, or choose another "
-                                           "file name.")
-        atomic_write(path, checkpoint_state_dict(model, clip, vae, extra), md, overwrite)
+        path = saving.save_safetensors(out, filename_prefix, exact_name_overwrite,
+                                       checkpoint_state_dict(model, clip, vae, extra), md)
         report = f"saved {path}\n" + "\n".join(f"{k}: {v}" for k, v in md.items())
         return {"ui": {"text": [report]}, "result": (report,)}
 
@@ -635,7 +627,8 @@ class ADDExtractLoRA:
 
     DESCRIPTION = ("Extracts a LoRA from a turbo model and its base (truncated SVD per layer at the chosen rank), saves it "
                    "to models/loras in ComfyUI-native keys (loads in ADD LoRA Merge and core LoraLoader) and reports the "
-                   "relative reconstruction error, overall and for the worst layer.")
+                   "relative reconstruction error, overall and for the worst layer. Files are numbered "
+                   "(<prefix>_00001_.safetensors, ...): queueing again never replaces one, unless exact_name_overwrite is on.")
     CATEGORY = "ADD/lora"
     FUNCTION = "extract"
     OUTPUT_NODE = True
@@ -650,19 +643,17 @@ class ADDExtractLoRA:
                 "turbo_model": ("MODEL", {"tooltip": "The fast (distilled / LoRA-merged) model."}),
                 "base_model": ("MODEL", {"tooltip": "The base model the turbo model was made from (same architecture)."}),
                 "rank": ("INT", {"default": 64, "min": 1, "max": 1024, "tooltip": "LoRA rank: higher = closer, bigger file."}),
-                "filename": ("STRING", {"default": "add_extracted_lora", "tooltip": "File name inside models/loras ('.safetensors' is added)."}),
-                "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing file of that name."}),
+                "filename_prefix": saving.prefix_input("add_extracted_lora", "models/loras"),
+                "exact_name_overwrite": saving.exact_input(),
             },
         }
 
-    def extract(self, turbo_model, base_model, rank, filename, overwrite):
+    def extract(self, turbo_model, base_model, rank, filename_prefix, exact_name_overwrite):
         fam_t, fam_b = _model_family(turbo_model), _model_family(base_model)
         if fam_t != fam_b:
             raise files.ADDError(f"turbo_model is {fam_t[1]} but base_model is {fam_b[1]}: connect the base of the same family")
-        path = safe_output_path(folder_paths.get_folder_paths("loras")[0], filename)
-        if os.path.exists(path) and not overwrite:  # before the SVD: minutes of work would be lost
-            raise files.ADDFileExistsError(f"{path} already exists; turn on 'overwrite' to replace it, or choose another "
-                                           "file name.")
+        loras = folder_paths.get_folder_paths("loras")[0]  # the first loras folder: where LoraLoader looks
+        saving.check_prefix(filename_prefix, loras, exact_name_overwrite)  # before the SVD: minutes lost on a typo
         sd, errs, overall = extract_lora_sd(turbo_model, base_model, rank)
         if not sd:
             raise files.ADDError("the two models have identical weights: nothing to extract (connect the turbo model and its base)")
@@ -675,7 +666,7 @@ class ADDExtractLoRA:
               "add.rank": str(used), "add.requested_rank": str(rank), "add.relative_error": f"{overall:.6g}",
               "add.worst_layer": f"{worst[0][0]}={worst[0][1]:.6g}" if worst else "",
               "add.sampling": record.get("sampling", "eps")}
-        atomic_write(path, sd, md, overwrite)
+        path = saving.save_safetensors(loras, filename_prefix, exact_name_overwrite, sd, md)
         capped = f" (requested {rank}; no layer is wider than {used})" if used < rank else ""
         report = (f"saved {path}\nrank {used}{capped}: {len(errs)} low-rank layers, "
                   f"{sum(1 for k in sd if k.endswith(('.diff', '.diff_b')))} exact 1-D diffs\n"

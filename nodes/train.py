@@ -187,9 +187,12 @@ class ADDTrain:
         return {"required": {
             "model": ("MODEL", _tip("The checkpoint to distil: teacher and the student's base (SD1.x, SD2.x, SDXL).")),
             "clip": ("CLIP", _tip("The checkpoint's CLIP, to encode the prompts (once, before training starts).")),
-            "name": ("STRING", _tip("LoRA file name: saved as models/loras/<name>.safetensors with its resumable state in "
-                                    "<name>.add-state/ beside it. An existing name resumes that run.",
-                                    default="my_turbo_lora")),
+            "name": ("STRING", _tip("The run's name, not a file prefix: the LoRA is models/loras/<name>.safetensors "
+                                    "(never numbered), its resumable state <name>.add-state/ beside it. Queueing again "
+                                    "with the same name continues that run: it reports the job while it trains, resumes "
+                                    "after a Cancel or a restart, and says 'done' once max_steps is reached (raise "
+                                    "max_steps to train on). Only max_steps, save_every and preview_every may change on "
+                                    "resume; other changes are refused with a message. A new name starts a new run.", default="my_turbo_lora")),
             "prompts": ("STRING", _tip("One prompt per line. Without images, the teacher generates the training images "
                                        "from these (LADD: no dataset needed); with images, a caption for images that "
                                        "have none.", default=_DEFAULT_PROMPTS, multiline=True)),

@@ -123,18 +123,18 @@ def tae_loader(name: str) -> dict:
     return p
 
 
-def save_ckpt(filename: str, overwrite=False) -> dict:
+def save_ckpt(prefix: str, exact=False, steps=1) -> dict:
     p = _base()
     p["2"] = {"class_type": "ADDSaveTurboCheckpoint", "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
-                                                                 "filename": filename, "overwrite": overwrite, "steps": 1,
-                                                                 "cfg": 1.0, "base_model_name": ""}}
+                                                                 "filename_prefix": prefix, "exact_name_overwrite": exact,
+                                                                 "steps": steps, "cfg": 1.0, "base_model_name": ""}}
     return p
 
 
-def extract(filename: str, rank=4, overwrite=False) -> dict:
+def extract(prefix: str, rank=4, exact=False) -> dict:
     p = merge("tiny_sd15_kohya.safetensors")
     p["5"] = {"class_type": "ADDExtractLoRA", "inputs": {"turbo_model": ["2", 0], "base_model": ["1", 0], "rank": rank,
-                                                         "filename": filename, "overwrite": overwrite}}
+                                                         "filename_prefix": prefix, "exact_name_overwrite": exact}}
     return p
 
 
@@ -187,13 +187,13 @@ CASES = [
     ("decode_3d", tiny_decode("three_d.latent"), ["expected an image latent", "(8, 8, 8)"]),
     ("tae_empty", tae_loader("empty_decoder.safetensors"), ["vae_approx/empty_decoder.safetensors is 0 bytes"]),
     ("tae_cut", tae_loader("cut_decoder.safetensors"), ["vae_approx/cut_decoder.safetensors is cut short"]),
-    ("save_dotdot", save_ckpt("../escape"), ["filename '../escape'", "'..'"]),
-    ("save_absolute", save_ckpt("/tmp/abs_model"), ["filename '/tmp/abs_model' is an absolute path"]),
+    ("save_dotdot", save_ckpt("../escape"), ["filename_prefix '../escape'", "'..'"]),
+    ("save_absolute", save_ckpt("/tmp/abs_model"), ["filename_prefix '/tmp/abs_model' is an absolute path"]),
     ("save_drive", save_ckpt("C:model"), ["drive letter"]),
     ("save_nul", save_ckpt("a\0b"), ["NUL"]),
     ("save_too_long", save_ckpt(LONG), ["is too long", "the file system allows"]),
-    ("extract_exists", extract("tiny_sd15_kohya"), ["tiny_sd15_kohya.safetensors already exists", "overwrite"]),
-    ("extract_bad_name", extract("sub/../../x"), ["filename 'sub/../../x'", "'..'"]),
+    ("save_exact_too_long", save_ckpt(LONG, exact=True), ["is too long", "the file system allows"]),
+    ("extract_bad_name", extract("sub/../../x"), ["filename_prefix 'sub/../../x'", "'..'"]),
     ("train_name_dotdot", train(name="../x"), ["name '../x'", "path separator", "my_turbo_lora"]),
     ("train_name_absolute", train(name="/etc/x"), ["name '/etc/x' is an absolute path"]),
     ("train_name_nul", train(name="a\0b"), ["NUL"]),
@@ -255,23 +255,66 @@ def test_a_lora_named_lcm_keeps_the_model_sampling(srv):
     assert "LCM: no" in report and "sampling: none" in report and "set sampling to 'lcm'" in report
 
 
-def test_near_limit_save_name_works_and_nothing_is_overwritten(srv):
-    name = "m" * (255 - len(".safetensors"))
+def _state(path: Path) -> tuple:
+    st = path.stat()
+    return path.read_bytes(), st.st_ino, st.st_mtime_ns
+
+
+def test_near_limit_prefix_saves_numbered_and_nothing_is_overwritten(srv):
+    """The longest prefix whose numbered name fits: saved twice, two files, the first untouched."""
+    name = "m" * (255 - len("_00001_.safetensors"))
     hist = srv.run(save_ckpt(name))
     assert hist["status"]["status_str"] == "success", hist["status"]
-    path = srv.home / "output" / (name + ".safetensors")
-    before = path.stat().st_mtime_ns
-    again = save_ckpt(name)
-    again["2"]["inputs"]["steps"] = 2  # other inputs: ComfyUI would answer a repeat from its cache
-    err = _error(srv.run(again))
-    assert "already exists" in err["exception_message"] and "overwrite" in err["exception_message"]
-    assert path.stat().st_mtime_ns == before and _stray(srv.home) == []
+    first = srv.home / "output" / f"{name}_00001_.safetensors"
+    before = _state(first)
+    again = save_ckpt(name, steps=2)  # another input: ComfyUI would answer an identical repeat from its cache
+    hist = srv.run(again)
+    assert hist["status"]["status_str"] == "success", hist["status"]
+    assert (srv.home / "output" / f"{name}_00002_.safetensors").is_file()
+    assert _state(first) == before and _stray(srv.home) == []
+    err = _error(srv.run(save_ckpt(name + "m")))  # one byte more no longer fits the numbered name
+    assert "is too long" in err["exception_message"]
+
+
+def test_exact_name_overwrite_replaces_the_one_file(srv):
+    path = srv.home / "output" / "exact" / "model.safetensors"
+    for steps in (1, 2):  # steps differ: the second save really runs, and writes its own metadata
+        hist = srv.run(save_ckpt("exact/model", exact=True, steps=steps))
+        assert hist["status"]["status_str"] == "success", hist["status"]
+        with safe_open(str(path), framework="pt") as f:
+            assert f.metadata()["add.recommended_steps"] == str(steps)
+    assert sorted(os.listdir(path.parent)) == ["model.safetensors"] and _stray(srv.home) == []
+
+
+def test_extract_over_an_existing_name_writes_the_next_number(srv):
+    """The name of an existing LoRA as prefix: the LoRA is kept, the result is numbered beside it."""
+    loras = srv.home / "models" / "loras"
+    kept = loras / "tiny_sd15_kohya.safetensors"
+    before = kept.read_bytes()
+    hist = srv.run(extract("tiny_sd15_kohya"))
+    assert hist["status"]["status_str"] == "success", hist["status"]
+    assert kept.read_bytes() == before and (loras / "tiny_sd15_kohya_00001_.safetensors").is_file()
+    listed = srv.get("/object_info/LoraLoader")["LoraLoader"]["input"]["required"]["lora_name"][0]
+    assert "tiny_sd15_kohya_00001_.safetensors" in listed  # where LoraLoader finds it
+
+
+def test_an_api_prompt_with_the_old_widget_names_is_refused_by_name(srv):
+    """API-format prompts written for the old savers (``filename`` / ``overwrite``) are refused before
+    anything runs, naming the input to add; UI workflows map by position (tests/test_workflows.py)."""
+    old = save_ckpt("old_api")
+    inputs = old["2"]["inputs"]
+    inputs["filename"], inputs["overwrite"] = inputs.pop("filename_prefix"), inputs.pop("exact_name_overwrite")
+    ans = srv.queue(old)
+    assert "prompt_id" not in ans, ans
+    errs = ans["node_errors"]["2"]["errors"]
+    assert {e["details"] for e in errs} == {"filename_prefix", "exact_name_overwrite"}
+    assert all(e["message"] == "Required input is missing" for e in errs)
 
 
 def test_extract_above_layer_width_reports_the_rank_it_stored(srv):
     hist = srv.run(extract("wide_rank_extract", rank=1024))
     assert hist["status"]["status_str"] == "success", hist["status"]
-    with safe_open(str(srv.home / "models" / "loras" / "wide_rank_extract.safetensors"), framework="pt") as f:
+    with safe_open(str(srv.home / "models" / "loras" / "wide_rank_extract_00001_.safetensors"), framework="pt") as f:
         md = f.metadata()
     downs = [int(json.loads(md["ss_network_dim"]))]
     assert md["add.requested_rank"] == "1024" and downs[0] < 1024 and md["add.rank"] == md["ss_network_dim"]

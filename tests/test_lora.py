@@ -298,8 +298,58 @@ def test_save_reload_same_output_and_metadata(L, sd15, loras_dir, comfy):
     assert not [f for f in os.listdir(os.path.dirname(path)) if f.endswith(".partial")]
 
 
-def test_save_is_atomic_and_never_overwrites_silently(L, sd15, monkeypatch, comfy):
-    import comfy.utils
+def _state(path):
+    """(content, inode, mtime) of a file: any rewrite or replacement changes one of them."""
+    st = os.stat(path)
+    with open(path, "rb") as f:
+        return f.read(), st.st_ino, st.st_mtime_ns
+
+
+def test_save_numbers_files_and_never_overwrites(L, sd15, comfy):
+    """Queued twice (the default): _00001_ then _00002_, nothing replaced, a same-name file left alone."""
+    import folder_paths
+
+    model, clip, vae = sd15
+    folder = os.path.join(folder_paths.get_output_directory(), "lora_numbered")
+    os.makedirs(folder, exist_ok=True)
+    user_file = os.path.join(folder, "turbo.safetensors")
+    with open(user_file, "wb") as f:
+        f.write(b"the user's own file")
+    node = L.ADDSaveTurboCheckpoint()
+    first = node.save(model, clip, vae, "lora_numbered/turbo", False, 4, 1.0, "")["result"][0]
+    p1 = os.path.join(folder, "turbo_00001_.safetensors")
+    assert first.startswith(f"saved {p1}\n")
+    before = _state(p1)
+    second = node.save(model, clip, vae, "lora_numbered/turbo.safetensors", False, 4, 1.0, "")["result"][0]
+    p2 = os.path.join(folder, "turbo_00002_.safetensors")
+    assert second.startswith(f"saved {p2}\n")
+    assert _state(p1) == before and open(user_file, "rb").read() == b"the user's own file"
+    assert sorted(os.listdir(folder)) == ["turbo.safetensors", "turbo_00001_.safetensors", "turbo_00002_.safetensors"]
+    assert safe_open(p2, "pt").metadata()["modelspec.title"] == "turbo"
+
+
+def test_save_takes_the_next_number_when_one_is_taken_meanwhile(L, sd15, monkeypatch, comfy):
+    """ComfyUI's counter is read before the weights are gathered; a file that appears under that
+    number meanwhile (another save) is skipped, not replaced."""
+    import folder_paths
+
+    model, clip, vae = sd15
+    folder = os.path.join(folder_paths.get_output_directory(), "lora_race")
+    real = folder_paths.get_save_image_path
+
+    def stale_counter(prefix, out_dir, *a):
+        got = real(prefix, out_dir, *a)
+        with open(os.path.join(got[0], f"{got[1]}_{got[2]:05}_.safetensors"), "wb") as f:
+            f.write(b"written by another save")
+        return got
+    monkeypatch.setattr(L.saving.folder_paths, "get_save_image_path", stale_counter)
+    rep = L.ADDSaveTurboCheckpoint().save(model, clip, vae, "lora_race/m", False, 4, 1.0, "")["result"][0]
+    assert rep.startswith(f"saved {os.path.join(folder, 'm_00002_.safetensors')}\n")
+    assert open(os.path.join(folder, "m_00001_.safetensors"), "rb").read() == b"written by another save"
+
+
+def test_exact_name_overwrite_replaces_atomically(L, sd15, monkeypatch, comfy):
+    import comfy.sd
     import folder_paths
 
     model, clip, vae = sd15
@@ -309,8 +359,7 @@ def test_save_is_atomic_and_never_overwrites_silently(L, sd15, monkeypatch, comf
     with open(path, "wb") as f:
         f.write(b"old file")
     node = L.ADDSaveTurboCheckpoint()
-    with pytest.raises(FileExistsError, match="overwrite"):
-        node.save(model, clip, vae, "lora_atomic/keep", False, 4, 1.0, "")
+    real_writer = L.files.write_safetensors_to
 
     def broken_writer(f, tensors, metadata=None):
         f.write(b"half a file")
@@ -322,14 +371,31 @@ def test_save_is_atomic_and_never_overwrites_silently(L, sd15, monkeypatch, comf
     with pytest.raises(OSError, match="disk full"):
         node.save(model, clip, vae, "lora_atomic/new_one", False, 4, 1.0, "")
     assert open(path, "rb").read() == b"old file"
-    assert sorted(os.listdir(folder)) == ["keep.safetensors"]
+    assert sorted(os.listdir(folder)) == ["keep.safetensors"]  # no temporary, no numbered half file
+    monkeypatch.setattr(L.files, "write_safetensors_to", real_writer)
+    rep = node.save(model, clip, vae, "lora_atomic/keep", True, 4, 1.0, "")["result"][0]
+    assert rep.startswith(f"saved {path}\n") and sorted(os.listdir(folder)) == ["keep.safetensors"]
+    assert comfy.sd.load_checkpoint_guess_config(path)[0] is not None  # the old bytes are gone, a checkpoint is there
 
 
 @pytest.mark.parametrize("bad", ["../escape", "/tmp/abs", "a/../../b", "bad|name", "", "sub/./x", "c:evil", "a\\b"])
-def test_save_rejects_path_escapes(L, sd15, bad):
+@pytest.mark.parametrize("exact", [False, True])
+def test_save_rejects_path_escapes(L, sd15, bad, exact):
     model, clip, vae = sd15
-    with pytest.raises(ValueError, match="file name"):
-        L.ADDSaveTurboCheckpoint().save(model, clip, vae, bad, True, 4, 1.0, "")
+    with pytest.raises(ValueError, match="filename_prefix .*file name"):
+        L.ADDSaveTurboCheckpoint().save(model, clip, vae, bad, exact, 4, 1.0, "")
+
+
+def test_save_refuses_a_symlinked_folder_leading_out(L, sd15, tmp_path, comfy):
+    import folder_paths
+
+    model, clip, vae = sd15
+    link = os.path.join(folder_paths.get_output_directory(), "lora_link_out")
+    if not os.path.islink(link):
+        os.symlink(tmp_path, link)
+    with pytest.raises(ValueError, match="resolves outside"):
+        L.ADDSaveTurboCheckpoint().save(model, clip, vae, "lora_link_out/x", False, 4, 1.0, "")
+    assert os.listdir(tmp_path) == []
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,8 +429,11 @@ def test_extract_then_merge_approximates_turbo(L, sd15, loras_dir):
     assert _close(run(core), out_b, 1e-4)
     out_t = run(turbo)
     assert float((out_b - out_t).norm()) < float((run(model) - out_t).norm())
-    with pytest.raises(FileExistsError, match="overwrite"):
-        L.ADDExtractLoRA().extract(turbo, model, 8, name, False)
+    before = _state(path)
+    again = L.ADDExtractLoRA().extract(turbo, model, 8, name, False)["result"][0]  # the default: numbered
+    numbered = os.path.join(os.path.dirname(path), name + "_00001_.safetensors")
+    assert again.startswith(f"saved {numbered}\n") and _state(path) == before
+    assert _load(numbered).keys() == _load(path).keys()
 
 
 class _KeysOnly:
@@ -388,16 +457,8 @@ def test_extract_checks_the_architecture_both_ways(L):
     L.check_same_architecture(_KeysOnly(base), _KeysOnly(base))
 
 
-def test_extract_refuses_an_existing_file_before_any_work(L, sd15, monkeypatch, comfy):
-    import folder_paths
-
+def test_extract_checks_the_name_before_any_work(L, sd15, monkeypatch, comfy):
     model = sd15[0]
-    os.makedirs(folder_paths.get_folder_paths("loras")[0], exist_ok=True)
-    target = os.path.join(folder_paths.get_folder_paths("loras")[0], "exists_before_svd.safetensors")
-    with open(target, "wb") as f:
-        f.write(b"user file")
-    monkeypatch.setattr(L, "extract_lora_sd", lambda *a, **k: pytest.fail("the SVD ran before the file check"))
-    with pytest.raises(FileExistsError, match="overwrite"):
-        L.ADDExtractLoRA().extract(model, model, 4, "exists_before_svd", False)
-    assert open(target, "rb").read() == b"user file"
-    os.remove(target)
+    monkeypatch.setattr(L, "extract_lora_sd", lambda *a, **k: pytest.fail("the SVD ran before the name check"))
+    with pytest.raises(ValueError, match="filename_prefix 'sub/../x'"):
+        L.ADDExtractLoRA().extract(model, model, 4, "sub/../x", False)

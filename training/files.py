@@ -7,7 +7,8 @@
 - Writing: :func:`atomic_write` and its wrappers write a temporary file in the target folder (a
   short hidden name ending in ``.partial`` that no model list shows and that fits any file name
   limit), fsync, then rename. ``overwrite=False`` never replaces a file, even one that appears
-  while writing. Temporaries left by a killed process are removed by the next write there.
+  while writing. :func:`atomic_write_first_free` writes once and takes the first free name of a
+  sequence (numbered saves). Temporaries left by a killed process are removed by the next write there.
 - Names: :func:`check_name` / :func:`safe_path` refuse '..', absolute paths, drive letters, NUL and
   control characters, separators where none are allowed, and names the file system cannot hold.
 
@@ -315,6 +316,60 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], overwrit
             os.remove(tmp)
     _fsync_dir(directory)
     return path
+
+
+def atomic_write_first_free(candidates: Iterable[str | os.PathLike], write: Callable[[Any], None],
+                            limit: int = 100_000) -> str:
+    """``write(binary file object)`` once into a temporary file, then give it the first free name.
+
+    ``candidates`` (all in one folder; may be an endless generator) are tried in order; each is
+    claimed atomically with a hard link, which fails when the name exists, so no file, not even
+    one that appears while writing, is ever replaced: the next candidate is taken instead. This is
+    how numbered saves (``x_00001_``, ``x_00002_``, ...) stay correct when two saves race. On any
+    error, or a kill, nothing is left but the temporary (removed as :func:`atomic_write` says).
+    Returns the path written.
+    """
+    it = iter(candidates)
+    try:
+        first = os.path.abspath(os.fspath(next(it)))
+    except StopIteration:
+        raise ValueError("atomic_write_first_free needs at least one candidate path") from None
+    directory = os.path.dirname(first)
+    os.makedirs(directory, exist_ok=True)
+    remove_stale_temporaries(directory)
+    tmp = temp_path_for(first)
+    written = None
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        path, tried = first, 0
+        while written is None:
+            if os.path.dirname(path) != directory:
+                raise ValueError(f"candidate {path} is not in {directory}: all candidates must share one folder")
+            if not os.path.lexists(path):
+                try:
+                    os.link(tmp, path)  # fails if path exists: no window where another file is clobbered
+                    written = path
+                except FileExistsError:
+                    pass  # another save took this name meanwhile: take the next one
+                except OSError:  # file systems without hard links: a check, then a rename
+                    if not os.path.lexists(path):
+                        os.replace(tmp, path)
+                        written = path
+            if written is None:
+                tried += 1
+                nxt = next(it, None)
+                if nxt is None or tried >= limit:
+                    raise ADDFileExistsError(f"no free file name left after {first} ({tried} names taken); choose "
+                                             "another file name or clear the folder.")
+                path = os.path.abspath(os.fspath(nxt))
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _fsync_dir(directory)
+    return written
 
 
 def atomic_write_bytes(data: bytes, path: str | os.PathLike, overwrite: bool = True) -> str:

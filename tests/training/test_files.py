@@ -89,6 +89,41 @@ def test_overwrite_false_never_replaces_and_leaves_no_temporary(tmp_path):
     assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["keep.safetensors"]
 
 
+def _numbered(tmp_path, stem="m"):
+    n = 1
+    while True:
+        yield tmp_path / f"{stem}_{n:05}_.safetensors"
+        n += 1
+
+
+def test_first_free_skips_taken_names_and_a_name_taken_while_writing(tmp_path):
+    (tmp_path / "m_00001_.safetensors").write_bytes(b"one")
+
+    def write(f):  # another save takes _00002_ while this one writes
+        (tmp_path / "m_00002_.safetensors").write_bytes(b"two")
+        f.write(b"mine")
+    path = files.atomic_write_first_free(_numbered(tmp_path), write)
+    assert path == str(tmp_path / "m_00003_.safetensors") and (tmp_path / "m_00003_.safetensors").read_bytes() == b"mine"
+    assert (tmp_path / "m_00001_.safetensors").read_bytes() == b"one"
+    assert (tmp_path / "m_00002_.safetensors").read_bytes() == b"two"
+    assert sorted(os.listdir(tmp_path)) == [f"m_0000{i}_.safetensors" for i in (1, 2, 3)]  # no temporary left
+
+
+def test_first_free_failure_leaves_nothing(tmp_path):
+    def broken(f):
+        f.write(b"half")
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        files.atomic_write_first_free(_numbered(tmp_path), broken)
+    assert os.listdir(tmp_path) == []
+    taken = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    for p in taken:
+        p.write_bytes(b"keep")
+    with pytest.raises(files.ADDFileExistsError, match="no free file name"):
+        files.atomic_write_first_free(iter(taken), lambda f: f.write(b"new"))
+    assert [p.read_bytes() for p in taken] == [b"keep", b"keep"] and len(os.listdir(tmp_path)) == 2
+
+
 def test_near_limit_names_save(tmp_path):
     """The temporary's name is short whatever the final name is (the old one was longer than it)."""
     limit = files.name_max(tmp_path)
