@@ -23,9 +23,9 @@ Tests run all of this on a CPU by injecting a capturer (see :func:`recompute_cap
 from __future__ import annotations
 
 import logging
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
@@ -76,7 +76,8 @@ def unfit_reason(tensors: Tensors, control: Any = None, transformer_options: Opt
     opts = transformer_options or {}
     for key in PATCH_KEYS:
         if opts.get(key):
-            return "patches", f"the model carries transformer_options['{key}'] patches ({', '.join(map(str, opts[key]))})"
+            names = ", ".join(map(str, opts[key]))
+            return "patches", f"the model carries transformer_options['{key}'] patches ({names})"
     if opts.get(STREAMED_WEIGHTS_KEY):
         return "streamed", ("ComfyUI streams this model's weights in per layer (dynamic VRAM); start ComfyUI with "
                             "--highvram (or --disable-dynamic-vram) to keep them resident")
@@ -264,7 +265,7 @@ class GraphRunner(_FastPath):
                  log: Callable[[str], None] = _log_info):
         super().__init__(max_entries, require_cuda, log)
         self.capture = capture if capture is not None else cuda_graph_capturer()
-        self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self.graphs: dict[tuple, _Graph] = {}
         self.failed: dict[tuple, str] = {}
         self.weights = WeightWatch()
 
@@ -280,20 +281,21 @@ class GraphRunner(_FastPath):
             return self.fallback("weights", self.weights.problem, eager)
         x = tensors[0]
         if self.weights.device is not None and self.weights.device != x.device:
-            return self.fallback("weights", f"the weights are on {self.weights.device} but the latent is on {x.device}", eager)
+            why = f"the weights are on {self.weights.device} but the latent is on {x.device}"
+            return self.fallback("weights", why, eager)
         key = call_key(tensors)
         graph = self.graphs.get(key)
         if graph is None:
             if key in self.failed:
-                return self.fallback("capture", f"capturing {describe_key(key)} failed earlier ({self.failed[key]})", eager)
+                why = f"capturing {describe_key(key)} failed earlier ({self.failed[key]})"
+                return self.fallback("capture", why, eager)
             if len(self.graphs) >= self.max_entries:
-                return self.fallback("cache", f"{describe_key(key)} is a new call signature and the cache already holds "
-                                              f"{self.max_entries} graphs (raise cache_size to keep more)", eager)
+                why = (f"{describe_key(key)} is a new call signature and the cache already holds {self.max_entries} "
+                       "graphs (raise cache_size to keep more)")
+                return self.fallback("cache", why, eager)
             graph = self._capture(module, key, tensors, forward)
             if graph is None:
                 return self.fallback("capture", f"capturing {describe_key(key)} failed ({self.failed[key]})", eager)
-        else:
-            self.graphs.move_to_end(key)
         for buf, t in zip(graph.inputs, tensors):
             if buf is not None:
                 buf.copy_(t)
@@ -317,7 +319,8 @@ class GraphRunner(_FastPath):
         graph = _Graph(inputs, output, replay)
         self.graphs[key] = graph
         self.stats["captures"] += 1
-        self.log(f"ADD fast path (cuda_graph): captured {describe_key(key)} ({len(self.graphs)}/{self.max_entries} graphs).")
+        self.log(f"ADD fast path (cuda_graph): captured {describe_key(key)} "
+                 f"({len(self.graphs)}/{self.max_entries} graphs).")
         return graph
 
 

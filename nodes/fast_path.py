@@ -93,7 +93,8 @@ def _without_diffusion_wrappers(transformer_options: dict) -> dict:
 def make_wrapper(runner):
     """The DIFFUSION_MODEL wrapper: UNetModel.forward(x, timesteps, context, y, control, transformer_options)."""
 
-    def add_fast_path(executor, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):
+    def add_fast_path(executor, x, timesteps=None, context=None, y=None, control=None, transformer_options={},
+                      **kwargs):
         def eager():
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
 

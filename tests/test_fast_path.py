@@ -5,6 +5,7 @@ models (CPU: the eager fallback and a recomputing stand-in for the capture), and
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -549,3 +550,37 @@ def test_cuda_node_on_comfy_sampling_equals_eager(F, S, sd15, mode):
         torch.testing.assert_close(_sample(S, fast, positive, steps=steps), want, atol=5e-3, rtol=1e-2)
     used = runner.stats["replays"] + runner.stats["compiled_calls"]
     assert used == 5 and runner.stats["eager"] == 0, dict(runner.stats)
+
+
+# ------------------------------------------------------------------------------------------
+# a real ComfyUI server: the node in a prompt
+# ------------------------------------------------------------------------------------------
+@pytest.mark.server
+def test_node_in_a_prompt_over_http_gives_the_same_image(comfy_server):
+    import numpy as np
+    from PIL import Image
+
+    def prompt(fast: bool, prefix: str) -> dict:
+        p = {
+            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
+            "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red fox", "clip": ["1", 1]}},
+            "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "5": {"class_type": "ADDKSampler", "inputs": {"model": ["4", 0] if fast else ["1", 0], "positive": ["2", 0],
+                  "latent_image": ["3", 0], "seed": 7, "steps": 2, "schedule": "add_trailing", "custom": "999,499",
+                  "denoise": 1.0}},
+            "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+            "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}},
+        }
+        if fast:
+            p["4"] = {"class_type": "ADDFastPath", "inputs": {"model": ["1", 0], "mode": "cuda_graph",
+                                                              "compile_mode": "default", "cache_size": 4}}
+        return p
+
+    pixels = []
+    for fast in (True, False):
+        hist = comfy_server.run(prompt(fast, f"fast_path_{fast}"))
+        assert hist["status"]["status_str"] == "success", hist["status"]
+        img = hist["outputs"]["7"]["images"][0]
+        path = Path(comfy_server.home) / "output" / img["subfolder"] / img["filename"]
+        pixels.append(np.asarray(Image.open(path).convert("RGB")))
+    assert pixels[0].shape == (64, 64, 3) and np.array_equal(pixels[0], pixels[1])
