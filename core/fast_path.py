@@ -183,7 +183,10 @@ def cuda_graph_capturer(warmup: int = 2) -> Capturer:
                     fn(*inputs)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: CUDA calls of other threads (the prompt server, a training job running
+            # alongside) go on uncaptured instead of failing; this thread's unsafe calls still fail
+            # the capture, which then falls back. Upstream ComfyUI's own per-layer graphs do the same.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 output = fn(*inputs)
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"the forward returned a {type(output).__name__}, not one tensor")
