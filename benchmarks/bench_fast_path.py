@@ -43,8 +43,8 @@ def _parse(argv=None):
     ap.add_argument("--height", type=int, default=None, help="image height (default: width)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=1, help="ADD steps, 1-4")
-    ap.add_argument("--frames", type=int, default=None, help="frames per contender per round (default 20 cuda, 3 cpu)")
-    ap.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 5 cuda, 2 cpu)")
+    ap.add_argument("--frames", type=int, default=None, help="frames per contender per round (default 20 cuda, 8 cpu)")
+    ap.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 5 on both)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed frames per contender first (capture/compile)")
     ap.add_argument("--compile-mode", default="default", help="torch_compile mode (see the node's compile_mode)")
     ap.add_argument("--only", default=",".join(CONTENDERS), help="comma list of contenders to run")
@@ -52,8 +52,8 @@ def _parse(argv=None):
     cuda = a.device == "cuda"
     a.width = a.width or (512 if cuda else 64)
     a.height = a.height or a.width
-    a.frames = a.frames or (20 if cuda else 3)
-    a.rounds = a.rounds or (5 if cuda else 2)
+    a.frames = a.frames or (20 if cuda else 8)
+    a.rounds = a.rounds or 5
     a.only = [c.strip() for c in a.only.split(",") if c.strip()]
     if "eager" not in a.only:
         a.only.insert(0, "eager")
@@ -181,7 +181,8 @@ def main(argv=None) -> int:
         print(f"| {row:<34} | {med[name]:9.2f} | {med[name] / med['eager']:8.3f} | {goal:>6} | {first[name]:13.2f} | "
               f"{calls:<34} |")
     if not cuda:
-        print("  The fast path is CUDA-only: on this device both fast contenders are the eager model (sanity rows).")
+        print("  The fast path is CUDA-only: on this device both fast contenders are the eager model (sanity rows: "
+              "the same model three times, so any spread from 1 is timing noise of this machine).")
     if fell_back:
         print("  Some timed calls ran eagerly (reasons above; the log says why): those ratios understate the "
               "fast path.")
