@@ -7,6 +7,7 @@ _MODULES: tuple[str, ...] = (
     "tiny_vae",
     "sampling",
     "train",
+    "fast_path",
 )
 
 NODE_CLASS_MAPPINGS: dict = {}
