@@ -22,7 +22,7 @@ import comfy.utils
 import folder_paths
 import latent_preview
 
-from ..training.config import ADDConfig, DISCRIMINATOR_TYPES
+from ..training.config import ADDConfig, DISC_NORMS, DISCRIMINATOR_TYPES, LR_SCHEDULES
 from ..training.data import SyntheticTeacherData, LatentDataset
 from ..training import files
 from ..training.run import STATE_SUFFIX, ADDRun, ResumeConflict, RunHooks, RunSpec, check_start, state_dir_for
@@ -248,6 +248,19 @@ class ADDTrain:
                                             "(e.g. my_dataset). Empty = not used.", default="")),
             "dinov2_file": ("STRING", _tip("For discriminator dinov2: DINOv2 ViT-S/14 .safetensors, path relative to "
                                            "ComfyUI's models/ folder.", default="")),
+            # Added after the others: saved workflows restore widget values by position.
+            "disc_max_timestep": ("INT", _tip("Discriminator teacher: the highest noise level t-hat at which the teacher's "
+                                              "features of real and generated latents are compared (0 to the model's "
+                                              "last timestep, 999). 999 = LADD's full range. On small data or small "
+                                              "models a low value (e.g. 50) is what lets the discriminator tell real "
+                                              "from generated at all (found in this plugin's digits proof).",
+                                              default=999, min=0, max=999)),
+            "disc_norm": (list(DISC_NORMS), _tip("Normalisation in the discriminator heads: batch_local (StyleGAN-T's, "
+                                                 "statistics over small groups of the batch) or sample (per-sample "
+                                                 "GroupNorm: no mixing between samples; steadier at small batches).")),
+            "lr_schedule": (list(LR_SCHEDULES), _tip("Learning rate after the warm-up, for student and discriminator: "
+                                                     "constant, or cosine (decays to 0 at max_steps; raising max_steps "
+                                                     "on resume stretches the curve).")),
         }}
 
     @classmethod
@@ -257,7 +270,7 @@ class ADDTrain:
     def start(self, model, clip, name, prompts, max_steps, batch_size, width, height, student_timesteps, lora_rank,
               lora_alpha, lr_lora, lr_disc, distill_weight, discriminator, data_cfg, data_steps, distill_cfg,
               save_every, preview_every, training_seed, gradient_checkpointing, run_mode, vae=None, images=None,
-              image_folder="", dinov2_file=""):
+              image_folder="", dinov2_file="", disc_max_timestep=999, disc_norm="batch_local", lr_schedule="constant"):
         args = locals_without_self(locals())
         args["seed"] = args.pop("training_seed")
         job = start_training(**args)
@@ -283,7 +296,8 @@ def config_for_model(t_max: int, **fields) -> ADDConfig:
 def start_training(model, clip, name, prompts, max_steps, batch_size, width, height, student_timesteps, lora_rank,
                    lora_alpha, lr_lora, lr_disc, distill_weight, discriminator, data_cfg, data_steps, distill_cfg,
                    save_every, preview_every, seed, gradient_checkpointing, run_mode, vae=None, images=None,
-                   image_folder="", dinov2_file="") -> Job:
+                   image_folder="", dinov2_file="", disc_max_timestep=999, disc_norm="batch_local",
+                   lr_schedule="constant") -> Job:
     """Validate, build the run's inputs on this (prompt) thread, start the job; returns it at once."""
     # ---- validate everything before anything is built --------------------------------
     name = check_name(name)
@@ -298,6 +312,14 @@ def start_training(model, clip, name, prompts, max_steps, batch_size, width, hei
         raise files.ADDError(f"run_mode {run_mode!r}: choose one of {RUN_MODES}.")
     t_max = len(adapter.schedule_sigmas(model)) - 1
     timesteps = parse_timesteps(student_timesteps, t_max)
+    try:
+        disc_hi = int(disc_max_timestep)
+    except (TypeError, ValueError):
+        disc_hi = -1
+    if not 0 <= disc_hi <= 999:
+        raise files.ADDError(f"disc_max_timestep is {disc_max_timestep!r}: type a whole number from 0 to 999 (999 = the "
+                             "full range; 50 for small data).")
+    disc_hi = min(disc_hi, t_max)
     prompt_list = parse_prompts(prompts)
     folder_images, folder_captions = (None, [])
     if str(image_folder).strip():
@@ -318,7 +340,8 @@ def start_training(model, clip, name, prompts, max_steps, batch_size, width, hei
                                distill_weight=float(distill_weight), discriminator=discriminator,
                                teacher_cfg_scale=float(distill_cfg), batch_size=int(batch_size), seed=int(seed),
                                max_steps=int(max_steps), save_every=int(save_every),
-                               preview_every=int(preview_every))
+                               preview_every=int(preview_every), disc_timestep_range=(0, disc_hi),
+                               disc_norm=str(disc_norm), lr_schedule=str(lr_schedule))
     except ValueError as exc:  # name the widget: ADDConfig's field names are the inputs' names
         raise files.ADDError(f"ADD Train: {exc}") from exc
     lora_dir = folder_paths.get_folder_paths("loras")[0]

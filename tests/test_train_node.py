@@ -129,6 +129,20 @@ def test_changed_settings_refuse_to_resume_and_name_them(T, sd15, loras_dir):
         start(T, sd15, name="conflict_run", lora_rank=8, student_timesteps="999")
 
 
+def test_discriminator_noise_range_norm_and_lr_schedule_reach_the_run(T, sd15, loras_dir):
+    """The settings the digits proof found to matter are node inputs; they are saved with the run
+    and, like the other training settings, cannot change on resume."""
+    job = wait(start(T, sd15, name="disc_opts_run", max_steps=1, preview_every=0, disc_max_timestep=50,
+                     disc_norm="sample", lr_schedule="cosine"))
+    assert job.state == "done", job.error
+    blob = json.dumps([json.loads(p.read_text()) for p in (loras_dir / "disc_opts_run.add-state").rglob("*.json")])
+    assert '"disc_timestep_range": [0, 50]' in blob and '"disc_norm": "sample"' in blob
+    assert '"lr_schedule": "cosine"' in blob
+    with pytest.raises(ValueError, match=r"disc_timestep_range: saved \(?\[?0, 50"):
+        start(T, sd15, name="disc_opts_run", max_steps=2, preview_every=0, disc_max_timestep=999,
+              disc_norm="sample", lr_schedule="cosine")
+
+
 def test_users_own_lora_is_never_overwritten(T, sd15, loras_dir):
     from safetensors.torch import save_file
 
@@ -154,6 +168,9 @@ def test_users_own_lora_is_never_overwritten(T, sd15, loras_dir):
     (dict(student_timesteps="1000"), "is not valid"),
     (dict(image_folder="../outside"), "image_folder"),
     (dict(image_folder="no_such_folder"), "no such folder"),
+    (dict(disc_max_timestep=1000), "disc_max_timestep is 1000: type a whole number from 0 to 999"),
+    (dict(disc_norm="layer"), "disc_norm"),
+    (dict(lr_schedule="linear"), "lr_schedule"),
 ])
 def test_bad_input_is_a_clear_error_before_any_job(T, sd15, loras_dir, over, match):
     n = len(T.REGISTRY.jobs)
