@@ -61,6 +61,8 @@ CPU_SIZED = {
     "ADDTrain": dict(width=64, height=64, batch_size=2, max_steps=2, data_steps=2, save_every=1, preview_every=1,
                      run_mode="alongside"),
     "ADDCompare": dict(width=64, height=64, teacher_steps=2),
+    "ADDLoadFrames": dict(width=64, height=64, max_frames=4),
+    "EmptyLatentImage": dict(width=64, height=64),
 }
 
 
