@@ -6,6 +6,7 @@ _MODULES: tuple[str, ...] = (
     "lora",
     "tiny_vae",
     "sampling",
+    "stream",
     "train",
     "fast_path",
 )

@@ -1,8 +1,10 @@
 """ADD sampling nodes: ADD Scheduler (SIGMAS), ADD Sampler (SAMPLER), ADD KSampler (LATENT).
 
-The math lives in core/schedules.py and core/sampling.py; this module only adapts ComfyUI types.
-No CFG anywhere: ADD models are distilled to run on the positive prompt alone, one model
-evaluation per step.
+The math lives in core/schedules.py, core/sampling.py and core/stream.py (residual CFG); this module
+only adapts ComfyUI types. By default no CFG: ADD models are distilled to run on the positive
+prompt alone, one model evaluation per step. The ADD KSampler's optional cfg_type adds
+StreamDiffusion's residual CFG (self / initialize: no extra evaluation per step) or ordinary CFG
+(full) for models that gain from a little guidance, such as LCM-LoRA merges.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import latent_preview
 from ..training import files
 from ..core import sampling as add_sampling
 from ..core import schedules
+from ..core import stream as core_stream
 
 CATEGORY = "ADD/sampling"
 
@@ -93,6 +96,57 @@ class PositiveOnlyGuider(comfy.samplers.CFGGuider):
                                                 1.0, model_options=model_options or {}, seed=seed)
 
 
+class RCFGGuider(PositiveOnlyGuider):
+    """Positive-only steps plus, on request, the negative prompt's x0 (residual CFG ``initialize``).
+
+    The negative goes through ComfyUI's conditioning path (process_conds, calc_cond_batch) like
+    any cond, so patches, LoRAs and every family's extra conds apply to it too.
+    """
+
+    def set_conds(self, positive, negative=None):
+        conds = {"positive": positive}
+        if negative is not None:
+            conds["negative"] = negative
+        self.inner_set_conds(conds)
+
+    def predict_negative(self, x, timestep, model_options=None):
+        """x0 of the negative prompt at (x, timestep): one model evaluation of x's rows."""
+        return comfy.samplers.calc_cond_batch(self.inner_model, [self.conds["negative"]], x, timestep, model_options or {})[0]
+
+
+def negative_fn(model, extra_args):
+    """``uncond(x, sigma) -> x0`` for a sampler function running under an RCFGGuider (else None).
+
+    ``model`` is the KSamplerX0Inpaint ComfyUI hands to sampler functions; its inner_model is the guider.
+    """
+    guider = getattr(model, "inner_model", None)
+    if not isinstance(guider, RCFGGuider) or "negative" not in guider.conds:
+        return None
+    return lambda x, sigma: guider.predict_negative(x, sigma, extra_args.get("model_options", {}))
+
+
+def _sample_add_rcfg_comfy(model, x, sigmas, extra_args=None, callback=None, disable=None, rcfg=None, init_noise=None):
+    """core.stream.sample_add_rcfg with the model's own noise_scaling and the guider's negative."""
+    ms = model.inner_model.inner_model.model_sampling
+    extra_args = {} if extra_args is None else extra_args
+    return core_stream.sample_add_rcfg(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
+                                       rcfg=rcfg, init_noise=init_noise, uncond=negative_fn(model, extra_args),
+                                       renoise=lambda s, n, x0: ms.noise_scaling(s, n, x0))
+
+
+def check_rcfg(cfg_type: str, guidance_scale: float, delta: float, negative) -> core_stream.RCFG:
+    """The residual-CFG widgets as an RCFG, or an ADDError naming the input to fix."""
+    try:
+        rcfg = core_stream.RCFG(cfg_type, float(guidance_scale), float(delta))
+    except (core_stream.StreamError, TypeError, ValueError) as e:
+        raise files.ADDError(str(e)) from None
+    if rcfg.needs_negative and negative is None:
+        raise files.ADDError(f"cfg_type={cfg_type} evaluates a negative prompt, but 'negative' is not connected: "
+                             "connect a CONDITIONING (e.g. CLIP Text Encode of an empty prompt), or use cfg_type self "
+                             "(no negative needed).")
+    return rcfg
+
+
 def check_latent(model, latent, label: str = "latent_image") -> torch.Tensor:
     """The LATENT's samples, checked: a (batch, channels, height, width) tensor (one more dim for
     video formats), batch >= 1, finite, with the model's channel count."""
@@ -134,19 +188,59 @@ def check_latent_channels(model, samples: torch.Tensor, label: str = "latent_ima
         )
 
 
-def add_sample(model, positive, latent: dict, seed: int, sigmas: torch.Tensor, noise_strength: float = 1.0) -> dict:
-    """Seeded ADD sampling of a LATENT dict with the positive conditioning only; returns a new dict."""
+def add_sample(model, positive, latent: dict, seed: int, sigmas: torch.Tensor, noise_strength: float = 1.0,
+               rcfg: core_stream.RCFG | None = None, negative=None) -> dict:
+    """Seeded ADD sampling of a LATENT dict with the positive conditioning only; returns a new dict.
+
+    ``rcfg`` (optional, cfg_type none = the plain path): full is ordinary CFG with ``negative`` at
+    guidance_scale; self / initialize are residual CFG (core.stream.sample_add_rcfg).
+    """
     samples = check_latent(model, latent)
     samples = comfy.sample.fix_empty_latent_channels(model, samples)
     noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index", None))
     callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)
-    guider = PositiveOnlyGuider(model)
-    guider.set_conds(positive)
-    out = guider.sample(noise, samples, make_sampler(noise_strength), sigmas, denoise_mask=latent.get("noise_mask", None),
+    cfg_type = "none" if rcfg is None else rcfg.cfg_type
+    if cfg_type == "full" and negative is not None:
+        guider = comfy.samplers.CFGGuider(model)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(rcfg.guidance_scale)
+    elif cfg_type in ("self", "initialize"):
+        if latent.get("noise_mask", None) is not None:
+            raise files.ADDError(f"cfg_type={cfg_type} does not support a latent with a noise mask (inpainting): use "
+                                 "cfg_type none or full, or remove Set Latent Noise Mask.")
+        guider = RCFGGuider(model)
+        guider.set_conds(positive, negative if rcfg.needs_negative else None)
+    else:
+        guider = PositiveOnlyGuider(model)
+        guider.set_conds(positive)
+    if cfg_type in ("self", "initialize"):
+        sampler = comfy.samplers.KSAMPLER(_sample_add_rcfg_comfy, extra_options={"rcfg": rcfg, "init_noise": noise})
+    else:
+        sampler = make_sampler(noise_strength)
+    out = guider.sample(noise, samples, sampler, sigmas, denoise_mask=latent.get("noise_mask", None),
                         callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
     result = latent.copy()
     result["samples"] = out.to(comfy.model_management.intermediate_device())
     return result
+
+
+def rcfg_inputs(default_type: str = "none") -> dict:
+    """The residual-CFG widgets (shared by ADD KSampler and ADD Stream Batch)."""
+    return {
+        "cfg_type": (list(core_stream.CFG_TYPES), {"default": default_type, "tooltip":
+            "Guidance for models that gain from a little (LCM-LoRA merges). none: no guidance, one evaluation per step "
+            "(SD-Turbo / ADD models). self: residual CFG, the input noise acts as the negative, no extra evaluation. "
+            "initialize: residual CFG started by one negative-prompt evaluation per image (needs 'negative'). "
+            "full: ordinary CFG with 'negative', two evaluations per step."}),
+        "guidance_scale": ("FLOAT", {"default": 1.2, "min": 1.0, "max": 20.0, "step": 0.05, "tooltip":
+            "Guidance strength for cfg_type self/initialize/full; 1 = none. StreamDiffusion uses 1.2 (residual) to ~1.5."}),
+        "delta": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 5.0, "step": 0.05, "tooltip":
+            "Residual CFG only: scales the virtual negative's noise (StreamDiffusion's delta). Lower = weaker push away "
+            "from the input."}),
+    }
+
+
+_NEGATIVE = ("CONDITIONING", {"tooltip": "Negative prompt, used only by cfg_type initialize and full."})
 
 
 class ADDScheduler:
@@ -187,7 +281,8 @@ class ADDSampler:
 
 class ADDKSampler:
     DESCRIPTION = ("All-in-one ADD sampling (SD-Turbo, SDXL-Turbo, your ADD-trained models): 1-4 steps, no CFG, "
-                   "one model evaluation per step. txt2img with an empty latent, img2img with an encoded image and denoise < 1.")
+                   "one model evaluation per step. txt2img with an empty latent, img2img with an encoded image and denoise < 1. "
+                   "Optional residual CFG (cfg_type) for LCM-LoRA models that gain from a little guidance.")
     RETURN_TYPES = ("LATENT",)
     OUTPUT_TOOLTIPS = ("The denoised latent.",)
     FUNCTION = "sample"
@@ -197,16 +292,20 @@ class ADDKSampler:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "An ADD-distilled model (e.g. sd_turbo, sdxl_turbo)."}),
-            "positive": ("CONDITIONING", {"tooltip": "The prompt. No negative: ADD models run without CFG."}),
+            "positive": ("CONDITIONING", {"tooltip": "The prompt. ADD models run without CFG (cfg_type none)."}),
             "latent_image": ("LATENT", {"tooltip": "Empty latent for txt2img, or a VAE-encoded image for img2img."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
                              "tooltip": "Noise seed (same noise as core KSampler for the same seed)."}),
             **_schedule_inputs(),
-        }}
+        }, "optional": {**rcfg_inputs("none"), "negative": _NEGATIVE}}
 
-    def sample(self, model, positive, latent_image, seed, steps, schedule, custom, denoise):
+    def sample(self, model, positive, latent_image, seed, steps, schedule, custom, denoise,
+               cfg_type="none", guidance_scale=1.2, delta=1.0, negative=None):
         sigmas = build_sigmas(model, schedule, steps, denoise, custom)
-        return (add_sample(model, positive, latent_image, seed, sigmas),)
+        if cfg_type == "none":  # the plain ADD path, exactly as before the option existed
+            return (add_sample(model, positive, latent_image, seed, sigmas),)
+        rcfg = check_rcfg(cfg_type, guidance_scale, delta, negative)
+        return (add_sample(model, positive, latent_image, seed, sigmas, rcfg=rcfg, negative=negative),)
 
 
 NODE_CLASS_MAPPINGS = {"ADDScheduler": ADDScheduler, "ADDSampler": ADDSampler, "ADDKSampler": ADDKSampler}

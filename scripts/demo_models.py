@@ -53,6 +53,34 @@ def needed_files(workflow_dir: Path = WORKFLOWS, extra: tuple[Path, ...] = ()) -
     return out
 
 
+def frame_folders(workflow_dir: Path = WORKFLOWS, extra: tuple[Path, ...] = ()) -> list[str]:
+    """Input folders the workflows' ADD Load Frames nodes read (their first widget)."""
+    out = []
+    for wf in sorted(Path(workflow_dir).glob("*.json")) + [Path(p) for p in extra]:
+        for node in load(wf).get("nodes", []):
+            vals = node.get("widgets_values") or []
+            if node.get("type") == "ADDLoadFrames" and vals and isinstance(vals[0], str) and vals[0] not in out:
+                out.append(vals[0])
+    return out
+
+
+def example_frames(folder: Path, count: int = 8, size: int = 512) -> None:
+    """A short generated clip (a disc moving over a gradient), frame_0001.png ..., written atomically."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    for i in range(count):
+        cx, cy = 0.3 + 0.4 * i / max(count - 1, 1), 0.5
+        disc = ((x - cx) ** 2 + (y - cy) ** 2 < 0.04).astype(np.float32)
+        rgb = np.stack([x * (1 - disc) + disc, y * (1 - disc) + 0.2 * disc, (x + y) / 2 * (1 - disc)], axis=-1)
+        path = folder / f"frame_{i + 1:04d}.png"
+        tmp = path.with_name(path.name + ".partial.png")
+        Image.fromarray((rgb * 255).astype(np.uint8)).save(tmp)
+        os.replace(tmp, path)
+
+
 def _example_image(path: Path) -> None:
     import numpy as np
     from PIL import Image
@@ -74,6 +102,10 @@ def prepare(real_models: list[Path], placeholder_root: Path, input_dir: Path, wo
     """
     tiny = None
     stood_in = []
+    for folder in frame_folders(workflow_dir, extra):
+        dst = Path(input_dir) / folder
+        if not (dst.is_dir() and any(p.suffix.lower() in IMAGE_EXT for p in dst.iterdir())):
+            example_frames(dst)
     for name, (folder, tiny_name) in needed_files(workflow_dir, extra).items():
         if folder == "input":
             dst = Path(input_dir) / name

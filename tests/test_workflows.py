@@ -64,6 +64,7 @@ CPU_SIZED = {
     "ADDTrain": dict(width=64, height=64, batch_size=2, max_steps=2, data_steps=2, save_every=1, preview_every=1,
                      run_mode="alongside"),
     "ADDCompare": dict(width=64, height=64, teacher_steps=2),
+    "ADDLoadFrames": dict(width=64, height=64, max_frames=4),
     "EmptyLatentImage": dict(width=64, height=64),  # stand-in models draw noise at any size
 }
 # The plugin's savers and the first folder each writes into (relative to the server's base folder).
