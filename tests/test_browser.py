@@ -37,6 +37,7 @@ CPU_SIZED = {
                      run_mode="alongside"),
     "ADDCompare": dict(width=64, height=64, teacher_steps=2),
     "EmptyLatentImage": dict(width=128, height=128),
+    "ADDLoadFrames": dict(width=64, height=64, max_frames=4),
 }
 
 
