@@ -62,21 +62,8 @@ def comfy_page(comfy_server):
 def browser_page(comfy_page):
     page = comfy_page.page
     page.errors = comfy_page.console_errors
+    page.close_dialogs = comfy_page.close_dialogs
     return page
-
-
-def _close_dialogs(page) -> None:
-    """Close what a first start opens over the canvas (the template browser), as a user would."""
-    for _ in range(10):
-        if page.locator(".p-dialog-mask").count() == 0:
-            return
-        close = page.locator(".p-dialog .p-dialog-close-button, .p-dialog button[aria-label='Close']")
-        if close.count():
-            close.first.click()
-        else:
-            page.keyboard.press("Escape")
-        time.sleep(0.5)
-    raise AssertionError("a dialog stays open: " + page.locator(".p-dialog").first.inner_text()[:300])
 
 
 def _cancel_jobs(comfy_server) -> None:
@@ -149,7 +136,7 @@ def test_training_panel_follows_a_job_started_from_the_page(browser_page, comfy_
             return missing;
         }""", wf)
     assert missing == []
-    _close_dialogs(page)
+    page.close_dialogs()
     page.locator(".add-training-tab-button").click()
     card = _job_card(page, "browser_run")
     card.wait_for(timeout=120_000)

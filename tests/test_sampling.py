@@ -1,12 +1,12 @@
 """ADD sampling nodes inside a real ComfyUI, on the tiny SD1.5 / SD2-v / SDXL models (CPU, 8x8 latents)."""
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
 
 from core import schedules as pure_schedules
+from model_probes import count_unet_calls
 
 H = W = 8  # latent size (64x64 images)
 
@@ -19,15 +19,6 @@ def nodes_mod(plugin):
     return plugin("nodes.sampling")
 
 
-@contextlib.contextmanager
-def count_unet_calls(model):
-    """Every forward of the diffusion model: records the batch size of each call."""
-    calls = []
-    h = model.model.diffusion_model.register_forward_pre_hook(lambda m, args, kw=None: calls.append(int(args[0].shape[0])))
-    try:
-        yield calls
-    finally:
-        h.remove()
 
 
 def _latent(batch=1, seed=None, channels=4):

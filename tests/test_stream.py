@@ -2,13 +2,13 @@
 the tiny SD1.5 / SD2 v-prediction / SDXL models (CPU, 8x8 latents)."""
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
 
 from core import sampling as core_sampling
 from core import stream as st
+from model_probes import count_unet_calls
 
 SIG3 = torch.tensor([14.6146, 2.5, 0.6, 0.0])  # 3 steps, sigma space, last 0
 
@@ -260,14 +260,6 @@ def cs(plugin):
     return plugin("core.stream")
 
 
-@contextlib.contextmanager
-def count_unet_calls(model):
-    calls = []
-    h = model.model.diffusion_model.register_forward_pre_hook(lambda m, args, kw=None: calls.append(int(args[0].shape[0])))
-    try:
-        yield calls
-    finally:
-        h.remove()
 
 
 def _family(fixture_value, ctx_dim, pooled, seed=11):
