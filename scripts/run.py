@@ -1,7 +1,7 @@
 """Start ComfyUI with this plugin (``bash scripts/run.sh``), or run one workflow headless.
 
     bash scripts/run.sh                          # UI at http://127.0.0.1:8188
-    bash scripts/run.sh --headless add_sd_turbo_txt2img   # name or path of a workflow; prints PNG paths
+    bash scripts/run.sh --headless sd_turbo_txt2img_1step   # name or path of a workflow; prints PNG paths
 
 Shipped workflows name real model files. Any that are missing get tiny random-weight stand-ins
 (see scripts/demo_models.py), and this script says so: images made with them are noise.
