@@ -49,13 +49,14 @@ SWEEPS: dict[str, dict[str, dict[str, Any]]] = {
         "distill_only": {"adv_weight": 0.0},
         "adv_only": {"distill_weight": 0.0},
     },
-    # What the discriminator sees.
-    "disc": {
+    # One seed each, 300 steps: what the discriminator sees, its regularisation, the student's EMA.
+    "scan": {
         "add": {},
         "feat_input": {"disc_features": "input+encoder"},
         "feat_all": {"disc_features": "all"},
-        "r1_1e-2": {"r1_gamma": 1e-2},
         "pixel_d": {"discriminator": "pixel"},
+        "ema": {"ema_decay": 0.99},
+        "r1_1e-2": {"r1_gamma": 1e-2},
     },
 }
 
@@ -71,6 +72,8 @@ def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str
     size_fields = {f.name for f in dataclasses.fields(D.Size)}
     size, cfg, kw = {}, {}, {}
     for k, v in overrides.items():
+        if k == "eval_every":
+            continue
         if k in ("data", "distill_weight", "adv_weight"):
             kw[k] = v
         elif k in size_fields:
@@ -83,6 +86,23 @@ def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str
 # --------------------------------------------------------------------------------------------
 # one run (a worker process)
 # --------------------------------------------------------------------------------------------
+def prepare(reduced: bool) -> None:
+    """Teacher, classifier and teacher-data pool in the cache, once, before the workers start."""
+    import torch
+
+    from benchmarks import digits as D
+    from scripts.comfy_host import import_comfy
+
+    import_comfy()
+    torch.set_num_threads(max(1, (os.cpu_count() or 2)))
+    base = D.REDUCED if reduced else D.FULL
+    x, y, _, _ = D.load_split(base.seed)
+    clip = D.ClassEmbeddingCLIP(base.context_dim, seed=base.seed)
+    teacher_sd = D.cached("teacher", base.key(*D.TEACHER_FIELDS), lambda: D.train_teacher(base, x, y, clip))
+    D.cached("classifier", base.key("clf_epochs", "seed"), lambda: D.train_classifier(base, x, y))
+    D.teacher_pool(D.model_patcher(base, teacher_sd), clip, base)
+
+
 def run_one(sweep: str, name: str, overrides: dict[str, Any], seed: int, out: Path, reduced: bool,
             device: str) -> None:
     """Train one (configuration, seed), scoring every saved checkpoint; resumable."""
@@ -284,6 +304,8 @@ def main(argv=None) -> int:
                COMFYUI_ADD_DEVICE=args.device)
     from tqdm import tqdm
 
+    if todo:
+        prepare(args.reduced)
     running: list[tuple[subprocess.Popen, str, Any]] = []
     failed = []
     bar = tqdm(total=len(configs) * len(seeds), initial=len(configs) * len(seeds) - len(todo), unit="run",

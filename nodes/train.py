@@ -24,6 +24,7 @@ import latent_preview
 
 from ..training.config import ADDConfig, DISC_NORMS, DISCRIMINATOR_TYPES, LR_SCHEDULES
 from ..training.data import SyntheticTeacherData, LatentDataset
+from ..training.presets import PRESET_NAMES, apply_preset, preset_fields
 from ..training import files
 from ..training.run import STATE_SUFFIX, ADDRun, ResumeConflict, RunHooks, RunSpec, check_start, state_dir_for
 from ..training.schedule import DiscreteSchedule
@@ -261,6 +262,12 @@ class ADDTrain:
             "lr_schedule": (list(LR_SCHEDULES), _tip("Learning rate after the warm-up, for student and discriminator: "
                                                      "constant, or cosine (decays to 0 at max_steps; raising max_steps "
                                                      "on resume stretches the curve).")),
+            "preset": (list(PRESET_NAMES), _tip("A named set of settings that replaces the inputs it names: none (the "
+                                                "inputs as set), paper (the ADD paper's starting values for SD-class "
+                                                "models), small_data (what the plugin's digits proof found for small "
+                                                "models and little data: learning rates 1e-3, discriminator at low "
+                                                "noise and on the input convolution too, per-sample head norm, cosine "
+                                                "decay, EMA of the student). The node's text lists what it set.")),
         }}
 
     @classmethod
@@ -270,12 +277,15 @@ class ADDTrain:
     def start(self, model, clip, name, prompts, max_steps, batch_size, width, height, student_timesteps, lora_rank,
               lora_alpha, lr_lora, lr_disc, distill_weight, discriminator, data_cfg, data_steps, distill_cfg,
               save_every, preview_every, training_seed, gradient_checkpointing, run_mode, vae=None, images=None,
-              image_folder="", dinov2_file="", disc_max_timestep=999, disc_norm="batch_local", lr_schedule="constant"):
+              image_folder="", dinov2_file="", disc_max_timestep=999, disc_norm="batch_local", lr_schedule="constant",
+              preset="none"):
         args = locals_without_self(locals())
         args["seed"] = args.pop("training_seed")
         job = start_training(**args)
         line = f"ADD training '{job.name}': job {job.id}, {job.state}" + (f" (resuming at step {job.start_step})"
                                                                           if job.start_step else "")
+        if preset != "none":
+            line += f"\npreset {preset}: " + ", ".join(f"{k} = {v}" for k, v in preset_fields(preset).items())
         return {"ui": {"text": [line]}, "result": (job.id, os.path.basename(job.lora_path))}
 
 
@@ -297,7 +307,7 @@ def start_training(model, clip, name, prompts, max_steps, batch_size, width, hei
                    lora_alpha, lr_lora, lr_disc, distill_weight, discriminator, data_cfg, data_steps, distill_cfg,
                    save_every, preview_every, seed, gradient_checkpointing, run_mode, vae=None, images=None,
                    image_folder="", dinov2_file="", disc_max_timestep=999, disc_norm="batch_local",
-                   lr_schedule="constant") -> Job:
+                   lr_schedule="constant", preset="none") -> Job:
     """Validate, build the run's inputs on this (prompt) thread, start the job; returns it at once."""
     # ---- validate everything before anything is built --------------------------------
     name = check_name(name)
@@ -334,14 +344,17 @@ def start_training(model, clip, name, prompts, max_steps, batch_size, width, hei
     dino_path = _dinov2_path(dinov2_file) if discriminator == "dinov2" else None
     if dino_path is not None and vae is None:
         raise files.ADDError("discriminator 'dinov2' judges decoded images: connect the checkpoint's VAE to 'vae'.")
+    if preset not in PRESET_NAMES:
+        raise files.ADDError(f"preset {preset!r}: choose one of {PRESET_NAMES}.")
+    fields = dict(student_timesteps=timesteps, lora_rank=int(lora_rank), lora_alpha=float(lora_alpha),
+                  lr_lora=float(lr_lora), lr_disc=float(lr_disc), distill_weight=float(distill_weight),
+                  discriminator=discriminator, teacher_cfg_scale=float(distill_cfg), batch_size=int(batch_size),
+                  seed=int(seed), max_steps=int(max_steps), save_every=int(save_every),
+                  preview_every=int(preview_every), disc_timestep_range=(0, disc_hi), disc_norm=str(disc_norm),
+                  lr_schedule=str(lr_schedule))
+    fields, _ = apply_preset(preset, fields, t_max=t_max)
     try:
-        cfg = config_for_model(t_max, student_timesteps=timesteps, lora_rank=int(lora_rank),
-                               lora_alpha=float(lora_alpha), lr_lora=float(lr_lora), lr_disc=float(lr_disc),
-                               distill_weight=float(distill_weight), discriminator=discriminator,
-                               teacher_cfg_scale=float(distill_cfg), batch_size=int(batch_size), seed=int(seed),
-                               max_steps=int(max_steps), save_every=int(save_every),
-                               preview_every=int(preview_every), disc_timestep_range=(0, disc_hi),
-                               disc_norm=str(disc_norm), lr_schedule=str(lr_schedule))
+        cfg = config_for_model(t_max, **fields)
     except ValueError as exc:  # name the widget: ADDConfig's field names are the inputs' names
         raise files.ADDError(f"ADD Train: {exc}") from exc
     lora_dir = folder_paths.get_folder_paths("loras")[0]

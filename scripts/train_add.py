@@ -48,6 +48,8 @@ RUN_KEYS: dict[str, tuple[object, str]] = {
     "data_streams": (0, "global data streams per step (0 = keep the saved count, else one per rank)"),
     "device": ("auto", "'auto' (cuda:LOCAL_RANK when CUDA is there, else cpu), 'cuda' or 'cpu'"),
     "dist_timeout_s": (1800, "seconds a rank waits for the others in a collective before giving up"),
+    "preset": ("none", "a named set of ADDConfig values, as ADD Train's preset input: none | paper | small_data; "
+                       "the ADDConfig keys written in this file win over it"),
 }
 
 
@@ -150,6 +152,11 @@ def check_config(data: dict, source: str = "config") -> dict:
             raise ConfigError(f"{source}: discriminator 'dinov2' needs dinov2_file, an existing DINOv2 ViT-S/14 "
                               f".safetensors file (got {out['dinov2_file']!r}).")
         out["dinov2_file"] = dino
+    from training.presets import PRESET_NAMES, apply_preset
+
+    if out["preset"] not in PRESET_NAMES:
+        raise ConfigError(f"{source}: preset {out['preset']!r} is not known; use one of {PRESET_NAMES}.")
+    train, _ = apply_preset(out["preset"], train, explicit=set(train))
     try:  # every ADDConfig rule, with the schedule length of SD-class models (re-checked with the model's)
         ADDConfig(**train)
     except (TypeError, ValueError) as exc:
