@@ -1,0 +1,114 @@
+"""Full fine-tuning (training_mode 'full') on the tiny SD1.5, CPU: the headless trainer and the ADD
+Train node train every weight, save and resume the full student, and write a LoRA extracted from
+student - teacher that ComfyUI's own loader applies."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from test_train_headless import config, in_process, meta, one_thread  # noqa: F401  (autouse fixture)
+from test_train_node import settings, wait
+
+
+@pytest.fixture(scope="module")
+def loras_dir(comfy, tmp_path_factory):
+    import folder_paths
+
+    d = tmp_path_factory.mktemp("full_loras")
+    folder_paths.add_model_folder_path("loras", str(d), is_default=True)
+    return d
+
+
+def student_weights(lora: Path) -> dict[str, torch.Tensor]:
+    """The full student's weights in the latest resumable state."""
+    sdir = lora.with_suffix(".add-state")
+    latest = json.loads((sdir / "latest.json").read_text())["checkpoint"]
+    tensors = load_file(str(sdir / latest / "state.add-ckpt"))
+    return {k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")}
+
+
+def outputs(adapter, networks, seed=0):
+    """apply_model of each network on one fixed noisy latent and prompt embedding."""
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(seed)) * 14.6
+    ctx = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(seed + 1))
+    with torch.no_grad():
+        return [adapter.comfy_denoise(n, x, torch.tensor([14.6, 3.0]), {"context": ctx}).double() for n in networks]
+
+
+def test_headless_full_run_saves_resumes_and_exports_a_comfy_lora(tiny, comfy, plugin, sd15, tmp_path, capsys):
+    import comfy.lora
+    import comfy.sd
+
+    adapter = plugin("nodes.train_adapter")
+    lora = tmp_path / "full_cli.safetensors"
+    over = dict(training_mode="full", lr_full=1e-3, lora_rank=1024, lora_alpha=1024.0, max_steps=2, save_every=2)
+    assert in_process(config(tiny, tmp_path / "f.json", lora, **over), plugin) == 0
+    out = capsys.readouterr()
+    assert "training_mode full" in out.err, out.err[-2000:]
+    assert "step 2: exported the full fine-tune as a rank" in out.out + out.err, out.out[-2000:]
+    m = meta(lora)
+    assert m["step"] == 2 and m["config"]["training_mode"] == "full" and m["config"]["lr_full"] == 1e-3
+
+    # the resumable state holds the whole student (every weight of the network, fp32) and its AdamW moments
+    model, _, _ = sd15
+    teacher = adapter.frozen_copy(model, torch.device("cpu"))
+    student_sd = student_weights(lora)
+    assert student_sd.keys() == teacher.state_dict().keys()
+    n_params = len(list(teacher.parameters()))
+    state = load_file(str(lora.with_suffix(".add-state") / "step_00000002" / "state.add-ckpt"))
+    assert sum(1 for k in state if k.startswith("opt_g.state.") and k.endswith(".exp_avg")) == n_params
+    student = copy.deepcopy(teacher)
+    student.load_state_dict(student_sd)
+    moved = max(float((p - q).abs().max()) for p, q in zip(student.parameters(), teacher.parameters()))
+    assert moved > 1e-4  # every weight was trainable and training moved them
+
+    # the exported LoRA: ComfyUI maps every key, and applying it reproduces the student
+    sd = comfy.utils.load_torch_file(str(lora), safe_load=True)
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    patches = comfy.lora.load_lora(sd, key_map)
+    lora_modules = [k for k in sd if k.endswith(".lora_up.weight")]
+    diffs = [k for k in sd if k.endswith((".diff", ".diff_b"))]
+    assert len(lora_modules) > 50 and diffs
+    assert len(patches) == len(lora_modules) + len(diffs)  # every factor and 1-D difference is mapped
+    patched = comfy.sd.load_lora_for_models(model, None, sd, 1.0, 0.0)[0]
+    lora_net = adapter.frozen_copy(patched, torch.device("cpu"))  # the patched weights, fused
+    t_out, s_out, l_out = outputs(adapter, [teacher, student, lora_net])
+    change = float((s_out - t_out).norm())
+    assert change > 1e-3 * float(t_out.norm())  # the student's output differs from the teacher's
+    assert float((l_out - s_out).norm()) < 0.1 * change  # and the LoRA carries that difference
+
+    with safe_open(str(lora), "pt") as f:
+        md = f.metadata()
+    assert md["add.training_mode"] == "full" and md["add.steps_trained"] == "2"
+    overall, mean = float(md["add.relative_error"]), float(md["add.mean_layer_error"])
+    worst = float(md["add.worst_layer"].rsplit("=", 1)[1])
+    # layers no wider than 1024 are exact up to fp16 rounding; only the 1280x1280 ones lose a tail
+    assert 0 <= mean <= worst < 0.5 and overall < 0.2 and mean < 0.05, md
+    print(f"tiny SD1.5, rank {md['add.rank']}: overall {overall:.4g}, mean {mean:.4g}, worst {md['add.worst_layer']}")
+
+
+def test_headless_full_resume_continues_and_a_low_rank_export_reports_more_error(tiny, comfy, plugin, tmp_path,
+                                                                                capsys):
+    lora = tmp_path / "full_low.safetensors"
+    over = dict(training_mode="full", lr_full=1e-3, lora_rank=4, lora_alpha=4.0, max_steps=1, save_every=1)
+    assert in_process(config(tiny, tmp_path / "l.json", lora, **over), plugin) == 0
+    first = student_weights(lora)
+    assert in_process(config(tiny, tmp_path / "l.json", lora, **{**over, "max_steps": 2}), plugin) == 0
+    assert "resuming at step 1" in capsys.readouterr().err
+    assert meta(lora)["step"] == 2
+    second = student_weights(lora)
+    assert max(float((first[k] - second[k]).abs().max()) for k in first) > 0  # step 2 trained on from step 1
+    with safe_open(str(lora), "pt") as f:
+        md = f.metadata()
+    assert md["add.rank"] == "4" and md["add.steps_trained"] == "2"
+    assert 0.05 < float(md["add.relative_error"]) <= 1.0  # rank 4 of a dense update loses most of it, and says so
+    # the mode cannot change on resume
+    with pytest.raises(ValueError, match=r"training_mode: saved 'full', now 'lora'"):
+        in_process(config(tiny, tmp_path / "l.json", lora, **{**over, "max_steps": 3, "training_mode": "lora"}),
+                   plugin)
