@@ -112,3 +112,80 @@ def test_headless_full_resume_continues_and_a_low_rank_export_reports_more_error
     with pytest.raises(ValueError, match=r"training_mode: saved 'full', now 'lora'"):
         in_process(config(tiny, tmp_path / "l.json", lora, **{**over, "max_steps": 3, "training_mode": "lora"}),
                    plugin)
+
+
+def test_node_trains_full_reports_the_export_and_refuses_a_mode_change_on_resume(plugin, sd15, loras_dir):
+    import comfy.sd
+
+    T = plugin("nodes.train")
+    model, clip, vae = sd15
+    assert list(T.ADDTrain.INPUT_TYPES()["optional"])[-2:] == ["training_mode", "lr_full"]  # appended last
+    run = settings(name="full_node", training_mode="full", lr_full=1e-3, lora_rank=8, lora_alpha=8.0, max_steps=2,
+                   save_every=1, preview_every=1)
+    job = wait(T.start_training(model=model, clip=clip, vae=vae, **run))
+    assert job.state == "done", job.error
+    assert job.last_checkpoint_step == 2 and job.preview_image is not None
+    assert "exported the full fine-tune as a rank 8 LoRA" in job.message and "relative error overall" in job.message
+    assert "exported the full fine-tune" in T.status_text(job)
+    path = loras_dir / "full_node.safetensors"
+    with safe_open(str(path), "pt") as f:
+        md = f.metadata()
+    assert md["add.training_mode"] == "full" and md["add.rank"] == "8" and md["add.steps_trained"] == "2"
+    assert float(md["add.relative_error"]) == pytest.approx(float(job.message.split("overall ")[1].split(",")[0]),
+                                                            rel=2e-3)
+    # the file is an ordinary LoRA for ComfyUI: it loads and changes the model's output
+    adapter = plugin("nodes.train_adapter")
+    patched = comfy.sd.load_lora_for_models(model, None, load_file(str(path)), 1.0, 0.0)[0]
+    base_out, lora_out = outputs(adapter, [adapter.frozen_copy(model, torch.device("cpu")),
+                                           adapter.frozen_copy(patched, torch.device("cpu"))])
+    assert not torch.allclose(base_out, lora_out)
+    # the mode and its learning rate are saved with the run and checked on resume
+    with pytest.raises(ValueError, match=r"lr_full: saved 0.001, now 0.0001"):
+        T.start_training(model=model, clip=clip, vae=vae, **{**run, "max_steps": 3, "lr_full": 1e-4})
+    with pytest.raises(ValueError, match=r"training_mode: saved 'full', now 'lora'"):
+        T.start_training(model=model, clip=clip, vae=vae, **{**run, "max_steps": 3, "training_mode": "lora"})
+    again = wait(T.start_training(model=model, clip=clip, vae=vae, **{**run, "max_steps": 3}))
+    assert again.state == "done" and again.start_step == 2 and again.step == 3, again.error
+
+
+def test_bad_training_mode_is_named(plugin, sd15, loras_dir):
+    T = plugin("nodes.train")
+    model, clip, vae = sd15
+    with pytest.raises(ValueError, match=r"training_mode='partial' is invalid: expected one of \('lora', 'full'\)"):
+        T.start_training(model=model, clip=clip, vae=vae, **settings(name="bad_mode", training_mode="partial"))
+
+
+def test_memory_estimate_counts_the_full_copy_and_its_optimiser(plugin, sd15, loras_dir, monkeypatch):
+    T = plugin("nodes.train")
+    adapter = plugin("nodes.train_adapter")
+    net = sd15[0].model
+    n = sum(p.numel() for p in net.parameters())
+    lora = adapter.estimate_memory(net, 2, (8, 8), 4, False)
+    full = adapter.estimate_memory(net, 2, (8, 8), 4, False, "full")
+    full_ema = adapter.estimate_memory(net, 2, (8, 8), 4, False, "full", ema=True)
+    assert full["trainable"] == 16 * n and full_ema["trainable"] == 20 * n  # fp32 copy, grad, 2 moments (+ EMA)
+    assert full["total"] - lora["total"] == full["trainable"] - lora["trainable"] > 15 * n
+    # enough for a LoRA run, not for a full one: refused before any job, saying what to change
+    monkeypatch.setattr(adapter, "free_memory_bytes", lambda device: (lora["total"] + full["total"]) // 2)
+    with pytest.raises(ValueError, match=r"full fp32 student copy and optimiser .* use training_mode lora"):
+        T.start_training(model=sd15[0], clip=sd15[1], vae=sd15[2],
+                         **settings(name="full_too_big", training_mode="full", width=64, height=64))
+
+
+def test_the_full_student_of_a_half_precision_model_trains_fp32_master_weights(plugin, sd15):
+    """On GPUs the job's network is fp16/bf16; AdamW steps of lr 1e-6 would vanish in such weights,
+    so the full student is an fp32 copy that runs in fp32."""
+    adapter = plugin("nodes.train_adapter")
+    net = adapter.frozen_copy(sd15[0], torch.device("cpu"))
+    half = copy.deepcopy(net).to(torch.bfloat16)
+    half.diffusion_model.dtype = torch.bfloat16  # as frozen_copy leaves a bf16 model
+    student = adapter.trainable_copy(half)
+    assert {p.dtype for p in student.parameters()} == {torch.float32}
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}  # the teacher is left as it was
+    h_out, s_out = outputs(adapter, [half, student])
+    assert float((s_out - h_out).norm()) < 0.05 * float(h_out.norm())  # the same network, at higher precision
+    w = next(student.parameters())
+    with torch.no_grad():
+        assert bool(((w + 1e-6 * w.sign()) != w).all())  # a 1e-6 step is kept by every fp32 weight ...
+        wh = next(half.parameters())
+        assert float(((wh + 1e-6 * wh.sign()) == wh).float().mean()) > 0.9  # ... and lost by most bf16 ones
