@@ -493,6 +493,11 @@ def _dinov2_features(path, vae, network, device):
     return DinoV2Features(dino, decode)
 
 
+def _export_line(step, report) -> str:
+    """training_mode 'full': the status line of the last LoRA export (rank and reconstruction error)."""
+    return f"step {step}: exported the full fine-tune as a {report.summary()}"
+
+
 def _job_body(job: Job, spec: RunSpec, decode_preview) -> None:
     """Runs on the job's thread: build (resume), train with events, finish."""
     run = ADDRun(spec)
@@ -513,7 +518,7 @@ def _job_body(job: Job, spec: RunSpec, decode_preview) -> None:
     def saved(step: int, _path: str) -> None:
         job.last_checkpoint_step = step
         if run.export_report is not None:  # full mode: what the LoRA export kept
-            job.message = f"step {step}: exported the full fine-tune as a {run.export_report.summary()}"
+            job.message = _export_line(step, run.export_report)
         REGISTRY.emit(job, force=True)
 
     hooks = RunHooks(progress=progress, preview=preview if spec.preview_shape else None, saved=saved,
@@ -521,7 +526,8 @@ def _job_body(job: Job, spec: RunSpec, decode_preview) -> None:
     result = run.train(job.stop_event, hooks)
     job.step = result.step
     job.eta_s = 0.0 if not result.stopped else None
-    export = f"; {job.message}" if run.export_report is not None else ""
+    # (job.message may have been replaced by a polite pause since the last save)
+    export = f"; {_export_line(run.trainer.saved_step, run.export_report)}" if run.export_report is not None else ""
     if result.stopped:
         job.state, job.message = "cancelled", (f"cancelled at step {result.step}; saved; queue the same name to resume"
                                                + export)

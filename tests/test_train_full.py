@@ -108,6 +108,8 @@ def test_headless_full_resume_continues_and_a_low_rank_export_reports_more_error
         md = f.metadata()
     assert md["add.rank"] == "4" and md["add.steps_trained"] == "2"
     assert 0.05 < float(md["add.relative_error"]) <= 1.0  # rank 4 of a dense update loses most of it, and says so
+    print(f"tiny SD1.5, rank 4: overall {md['add.relative_error']}, mean {md['add.mean_layer_error']}, "
+          f"worst {md['add.worst_layer']}")
     # the mode cannot change on resume
     with pytest.raises(ValueError, match=r"training_mode: saved 'full', now 'lora'"):
         in_process(config(tiny, tmp_path / "l.json", lora, **{**over, "max_steps": 3, "training_mode": "lora"}),
@@ -189,3 +191,21 @@ def test_the_full_student_of_a_half_precision_model_trains_fp32_master_weights(p
         assert bool(((w + 1e-6 * w.sign()) != w).all())  # a 1e-6 step is kept by every fp32 weight ...
         wh = next(half.parameters())
         assert float(((wh + 1e-6 * wh.sign()) == wh).float().mean()) > 0.9  # ... and lost by most bf16 ones
+
+
+def test_digits_train_student_takes_the_training_mode_and_samples_through_the_export(comfy, tmp_path):
+    """benchmarks/digits.py's full fine-tune: trained, exported, loaded by sample_student (ComfyUI's loader)."""
+    from benchmarks import digits as D
+
+    assert D.Size().training_mode == "lora" and D.Size() == D.FULL  # the proof's defaults are unchanged
+    size = D.Size(name="full-test", training_mode="full", lr_full=1e-3, lora_rank=1024, add_steps=2, add_batch=4,
+                  per_class=2)
+    x, y, _, _ = D.load_split(size.seed)
+    clip = D.ClassEmbeddingCLIP(size.context_dim, seed=size.seed)
+    mp = D.model_patcher(size)  # untrained weights: this checks the plumbing, not the quality
+    lora = str(tmp_path / "digits_full.safetensors")
+    info = D.train_student(mp, clip, size, lora, data="real", real=(x[:16], y[:16]), log=lambda m: None)
+    assert info["export"]["rank"] >= 1 and 0 <= info["export"]["relative_error"] < 1e-2  # rank >= every layer
+    samples, evals = D.sample_student(mp, lora, clip, size, 1)
+    assert samples.shape == (D.CLASSES * size.per_class, 1, 8, 8) and evals == 1
+    assert bool(torch.isfinite(samples).all())
