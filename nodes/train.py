@@ -457,7 +457,7 @@ def build_run_spec(model, clip, vae, cfg: ADDConfig, lora_path: str, *, family: 
     spec = RunSpec(
         cfg=cfg, network=network, denoise=adapter.comfy_denoise, data=None, data_factory=data_factory,
         schedule=schedule, lora_path=lora_path, device=device,
-        feature_modules=adapter.feature_modules(network) if feature_fn is None else None, feature_fn=feature_fn,
+        feature_modules=adapter.feature_modules(network, cfg.disc_features) if feature_fn is None else None, feature_fn=feature_fn,
         target_modules=adapter.lora_targets(network),
         checkpoint_modules=adapter.checkpoint_modules(network) if gradient_checkpointing else (),
         c_dim=bank.c_dim, lora_prefix="", full_copy=adapter.trainable_copy,

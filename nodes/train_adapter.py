@@ -167,22 +167,37 @@ def _unet(network):
     return network.diffusion_model
 
 
-def feature_modules(network) -> list[str]:
-    """LADD discriminator features: the output of the last input block of every resolution level
-    and of the middle block (the teacher's encoder), as names under ``network``.
+def feature_modules(network, which: str = "encoder") -> list[str]:
+    """LADD discriminator features as names under ``network``: ``which`` = 'encoder' (the output of
+    the last input block of every resolution level and of the middle block: the teacher's encoder),
+    'input+encoder' (also the input convolution, whose output is a linear map of the latent, so the
+    heads can see pixel-level noise), 'all' (input + encoder + middle + the last output block of
+    every decoder level).
 
     ComfyUI's UNet runs a block by iterating its layers (``forward_timestep_embed``), never by
-    calling the block, so the hooks go on each block's LAST layer."""
+    calling the block, so the hooks go on each block's LAST layer. A UNet without a middle block
+    (BK-SDM-style) simply has no middle feature."""
     unet = _unet(network)
     blocks = list(unet.input_blocks)
-    names = []
+    names = [f"diffusion_model.input_blocks.0.{len(blocks[0]) - 1}"] if which in ("input+encoder", "all") else []
     for i in range(1, len(blocks)):
         nxt = blocks[i + 1] if i + 1 < len(blocks) else None
         ends_level = nxt is None or any(type(m).__name__ == "Downsample" for m in nxt)
         if ends_level and not any(type(m).__name__ == "Downsample" for m in blocks[i]):
             names.append(f"diffusion_model.input_blocks.{i}.{len(blocks[i]) - 1}")
-    if len(unet.middle_block) > 0:
-        names.append(f"diffusion_model.middle_block.{len(unet.middle_block) - 1}")
+    middle = getattr(unet, "middle_block", None)
+    if middle is not None and len(middle) > 0:
+        names.append(f"diffusion_model.middle_block.{len(middle) - 1}")
+    if which == "all":
+        out = list(unet.output_blocks)
+        for i, block in enumerate(out):
+            # a decoder level ends at a block that upsamples, or at the last block
+            if i == len(out) - 1 or any(type(m).__name__ == "Upsample" for m in block):
+                last = next((j for j in range(len(block) - 1, -1, -1) if type(block[j]).__name__ != "Upsample"), 0)
+                names.append(f"diffusion_model.output_blocks.{i}.{last}")
+    if not names:
+        raise ValueError("This UNet has no encoder level the discriminator can read: it cannot be trained with "
+                         "discriminator 'teacher'.")
     return names
 
 

@@ -256,6 +256,25 @@ class TeacherFeatures:
         return list(self.fn(add_noise_ve(x0, sigma, noise), sigma, cond))
 
 
+class PixelFeatures:
+    """A sanity baseline: the latent itself (re-noised to t-hat like the teacher's features) and a 2x
+    average-pooled copy, as two feature maps. No frozen network: the heads see exactly the pixels."""
+
+    def __init__(self, schedule: DiscreteSchedule, t_range: tuple[int, int]) -> None:
+        self.schedule, self.t_range = schedule, t_range
+
+    def __call__(self, x0: Tensor, cond: Any, generator: torch.Generator) -> list[Tensor]:
+        b = x0.shape[0]
+        t_hat = torch.randint(self.t_range[0], self.t_range[1] + 1, (b,), generator=generator, device=generator.device)
+        sigma = self.schedule.sigma(t_hat.cpu(), dtype=x0.dtype, device=x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=x0.dtype).to(x0.device)
+        x = add_noise_ve(x0, sigma, noise) / (1.0 + sigma * sigma).sqrt().reshape(-1, *([1] * (x0.ndim - 1)))
+        feats = [x]
+        if x.ndim == 4 and min(x.shape[-2:]) >= 2:
+            feats.append(F.avg_pool2d(x, 2))
+        return feats
+
+
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 

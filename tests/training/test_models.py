@@ -243,3 +243,43 @@ def _save_random(tmp_path, config):
     path = tmp_path / "rand.safetensors"
     save_file({k: v.contiguous() for k, v in Dinov2Model(config).state_dict().items()}, str(path))
     return path
+
+
+def test_pixel_discriminator_sees_the_latent_and_trains_like_the_teacher_one():
+    cfg = tiny_config(discriminator="pixel", training_mode="full")
+    models = tiny_models(cfg)
+    gen = torch.Generator().manual_seed(0)
+    d_losses, _ = step(_batch(cfg), models, cfg, "D", generator=gen)
+    d_losses["total"].backward()
+    assert all(p.grad is None for p in models.student.trainable_parameters())
+    assert sum(float(p.grad.abs().sum()) for p in models.discriminator.heads.parameters() if p.grad is not None) > 0
+    for p in models.discriminator.heads.parameters():
+        p.grad = None
+    g_losses, _ = step(_batch(cfg), models, cfg, "G", generator=torch.Generator().manual_seed(1))
+    g_losses["total"].backward()
+    assert sum(float(p.grad.abs().sum()) for p in models.student.trainable_parameters() if p.grad is not None) > 0
+
+
+@pytest.mark.parametrize("adv_weight", [1.0, 0.0])
+def test_gradient_shares_are_logged_and_split_the_gradient_on_x_hat(adv_weight):
+    cfg = tiny_config(training_mode="full", adv_weight=adv_weight, distill_weight=2.5)
+    models = tiny_models(cfg)
+    batch = _batch(cfg)
+    gen = torch.Generator().manual_seed(0)
+    fake = loop.student_forward(batch, models, cfg, gen)
+    seen = {}
+
+    def keep(g):
+        seen["total"] = g.norm().item()
+
+    fake.register_hook(keep)
+    losses, logs = step(batch, models, cfg, "G", generator=gen, fake=fake)
+    assert logs["grad_distill"] > 0 and logs["grad_adv"] == 0.0  # the adversarial share arrives with backward
+    losses["total"].backward()
+    if adv_weight == 0.0:
+        assert logs["grad_adv"] == pytest.approx(0.0, abs=1e-6 * logs["grad_distill"])
+        assert seen["total"] == pytest.approx(logs["grad_distill"], rel=1e-5)
+    else:
+        assert logs["grad_adv"] > 0
+        # the two shares and the total obey the triangle inequality (they are the parts of one gradient)
+        assert seen["total"] <= logs["grad_adv"] + logs["grad_distill"] + 1e-6
