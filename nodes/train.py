@@ -22,7 +22,7 @@ import comfy.utils
 import folder_paths
 import latent_preview
 
-from ..training.config import ADDConfig, DISC_NORMS, DISCRIMINATOR_TYPES, LR_SCHEDULES
+from ..training.config import ADDConfig, DISC_NORMS, DISCRIMINATOR_TYPES, LR_SCHEDULES, TRAINING_MODES
 from ..training.data import SyntheticTeacherData, LatentDataset
 from ..training.presets import PRESET_NAMES, apply_preset, preset_fields
 from ..training import files
@@ -262,6 +262,16 @@ class ADDTrain:
             "lr_schedule": (list(LR_SCHEDULES), _tip("Learning rate after the warm-up, for student and discriminator: "
                                                      "constant, or cosine (decays to 0 at max_steps; raising max_steps "
                                                      "on resume stretches the curve).")),
+            "training_mode": (list(TRAINING_MODES), _tip("lora: train low-rank adapters on the shared weights (one "
+                                                         "consumer GPU; lr_lora). full: fine-tune every weight of a "
+                                                         "copy, as the ADD paper does (lr_full; about 16 bytes per "
+                                                         "weight more memory: copy, gradient, optimiser). Either way "
+                                                         "the result is a LoRA file: a full run is exported as a LoRA "
+                                                         "of rank lora_rank extracted from student - teacher, with its "
+                                                         "reconstruction error in the status and the file.")),
+            "lr_full": ("FLOAT", _tip("Student learning rate when training_mode is full (AdamW; the whole network, "
+                                      "so far smaller than lr_lora).", default=1e-6, min=1e-9, max=1e-1, step=1e-7,
+                                      round=False)),
             "preset": (list(PRESET_NAMES), _tip("A named set of settings that replaces the inputs it names: none (the "
                                                 "inputs as set), paper (the ADD paper's starting values for SD-class "
                                                 "models), small_data (what the plugin's digits proof found for small "
@@ -278,7 +288,7 @@ class ADDTrain:
               lora_alpha, lr_lora, lr_disc, distill_weight, discriminator, data_cfg, data_steps, distill_cfg,
               save_every, preview_every, training_seed, gradient_checkpointing, run_mode, vae=None, images=None,
               image_folder="", dinov2_file="", disc_max_timestep=999, disc_norm="batch_local", lr_schedule="constant",
-              preset="none"):
+              training_mode="lora", lr_full=1e-6, preset="none"):
         args = locals_without_self(locals())
         args["seed"] = args.pop("training_seed")
         job = start_training(**args)
@@ -307,7 +317,7 @@ def start_training(model, clip, name, prompts, max_steps, batch_size, width, hei
                    lora_alpha, lr_lora, lr_disc, distill_weight, discriminator, data_cfg, data_steps, distill_cfg,
                    save_every, preview_every, seed, gradient_checkpointing, run_mode, vae=None, images=None,
                    image_folder="", dinov2_file="", disc_max_timestep=999, disc_norm="batch_local",
-                   lr_schedule="constant", preset="none") -> Job:
+                   lr_schedule="constant", training_mode="lora", lr_full=1e-6, preset="none") -> Job:
     """Validate, build the run's inputs on this (prompt) thread, start the job; returns it at once."""
     # ---- validate everything before anything is built --------------------------------
     name = check_name(name)
@@ -351,7 +361,7 @@ def start_training(model, clip, name, prompts, max_steps, batch_size, width, hei
                   discriminator=discriminator, teacher_cfg_scale=float(distill_cfg), batch_size=int(batch_size),
                   seed=int(seed), max_steps=int(max_steps), save_every=int(save_every),
                   preview_every=int(preview_every), disc_timestep_range=(0, disc_hi), disc_norm=str(disc_norm),
-                  lr_schedule=str(lr_schedule))
+                  lr_schedule=str(lr_schedule), training_mode=str(training_mode), lr_full=float(lr_full))
     fields, _ = apply_preset(preset, fields, t_max=t_max)
     try:
         cfg = config_for_model(t_max, **fields)
@@ -374,15 +384,19 @@ def start_training(model, clip, name, prompts, max_steps, batch_size, width, hei
     # ---- memory check ------------------------------------------------------------------
     device = mm.get_torch_device()
     lat_hw = (int(height) // 8, int(width) // 8)
-    need = adapter.estimate_memory(model.model, cfg.batch_size, lat_hw, cfg.lora_rank, bool(gradient_checkpointing))
+    need = adapter.estimate_memory(model.model, cfg.batch_size, lat_hw, cfg.lora_rank, bool(gradient_checkpointing),
+                                   cfg.training_mode, cfg.ema_decay is not None)
     # Free device memory plus what the input model occupies there (ComfyUI can offload it).
     free = adapter.free_memory_bytes(device) + (model.loaded_size() if device.type != "cpu" else 0)
     if need["total"] > free:
         gb = lambda b: f"{b / 2**30:.1f} GB"  # noqa: E731
         raise files.ADDError(
-            f"ADD Train needs about {gb(need['total'])} on {device} (weights copy {gb(need['weights'])}, adapters and "
-            f"optimiser {gb(need['adapters'])}, activations {gb(need['activations'])}) but about {gb(free)} is free. "
-            "Lower batch_size or width/height, turn on gradient_checkpointing, or close other work and queue again.")
+            f"ADD Train needs about {gb(need['total'])} on {device} (weights copy {gb(need['weights'])}, "
+            + ("full fp32 student copy" if cfg.training_mode == "full" else "adapters")
+            + f" and optimiser {gb(need['trainable'])}, activations {gb(need['activations'])}) but about {gb(free)} is "
+            "free. Lower batch_size or width/height, turn on gradient_checkpointing"
+            + (", use training_mode lora" if cfg.training_mode == "full" else "")
+            + ", or close other work and queue again.")
 
     # ---- build the run's inputs (prompt thread: ComfyUI's models are not in use elsewhere) --
     spec, decode_preview = build_run_spec(
@@ -457,7 +471,7 @@ def build_run_spec(model, clip, vae, cfg: ADDConfig, lora_path: str, *, family: 
         feature_modules=adapter.feature_modules(network, cfg.disc_features) if feature_fn is None else None, feature_fn=feature_fn,
         target_modules=adapter.lora_targets(network),
         checkpoint_modules=adapter.checkpoint_modules(network) if gradient_checkpointing else (),
-        c_dim=bank.c_dim, lora_prefix="",
+        c_dim=bank.c_dim, lora_prefix="", full_copy=adapter.trainable_copy,
         base_info={"base_model": f"{family} ({type(model.model.model_config).__name__})",
                    "base_fingerprint": fingerprint},
         run_info={"width": int(width), "height": int(height), **data_summary},
@@ -490,6 +504,11 @@ def _dinov2_features(path, vae, network, device):
     return DinoV2Features(dino, decode)
 
 
+def _export_line(step, report) -> str:
+    """training_mode 'full': the status line of the last LoRA export (rank and reconstruction error)."""
+    return f"step {step}: exported the full fine-tune as a {report.summary()}"
+
+
 def _job_body(job: Job, spec: RunSpec, decode_preview) -> None:
     """Runs on the job's thread: build (resume), train with events, finish."""
     run = ADDRun(spec)
@@ -509,6 +528,8 @@ def _job_body(job: Job, spec: RunSpec, decode_preview) -> None:
 
     def saved(step: int, _path: str) -> None:
         job.last_checkpoint_step = step
+        if run.export_report is not None:  # full mode: what the LoRA export kept
+            job.message = _export_line(step, run.export_report)
         REGISTRY.emit(job, force=True)
 
     hooks = RunHooks(progress=progress, preview=preview if spec.preview_shape else None, saved=saved,
@@ -516,10 +537,13 @@ def _job_body(job: Job, spec: RunSpec, decode_preview) -> None:
     result = run.train(job.stop_event, hooks)
     job.step = result.step
     job.eta_s = 0.0 if not result.stopped else None
+    # (job.message may have been replaced by a polite pause since the last save)
+    export = f"; {_export_line(run.trainer.saved_step, run.export_report)}" if run.export_report is not None else ""
     if result.stopped:
-        job.state, job.message = "cancelled", f"cancelled at step {result.step}; saved; queue the same name to resume"
+        job.state, job.message = "cancelled", (f"cancelled at step {result.step}; saved; queue the same name to resume"
+                                               + export)
     else:
-        job.state, job.message = "done", f"done: {os.path.basename(spec.lora_path)} trained for {result.step} steps"
+        job.state, job.message = "done", f"done: {os.path.basename(spec.lora_path)} trained for {result.step} steps{export}"
 
 
 # --------------------------------------------------------------------------------------------

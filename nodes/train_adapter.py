@@ -9,6 +9,7 @@ the headless trainer and the digits proof all build their runs through it:
   fused in), made outside inference mode so autograd may save them; foreground prompts patch
   ComfyUI's shared module in place and its weights are inference tensors, so training never
   touches it;
+- :func:`trainable_copy` — the fp32 student of a full fine-tune (``training_mode='full'``);
 - :func:`comfy_denoise` — ``(network, x_ve, sigma, cond) -> x0`` through the model's own
   ``apply_model`` (its ``model_sampling`` handles eps / v-prediction and the sigma conventions);
 - :func:`feature_modules`, :func:`lora_targets`, :func:`checkpoint_modules` — module names of a
@@ -114,6 +115,27 @@ def frozen_copy(model, device: torch.device) -> torch.nn.Module:
         if hasattr(copy, "device"):
             copy.device = device
     return copy
+
+
+def trainable_copy(network: torch.nn.Module) -> torch.nn.Module:
+    """``training_mode='full'``: the student's own copy of the job's frozen network, fp32 master weights.
+
+    The frozen network holds the weights in the dtype the model computes in (fp16/bf16 on most
+    GPUs); AdamW updates of ~lr = 1e-6 vanish when added to half-precision weights, so the trained
+    copy is fp32 and runs in fp32 (``apply_model`` casts its inputs to the dtype the BaseModel
+    reports: the diffusion model's ``dtype`` and ``manual_cast_dtype``, set here). Memory: see
+    :func:`estimate_memory`.
+    """
+    import copy as copy_mod
+
+    with torch.inference_mode(False):
+        student = copy_mod.deepcopy(network)
+        if any(p.is_floating_point() and p.dtype != torch.float32 for p in student.parameters()):
+            student.float()
+            _unet(student).dtype = torch.float32
+            if hasattr(student, "manual_cast_dtype"):
+                student.manual_cast_dtype = None
+    return student
 
 
 def base_fingerprint(model) -> str:
@@ -288,21 +310,29 @@ _CKPT_SAVING = 4
 
 
 def estimate_memory(network, batch_size: int, latent_hw: tuple[int, int], rank: int,
-                    gradient_checkpointing: bool) -> dict[str, int]:
-    """Rough bytes a run needs on its device: {'weights', 'adapters', 'activations', 'total'}."""
+                    gradient_checkpointing: bool, training_mode: str = "lora", ema: bool = False) -> dict[str, int]:
+    """Rough bytes a run needs on its device: {'weights', 'trainable', 'activations', 'total'}.
+
+    'weights': the job's frozen copy of the base (the teacher). 'trainable': what is trained, in
+    fp32 with its gradient and two AdamW moments (and the EMA's copy when ``ema``): the LoRA
+    adapters, or for ``training_mode='full'`` a whole copy of the weights (see :func:`trainable_copy`).
+    """
     params = list(network.parameters())
     weights = sum(p.numel() * p.element_size() for p in params)
     elt = params[0].element_size() if params else 4
     unet = _unet(network)
     mc = int(getattr(unet, "model_channels", 320))
-    n_lin = sum(m.weight.shape[0] + m.weight[0].numel() for m in unet.modules()
-                if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and m.weight is not None)
-    adapters = n_lin * rank * 4 * 4  # fp32 param, grad, two AdamW moments
+    if training_mode == "full":
+        n_trained = sum(p.numel() for p in params)
+    else:
+        n_trained = rank * sum(m.weight.shape[0] + m.weight[0].numel() for m in unet.modules()
+                               if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and m.weight is not None)
+    trainable = n_trained * 4 * (4 + int(bool(ema)))  # fp32 param, grad, two AdamW moments (+ EMA)
     h, w = latent_hw
     act = 2 * batch_size * _ACT_FACTOR * mc * h * w * elt
     if gradient_checkpointing:
         act //= _CKPT_SAVING
-    return {"weights": weights, "adapters": adapters, "activations": act, "total": weights + adapters + act}
+    return {"weights": weights, "trainable": trainable, "activations": act, "total": weights + trainable + act}
 
 
 def free_memory_bytes(device: torch.device) -> int:

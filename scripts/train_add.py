@@ -12,7 +12,9 @@ writes the same ``<output>.safetensors`` LoRA and ``<output>.add-state/`` folder
 run started here resumes in the node and the other way round (same model, same settings). Running
 the same command again resumes the run. Also written into the state folder: ``train_log.jsonl``
 (the losses of every step) and ``samples/step_XXXXXXXX.png`` (a grid of 1-step student samples
-every ``preview_every`` steps).
+every ``preview_every`` steps). ``training_mode = "full"`` fine-tunes every weight (fp32 copy,
+``lr_full``) and writes the same kind of LoRA file, extracted at rank ``lora_rank`` from
+student - teacher; the reconstruction error is printed at each save and stored in the file.
 
 Data parallel: every rank trains on its own data streams (training/distributed.py); global batch =
 ``batch_size * data_streams`` (default one stream per rank). Rank 0 alone writes files.
@@ -306,7 +308,7 @@ def _train(settings: dict, dist_env, device, plugin_module) -> int:
             trim_log(state_dir, start_step, C.atomic_write_bytes)
             _say(dist, f"{'resuming at step ' + str(start_step) if start_step else 'starting'}: {family}, "
                        f"{dist.world_size} rank(s) on {device.type}, {streams} data stream(s) x batch {cfg.batch_size} "
-                       f"= global batch {streams * cfg.batch_size}; LoRA -> {lora_path}")
+                       f"= global batch {streams * cfg.batch_size}; training_mode {cfg.training_mode}; LoRA -> {lora_path}")
         hooks = _hooks(run, dist, cfg, decode_preview, vae, model, state_dir, start_step) if main_rank else None
         result = run.train(hooks=hooks)
     except _Stopped as exc:
@@ -373,6 +375,8 @@ def _hooks(run, dist, cfg, decode_preview, vae, model, state_dir: str, start_ste
 
     def saved(step: int, path: str) -> None:
         bar.write(f"step {step}: saved {os.path.basename(path)} and the resumable state")
+        if run.export_report is not None:  # training_mode 'full': the LoRA is extracted from the full student
+            bar.write(f"step {step}: exported the full fine-tune as a {run.export_report.summary()}")
 
     return R.RunHooks(progress=progress, preview=preview if run.spec.preview_shape else None, saved=saved)
 

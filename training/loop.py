@@ -49,7 +49,8 @@ def build_models(network: nn.Module, denoise: DenoiseFn, cfg: ADDConfig, schedul
                  *, feature_modules: Sequence[str] | None = None,
                  feature_fn: Callable[[Tensor, Any, torch.Generator], list] | None = None,
                  probe_batch: Batch | None = None, c_dim: int = 0,
-                 target_modules: Sequence[str] | None = None) -> ADDModels:
+                 target_modules: Sequence[str] | None = None,
+                 full_copy: Callable[[nn.Module], nn.Module] | None = None) -> ADDModels:
     """Build student + discriminator around one host network.
 
     - ``denoise(network, x_ve, sigma, cond) -> x0`` runs the network (ComfyUI adapter or toy).
@@ -58,14 +59,15 @@ def build_models(network: nn.Module, denoise: DenoiseFn, cfg: ADDConfig, schedul
     - 'dinov2' (or any custom) discriminator: pass ``feature_fn(x0, cond, generator) -> list``,
       e.g. a :class:`training.discriminator.DinoV2Features`.
     ``probe_batch`` (one batch) is used once to read the feature widths. ``c_dim > 0`` makes the
-    heads projection-conditioned on ``batch['pooled']``.
+    heads projection-conditioned on ``batch['pooled']``. ``full_copy(network)`` builds the trainable
+    copy of ``training_mode='full'`` (default: a deep copy; see FullStudent).
     """
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)  # init-only generator, separate from training's
     if cfg.training_mode == "lora":
         student: LoRAStudent | FullStudent = LoRAStudent(network, denoise, cfg.lora_rank, cfg.lora_alpha, gen,
                                                          target_modules=target_modules)
     else:
-        student = FullStudent(network, denoise)
+        student = FullStudent(network, denoise, make_copy=full_copy)
     check_frozen(student.teacher_params(), "teacher")
     disc = None
     if cfg.adv_weight > 0:
