@@ -225,8 +225,9 @@ class ADDTrain:
                                 "decodes the previews (otherwise a cheap latent approximation is shown).")),
             "images": ("IMAGE", _tip("Train on these images (encoded with the VAE) instead of teacher-generated ones; "
                                      "captions are taken from the prompt lines in order (cycled).")),
-            "image_folder": ("STRING", _tip("A folder inside ComfyUI's input/ with images and same-name .txt captions "
-                                            "(e.g. my_dataset). Empty = not used.", default="")),
+            "image_folder": ("STRING", _tip("A folder inside ComfyUI's input/ with images (png/jpg/webp/bmp/tif, "
+                                            "natural order) and same-name UTF-8 .txt captions (e.g. my_dataset); "
+                                            "symbolic links in input/ are followed. Empty = not used.", default="")),
             "dinov2_file": ("STRING", _tip("For discriminator dinov2: DINOv2 ViT-S/14 .safetensors, path relative to "
                                            "ComfyUI's models/ folder.", default="")),
             # Added after the others: saved workflows restore widget values by position.
