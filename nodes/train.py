@@ -26,6 +26,7 @@ from ..training.config import ADDConfig, DISC_NORMS, DISCRIMINATOR_TYPES, LR_SCH
 from ..training.data import SyntheticTeacherData, LatentDataset
 from ..training.presets import PRESET_NAMES, apply_preset, preset_fields
 from ..training import files
+from ..training import image_folder as image_files
 from ..training.run import STATE_SUFFIX, ADDRun, ResumeConflict, RunHooks, RunSpec, check_start, state_dir_for
 from ..training.schedule import DiscreteSchedule
 from . import train_adapter as adapter
@@ -42,7 +43,6 @@ _DEFAULT_PROMPTS = ("a photograph of a red fox in a snowy forest, golden hour\n"
                     "a watercolor painting of a lighthouse on a cliff\n"
                     "portrait of an old sailor with a grey beard, dramatic light\n"
                     "a futuristic city skyline at night, neon reflections")
-_IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,42 +73,20 @@ def check_name(name: str, what: str = "name") -> str:
                             folder=folder_paths.get_folder_paths("loras")[0], example="my_turbo_lora")
 
 
-def _input_subfolder(folder: str) -> str:
-    root = os.path.realpath(folder_paths.get_input_directory())
-    rel = str(folder).strip()
-    if os.path.isabs(rel) or ".." in rel.replace("\\", "/").split("/") or ":" in rel:
-        raise files.ADDError(f"image_folder {rel!r} must be a folder inside ComfyUI's input/ folder, given relative to it "
-                         "(e.g. my_dataset), with no '..' or absolute path.")
-    path = os.path.realpath(os.path.join(root, rel))
-    if os.path.commonpath([root, path]) != root or not os.path.isdir(path):
-        raise files.ADDError(f"image_folder {rel!r}: there is no such folder in {root}. Put your images (with same-name .txt "
-                         "captions) in a folder there and type its name.")
-    return path
-
-
 def load_image_folder(folder: str, width: int, height: int) -> tuple[torch.Tensor, list[str]]:
     """Images of ``input/<folder>`` resized and centre-cropped to width x height -> (N, H, W, 3), captions."""
-    return read_image_folder(_input_subfolder(folder), width, height, label=f"image_folder {folder!r}")
+    base = folder_paths.get_input_directory()
+    label = f"image_folder {str(folder).strip()!r}"
+    path = image_files.input_subfolder(base, folder, "image_folder", "Put your images (with same-name .txt captions) "
+                                        "in a folder there and type its name.")
+    return image_files.read_captioned_folder(path, width, height, label,
+                                             available=adapter.free_memory_bytes(torch.device("cpu")))
 
 
 def read_image_folder(path: str, width: int, height: int, label: str) -> tuple[torch.Tensor, list[str]]:
-    """Images of folder ``path`` (see load_image_folder); ``label`` names the input in errors."""
-    from PIL import Image, ImageOps
-
-    names = sorted(f for f in os.listdir(path) if f.lower().endswith(_IMAGE_EXTS))
-    if not names:
-        raise files.ADDError(f"{label} holds no images ({', '.join(_IMAGE_EXTS)}); add some or clear the input.")
-    images, captions = [], []
-    for f in names:
-        try:
-            with Image.open(os.path.join(path, f)) as im:
-                im = ImageOps.fit(ImageOps.exif_transpose(im).convert("RGB"), (width, height), Image.LANCZOS)
-                images.append(torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(height, width, 3))
-        except OSError as exc:
-            raise files.ADDError(f"{label}: {f} cannot be read as an image ({exc}); remove or replace it.") from exc
-        cap = os.path.join(path, os.path.splitext(f)[0] + ".txt")
-        captions.append(open(cap, encoding="utf-8").read().strip() if os.path.isfile(cap) else "")
-    return torch.stack(images).float() / 255.0, captions
+    """Images of folder ``path`` anywhere (the headless trainer's image_folder); ``label`` names the input."""
+    return image_files.read_captioned_folder(path, width, height, label,
+                                             available=adapter.free_memory_bytes(torch.device("cpu")))
 
 
 def _fit_images(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
@@ -124,9 +102,12 @@ def _dinov2_path(name: str) -> str:
         raise files.ADDError("discriminator is 'dinov2' but dinov2_file is empty: put DINOv2 ViT-S/14 weights "
                          "(model.safetensors of facebook/dinov2-small) under ComfyUI's models/ folder and type its "
                          "path relative to models/, e.g. dinov2/dinov2_vits14.safetensors; or use discriminator 'teacher'.")
-    root = os.path.realpath(folder_paths.models_dir)
-    path = os.path.realpath(os.path.join(root, rel))
-    if os.path.isabs(rel) or os.path.commonpath([root, path]) != root:
+    root = os.path.abspath(folder_paths.models_dir)
+    if "\0" in rel or any(ord(ch) < 32 for ch in rel):
+        raise files.ADDError(f"dinov2_file {rel!r} contains a NUL or control character: type the file's path relative to "
+                             f"{root}, e.g. dinov2/dinov2_vits14.safetensors.")
+    path = os.path.normpath(os.path.join(root, rel.replace("\\", "/")))
+    if not image_files.inside(root, path) or path == root:
         raise files.ADDError(f"dinov2_file {rel!r} must be a path relative to {root} without '..'.")
     if not os.path.isfile(path):
         raise files.ADDError(f"dinov2_file {rel!r}: no such file in {root}. Put the DINOv2 ViT-S/14 .safetensors file there, "
@@ -245,8 +226,9 @@ class ADDTrain:
                                 "decodes the previews (otherwise a cheap latent approximation is shown).")),
             "images": ("IMAGE", _tip("Train on these images (encoded with the VAE) instead of teacher-generated ones; "
                                      "captions are taken from the prompt lines in order (cycled).")),
-            "image_folder": ("STRING", _tip("A folder inside ComfyUI's input/ with images and same-name .txt captions "
-                                            "(e.g. my_dataset). Empty = not used.", default="")),
+            "image_folder": ("STRING", _tip("A folder inside ComfyUI's input/ with images (png/jpg/webp/bmp/tif, "
+                                            "natural order) and same-name UTF-8 .txt captions (e.g. my_dataset); "
+                                            "symbolic links in input/ are followed. Empty = not used.", default="")),
             "dinov2_file": ("STRING", _tip("For discriminator dinov2: DINOv2 ViT-S/14 .safetensors, path relative to "
                                            "ComfyUI's models/ folder.", default="")),
             # Added after the others: saved workflows restore widget values by position.
@@ -344,8 +326,10 @@ def start_training(model, clip, name, prompts, max_steps, batch_size, width, hei
     folder_images, folder_captions = (None, [])
     if str(image_folder).strip():
         folder_images, folder_captions = load_image_folder(image_folder, int(width), int(height))
-    if images is not None and int(images.shape[0]) == 0:
-        images = None
+    if images is not None and int(images.shape[0]) == 0:  # an empty batch is a mistake upstream, not "no images"
+        raise files.ADDError(f"images is an empty batch (shape {tuple(images.shape)}): the node connected to 'images' "
+                             "produced no image. Fix that node (e.g. its folder, index or length), or disconnect "
+                             "'images' to train on images the teacher generates from the prompts.")
     if not prompt_list and images is None and folder_images is None:
         raise files.ADDError("prompts is empty and no images are connected: type at least one prompt per line (the teacher "
                          "then generates the training images), or connect images / set image_folder.")
@@ -673,6 +657,8 @@ class ADDCompare:
         prompt_list = parse_prompts(prompts)
         if not prompt_list:
             raise files.ADDError("prompts is empty: type at least one prompt (one per line).")
+        if not (math.isfinite(float(teacher_cfg)) and 1.0 <= float(teacher_cfg) <= 30.0):  # NaN passes min/max
+            raise files.ADDError(f"teacher_cfg is {teacher_cfg!r}: type a number from 1 to 30 (7 is typical).")
         name = check_name(lora_name, "lora_name") + ".safetensors"
         for label, v in (("width", width), ("height", height)):
             if int(v) % 8 or int(v) < 64:

@@ -128,6 +128,8 @@ def check_config(data: dict, source: str = "config") -> dict:
         raise ConfigError(f"{source}: 'prompts' must be a list of strings (or one string, a prompt per line).")
     out["prompts"] = [p.strip() for p in prompts if p.strip() and not p.strip().startswith("#")]
     folder = str(out["image_folder"] or "").strip()
+    if "\0" in folder:
+        raise ConfigError(f"{source}: image_folder {folder!r} contains a NUL character: give the folder's path.")
     if folder:
         folder = os.path.abspath(os.path.expanduser(folder))
         if not os.path.isdir(folder):
@@ -250,7 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     from scripts.comfy_host import import_comfy, plugin_module
 
     import_comfy(load_plugin=True, cpu=device.type == "cpu", extra_nodes=False)
-    return _train(settings, dist, device, plugin_module)
+    try:
+        return _train(settings, dist, device, plugin_module)
+    except plugin_module("training.files").ADDError as exc:  # a file of the config the user can fix: no traceback
+        print(f"error: config {args.config!r}: {exc}", file=sys.stderr)
+        return 2
 
 
 def _train(settings: dict, dist_env, device, plugin_module) -> int:
@@ -276,7 +282,8 @@ def _train(settings: dict, dist_env, device, plugin_module) -> int:
     folder_images, folder_captions = None, []
     if settings["image_folder"]:
         folder_images, folder_captions = T.read_image_folder(settings["image_folder"], settings["width"],
-                                                             settings["height"], label="image_folder")
+                                                             settings["height"],
+                                                             label=f"image_folder {settings['image_folder']!r}")
     fingerprint = adapter.base_fingerprint(model)
     start_step = R.check_start(lora_path, cfg, fingerprint)  # conflicts and foreign files fail on every rank
     if start_step >= cfg.max_steps:

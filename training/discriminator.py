@@ -320,17 +320,17 @@ def load_dinov2(weights_path: str | os.PathLike, config: Any = None) -> FrozenMo
 
     ``config`` defaults to ViT-S/14. Keys may carry a ``dinov2.`` or ``model.`` prefix.
     """
-    path = os.fspath(weights_path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"DINOv2 weights not found at {path!r}. Put the ViT-S/14 'model.safetensors' "
-                                "(facebook/dinov2-small layout) there, or use discriminator='teacher'.")
-    if not path.endswith(".safetensors"):
-        raise ValueError(f"DINOv2 weights must be a .safetensors file (no pickle), got {path!r}.")
-    from .files import read_safetensors
+    from .files import ADDError, read_safetensors
 
-    state, _ = read_safetensors(path, f"dinov2_file {os.path.basename(path)}",
-                                "Put an intact DINOv2 ViT-S/14 model.safetensors (facebook/dinov2-small) there, or use "
-                                "discriminator 'teacher'.")
+    path = os.fspath(weights_path)
+    label = f"dinov2_file {os.path.basename(path)}"
+    fix = "Put an intact DINOv2 ViT-S/14 model.safetensors (facebook/dinov2-small) there, or use discriminator 'teacher'."
+    if not os.path.isfile(path):
+        raise ADDError(f"{label} does not exist (looked for {path}). {fix}")
+    if not path.endswith(".safetensors"):
+        raise ADDError(f"{label} is not a .safetensors file (this plugin never loads pickles: .pt/.pth/.bin/.ckpt). "
+                       f"{fix}")
+    state, _ = read_safetensors(path, label, fix)
     try:
         from transformers import Dinov2Model
     except ImportError as exc:
@@ -341,10 +341,16 @@ def load_dinov2(weights_path: str | os.PathLike, config: Any = None) -> FrozenMo
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
     model = Dinov2Model(config if config is not None else dinov2_vits14_config())
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a tensor of the right name with the wrong shape (another ViT size)
+        raise ADDError(f"{label} holds tensors of other shapes than DINOv2 ViT-S/14 "
+                       f"({str(exc).splitlines()[-1].strip()[:200]}). {fix}") from None
     if result.missing_keys:
-        raise ValueError(f"{path!r} does not hold DINOv2 weights matching the config: {len(result.missing_keys)} "
-                         f"missing keys, e.g. {result.missing_keys[:5]}; unexpected e.g. {result.unexpected_keys[:5]}.")
+        expected = len(model.state_dict())
+        raise ADDError(f"{label} does not hold DINOv2 ViT-S/14 weights: {len(result.missing_keys)} of {expected} "
+                       f"tensors are missing (e.g. {result.missing_keys[:3]}; the file has e.g. "
+                       f"{sorted(state)[:3]}). {fix}")
     return FrozenModule(model.float())
 
 

@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from training_helpers import single_thread, ring_data, tiny_config, tiny_models, tiny_network  # noqa: F401 (autouse)
 from training import loop
+from training.files import ADDError
 from training.discriminator import (Discriminator, DinoV2Features, FrozenModule, HookedActivations, load_dinov2,
                                     probe_feature_channels)
 from training.loop import step, student_input
@@ -225,12 +226,20 @@ def test_dinov2_missing_or_wrong_file_is_a_clear_error(tmp_path):
     from safetensors.torch import save_file
 
     config = _tiny_dino_config()
-    with pytest.raises(FileNotFoundError, match="DINOv2 weights not found"):
+    with pytest.raises(ADDError, match="dinov2_file absent.safetensors does not exist"):
         load_dinov2(tmp_path / "absent.safetensors", config)
     wrong = tmp_path / "wrong.safetensors"
     save_file({"foo.weight": torch.zeros(2)}, str(wrong))
-    with pytest.raises(ValueError, match="missing keys"):
+    with pytest.raises(ADDError, match=r"dinov2_file wrong.safetensors does not hold DINOv2 .* tensors are missing"):
         load_dinov2(wrong, config)
+    shaped = tmp_path / "shaped.safetensors"
+    save_file({"embeddings.cls_token": torch.zeros(1, 1, 3)}, str(shaped))
+    with pytest.raises(ADDError, match="dinov2_file shaped.safetensors holds tensors of other shapes"):
+        load_dinov2(shaped, config)
+    pickle = tmp_path / "weights.pth"
+    pickle.write_bytes(b"\x80\x04")
+    with pytest.raises(ADDError, match="dinov2_file weights.pth is not a .safetensors file"):
+        load_dinov2(pickle, config)
     with pytest.raises(ValueError, match="out of range"):
         # the 4-layer test model has no block 5, 8 or 11
         DinoV2Features(load_dinov2(_save_random(tmp_path, config), config), lambda z: z, blocks=(2, 5, 8, 11))
