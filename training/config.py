@@ -54,6 +54,7 @@ class ADDConfig:
     disc_head_channels: int = 0  # 0 = keep each feature's own width
     disc_norm: str = "batch_local"  # heads' norm: 'batch_local' (StyleGAN-T) | 'sample' (per-sample GroupNorm)
     disc_spectral_norm: bool = True  # spectral norm on the heads' convolutions (StyleGAN-T)
+    disc_updates: int = 1  # discriminator updates per student update (DMD2's two time-scale rule: 5), fresh batches
 
     # --- optimisation (AdamW; open code) ---
     lr_lora: float = 1e-4
@@ -159,6 +160,7 @@ _RULES: dict[str, tuple[Callable[[Any, ADDConfig], bool], str]] = {
     "disc_features": (lambda v, c: v in DISC_FEATURES, f"one of {DISC_FEATURES}"),
     "disc_spectral_norm": (lambda v, c: isinstance(v, bool), "True or False"),
     "disc_norm": (lambda v, c: v in DISC_NORMS, f"one of {DISC_NORMS}"),
+    "disc_updates": (lambda v, c: _int(v) and 1 <= v <= 16, "an int in [1, 16] (1 = the paper's alternation)"),
     "disc_head_channels": (lambda v, c: _int(v) and 0 <= v <= 4096, "an int in [0, 4096] (0 = feature width)"),
     "lr_lora": (lambda v, c: _finite(v) and 0 < v <= 1, "a float in (0, 1] (default 1e-4)"),
     "lr_full": (lambda v, c: _finite(v) and 0 < v <= 1, "a float in (0, 1] (default 1e-6)"),

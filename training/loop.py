@@ -364,6 +364,29 @@ class Trainer:
         self.generator.manual_seed(stream_seed(self.cfg.seed, self.step, stream))
         return self.generator
 
+    def _extra_critic_updates(self) -> bool:
+        """``disc_updates - 1`` discriminator updates before the usual D/G pair, each on fresh batches
+        of every local stream (DMD2's two time-scale rule: the critic keeps up with the generator).
+        Seeded apart from the main batch's streams, so a resumed run draws the same batches."""
+        cfg, models, ok = self.cfg, self.models, True
+        if self.opt_d is None or cfg.disc_updates <= 1:
+            return ok
+        n = len(self.streams)
+        for k in range(1, cfg.disc_updates):
+            self.opt_d.zero_grad(set_to_none=True)
+            buffers = _buffers(models.discriminator) if n > 1 else []
+            for r in self.streams:
+                if n > 1:  # every stream starts from the same spectral-norm vectors, as on its own rank
+                    _restore(models.discriminator, buffers)
+                gen = self.generator.manual_seed(stream_seed(self.cfg.seed, self.step, r + 1_000_003 * k))
+                batch = self.data(gen, cfg.batch_size)
+                with torch.no_grad():
+                    fake = student_forward(batch, models, cfg, gen)
+                d_losses, _ = step(batch, models, cfg, "D", generator=gen, fake=fake)
+                self._backward(d_losses["total"], self.disc_params, 1.0 / n)
+            ok &= self._finish(self.disc_params, self.opt_d)
+        return ok
+
     def train_step(self) -> dict[str, float]:
         """One iteration: D step then G step on the same x_hat_theta, over this rank's data streams. Returns logs."""
         cfg, models = self.cfg, self.models
@@ -372,10 +395,12 @@ class Trainer:
                 group["lr"] = get_lr(self.step, base, cfg.lr_warmup_steps, cfg.lr_schedule, cfg.max_steps)
         if models.discriminator is not None:
             models.discriminator.train(True)
+        extra_ok = self._extra_critic_updates()
         if len(self.streams) == 1:
             ok, g_ok, logs = self._step_one(self.streams[0])
         else:
             ok, g_ok, logs = self._step_accumulated(self.streams)
+        ok &= extra_ok
         if g_ok and self.ema is not None:
             self.ema.update()
         ok &= g_ok

@@ -173,3 +173,35 @@ def test_interrupted_write_leaves_previous_checkpoint_intact(tmp_path, monkeypat
         save_checkpoint(trainer, tmp_path)
     assert json.loads((tmp_path / "latest.json").read_text())["checkpoint"] == "step_00000001"
     assert list_checkpoints(tmp_path) == ["step_00000001"]
+
+
+def test_extra_critic_updates_train_only_the_heads_and_resume_exactly(tmp_path):
+    """disc_updates = 3: two more discriminator updates per step (fresh batches), the student still one;
+    a resumed run equals a straight one."""
+    from training.checkpoint import load_checkpoint
+
+    cfg = tiny_config(disc_updates=3, max_steps=4)
+    models = tiny_models(cfg)
+    student_before = [p.detach().clone() for p in models.student.trainable_parameters()]
+    trainer = Trainer(models, cfg, ring_data)
+    calls = []
+    original = trainer.opt_d.step
+
+    def counting_step(*a, **k):
+        calls.append(1)
+        return original(*a, **k)
+
+    trainer.opt_d.step = counting_step
+    trainer.train_step()
+    assert len(calls) == 3  # three critic updates in one iteration
+    assert any(not torch.equal(a, b) for a, b in zip(student_before, models.student.trainable_parameters()))
+
+    straight = Trainer(tiny_models(cfg), cfg, ring_data)
+    straight.run()
+    first = Trainer(tiny_models(cfg.replace(max_steps=2)), cfg.replace(max_steps=2), ring_data)
+    first.run(checkpoint_dir=str(tmp_path))
+    resumed = Trainer(tiny_models(cfg), cfg, ring_data)
+    load_checkpoint(resumed, str(tmp_path))
+    resumed.run()
+    for a, b in zip(straight.student_params + straight.disc_params, resumed.student_params + resumed.disc_params):
+        assert torch.equal(a, b)
