@@ -27,6 +27,7 @@ import torch
 
 import comfy.model_management as mm
 
+from ..training.files import ADDError
 from . import lora as lora_nodes
 
 # Families a run can train: BaseModel subclasses whose diffusion model is ComfyUI's UNetModel
@@ -145,6 +146,12 @@ def _unet(network):
     return network.diffusion_model
 
 
+def _layers(block) -> list:
+    """The layers of a UNet block; none for a block the model does not have (``middle_block`` is
+    None in BK-SDM / Segmind small-tiny SD and KOALA, which ComfyUI loads and samples)."""
+    return list(block) if block is not None else []
+
+
 def feature_modules(network, which: str = "encoder") -> list[str]:
     """LADD discriminator features as names under ``network``: ``which`` = 'encoder' (the output of
     the last input block of every resolution level and of the middle block: the teacher's encoder),
@@ -156,26 +163,28 @@ def feature_modules(network, which: str = "encoder") -> list[str]:
     calling the block, so the hooks go on each block's LAST layer. A UNet without a middle block
     (BK-SDM-style) simply has no middle feature."""
     unet = _unet(network)
-    blocks = list(unet.input_blocks)
+    blocks = [_layers(b) for b in unet.input_blocks]
     names = [f"diffusion_model.input_blocks.0.{len(blocks[0]) - 1}"] if which in ("input+encoder", "all") else []
     for i in range(1, len(blocks)):
         nxt = blocks[i + 1] if i + 1 < len(blocks) else None
         ends_level = nxt is None or any(type(m).__name__ == "Downsample" for m in nxt)
         if ends_level and not any(type(m).__name__ == "Downsample" for m in blocks[i]):
             names.append(f"diffusion_model.input_blocks.{i}.{len(blocks[i]) - 1}")
-    middle = getattr(unet, "middle_block", None)
-    if middle is not None and len(middle) > 0:
+    middle = _layers(getattr(unet, "middle_block", None))
+    if middle:
         names.append(f"diffusion_model.middle_block.{len(middle) - 1}")
     if which == "all":
-        out = list(unet.output_blocks)
+        out = [_layers(b) for b in unet.output_blocks]
         for i, block in enumerate(out):
             # a decoder level ends at a block that upsamples, or at the last block
             if i == len(out) - 1 or any(type(m).__name__ == "Upsample" for m in block):
                 last = next((j for j in range(len(block) - 1, -1, -1) if type(block[j]).__name__ != "Upsample"), 0)
                 names.append(f"diffusion_model.output_blocks.{i}.{last}")
     if not names:
-        raise ValueError("This UNet has no encoder level the discriminator can read: it cannot be trained with "
-                         "discriminator 'teacher'.")
+        raise ADDError(
+            f"ADD training cannot use discriminator 'teacher' on this UNet: it has {len(blocks)} input block(s) and no "
+            "middle block, so there is no encoder feature to judge real from generated images. Use discriminator "
+            "'dinov2' (with the VAE and dinov2_file), or another checkpoint.")
     return names
 
 
@@ -199,8 +208,8 @@ def checkpoint_modules(network) -> list[str]:
     names = []
     for group in ("input_blocks", "output_blocks"):
         for i, block in enumerate(getattr(unet, group)):
-            names += [f"diffusion_model.{group}.{i}.{j}" for j in range(len(block))]
-    names += [f"diffusion_model.middle_block.{j}" for j in range(len(unet.middle_block))]
+            names += [f"diffusion_model.{group}.{i}.{j}" for j in range(len(_layers(block)))]
+    names += [f"diffusion_model.middle_block.{j}" for j in range(len(_layers(getattr(unet, "middle_block", None))))]
     return names
 
 
