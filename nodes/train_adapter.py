@@ -28,6 +28,7 @@ import torch
 import comfy.model_management as mm
 
 from ..training.files import ADDError
+from ..training.inputs import estimate_memory as estimate_run_memory
 from . import lora as lora_nodes
 
 # Families a run can train: BaseModel subclasses whose diffusion model is ComfyUI's UNetModel
@@ -288,30 +289,14 @@ class PromptBank:
 # --------------------------------------------------------------------------------------------
 # memory
 # --------------------------------------------------------------------------------------------
-# Bytes of activations kept for backward per (sample x latent pixel x UNet base channel x element
-# byte) in one graph-holding UNet pass; an ADD iteration holds two (student, teacher features on
-# the generator step). A rough constant for SD-family UNets with attention through SDPA; gradient
-# checkpointing keeps about a quarter.
-_ACT_FACTOR = 400
-_CKPT_SAVING = 4
-
-
 def estimate_memory(network, batch_size: int, latent_hw: tuple[int, int], rank: int,
                     gradient_checkpointing: bool) -> dict[str, int]:
-    """Rough bytes a run needs on its device: {'weights', 'adapters', 'activations', 'total'}."""
-    params = list(network.parameters())
-    weights = sum(p.numel() * p.element_size() for p in params)
-    elt = params[0].element_size() if params else 4
+    """Rough bytes a run needs on its device: {'weights', 'adapters', 'activations', 'total'}
+    (training/inputs.py; the UNet's parameter shapes and base width)."""
     unet = _unet(network)
-    mc = int(getattr(unet, "model_channels", 320))
-    n_lin = sum(m.weight.shape[0] + m.weight[0].numel() for m in unet.modules()
-                if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and m.weight is not None)
-    adapters = n_lin * rank * 4 * 4  # fp32 param, grad, two AdamW moments
-    h, w = latent_hw
-    act = 2 * batch_size * _ACT_FACTOR * mc * h * w * elt
-    if gradient_checkpointing:
-        act //= _CKPT_SAVING
-    return {"weights": weights, "adapters": adapters, "activations": act, "total": weights + adapters + act}
+    shapes = [(tuple(p.shape), p.element_size()) for p in unet.parameters()]
+    return estimate_run_memory(shapes, int(getattr(unet, "model_channels", 320)), batch_size, latent_hw, rank,
+                               gradient_checkpointing)
 
 
 def free_memory_bytes(device: torch.device) -> int:
