@@ -563,8 +563,10 @@ def _job_body(job: Job, spec: RunSpec, decode_preview) -> None:
 
     hooks = RunHooks(progress=progress, preview=preview if spec.preview_shape else None, saved=saved,
                      wait_if_busy=lambda: REGISTRY.wait_if_busy(job))
-    result = run.train(job.stop_event, hooks)
-    job.step = result.step
+    try:
+        result = run.train(job.stop_event, hooks)
+    finally:  # a run that stops with an error reports the step it stopped at
+        job.step = run.trainer.step
     job.eta_s = 0.0 if not result.stopped else None
     if result.stopped:
         job.state, job.message = "cancelled", f"cancelled at step {result.step}; saved; queue the same name to resume"
