@@ -17,8 +17,11 @@ here; anything else is a 404 with a JSON error, and nothing from a request reach
 """
 from __future__ import annotations
 
+import functools
 import io
+import json
 import logging
+import math
 import re
 import threading
 import time
@@ -28,6 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+
+from ..training.files import ADDError
 
 log = logging.getLogger("comfyui-add")
 
@@ -55,6 +60,7 @@ class Job:
     it_s: float | None = None
     eta_s: float | None = None
     last_checkpoint_step: int | None = None
+    settings: dict = field(default_factory=dict)  # what it was started with (a same-name queue must match)
     error: str | None = None
     message: str = ""
     created: float = field(default_factory=time.time)
@@ -70,6 +76,10 @@ class Job:
         return self.state in ("queued", "running", "paused")
 
     def to_json(self, history: bool = True) -> dict[str, Any]:
+        """The job's public state; non-finite numbers (a NaN loss) become None, so it is valid JSON."""
+        return json_safe(self._fields(history))
+
+    def _fields(self, history: bool) -> dict[str, Any]:
         out = {"id": self.id, "name": self.name, "state": self.state, "mode": self.mode, "step": self.step,
                "start_step": self.start_step, "max_steps": self.max_steps, "losses": self.losses,
                "it_s": self.it_s, "eta_s": self.eta_s, "lora_path": self.lora_path,
@@ -169,7 +179,7 @@ class JobRegistry:
                              "gradient_checkpointing, or free memory, then queue the same name to resume.")
             except Exception as exc:  # the job fails visibly; the server keeps serving
                 job.state = "failed"
-                job.error = f"{type(exc).__name__}: {exc}"
+                job.error = str(exc) if isinstance(exc, ADDError) else f"{type(exc).__name__}: {exc}"
                 log.error("ADD training job %s (%s) failed:\n%s", job.id, job.name, traceback.format_exc())
             finally:
                 if torch.cuda.is_available():
@@ -182,6 +192,23 @@ class JobRegistry:
 
 
 REGISTRY = JobRegistry()
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN / inf float replaced by None (JSON has no such numbers: a page's
+    ``JSON.parse`` rejects the bare ``NaN`` Python's json writes by default)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+# Every JSON the plugin serves goes through this: strict (a non-finite number raises here instead of
+# reaching a browser as invalid JSON).
+strict_dumps = functools.partial(json.dumps, allow_nan=False)
 
 
 def png_bytes(images: torch.Tensor) -> bytes:
@@ -212,18 +239,22 @@ def _attach_server() -> None:
     REGISTRY.busy = lambda: srv.prompt_queue.get_tasks_remaining() > 0
     routes = srv.routes
 
+    def respond(data: Any, status: int = 200):
+        return web.json_response(data, status=status, dumps=strict_dumps)
+
     def _missing(job_id: str):
-        return web.json_response({"error": f"no ADD training job with id {job_id!r} in this ComfyUI session"},
-                                 status=404)
+        shown = job_id if len(job_id) <= 40 else job_id[:40] + f"... ({len(job_id)} characters)"
+        return respond({"error": f"no ADD training job with id {shown!r} in this ComfyUI session (ids are 12 "
+                                 "hex digits; GET /add/jobs lists them)"}, status=404)
 
     @routes.get("/add/jobs")
     async def list_jobs(request):
-        return web.json_response({"jobs": [j.to_json(history=False) for j in REGISTRY.all()]})
+        return respond({"jobs": [j.to_json(history=False) for j in REGISTRY.all()]})
 
     @routes.get("/add/jobs/{job_id}")
     async def get_job(request):
         job = REGISTRY.get(request.match_info["job_id"])
-        return web.json_response(job.to_json()) if job else _missing(request.match_info["job_id"])
+        return respond(job.to_json()) if job else _missing(request.match_info["job_id"])
 
     @routes.get("/add/jobs/{job_id}/preview.png")
     async def get_preview(request):
@@ -231,7 +262,7 @@ def _attach_server() -> None:
         if job is None:
             return _missing(request.match_info["job_id"])
         if job.preview_png is None:
-            return web.json_response({"error": "no preview yet"}, status=404)
+            return respond({"error": "no preview yet"}, status=404)
         return web.Response(body=job.preview_png, content_type="image/png",
                             headers={"Cache-Control": "no-store"})
 
@@ -241,7 +272,7 @@ def _attach_server() -> None:
         if job is None:
             return _missing(request.match_info["job_id"])
         REGISTRY.cancel(job)
-        return web.json_response(job.to_json(history=False))
+        return respond(job.to_json(history=False))
 
 
 _attach_server()

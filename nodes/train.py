@@ -7,9 +7,11 @@ are in nodes/train_adapter.py.
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import math
+import logging
 import os
+import re
 import time
 
 import torch
@@ -27,17 +29,20 @@ from ..training.data import SyntheticTeacherData, LatentDataset
 from ..training.presets import PRESET_NAMES, apply_preset, preset_fields
 from ..training import files
 from ..training import image_folder as image_files
-from ..training.run import STATE_SUFFIX, ADDRun, ResumeConflict, RunHooks, RunSpec, check_start, state_dir_for
+from ..training.inputs import check_run_inputs, memory_error
+from ..training.run import STATE_SUFFIX, ADDRun, RunHooks, RunSpec, check_start, existing_run, state_dir_for
 from ..training.schedule import DiscreteSchedule
 from . import train_adapter as adapter
 from .jobs import REGISTRY, Job, png_bytes
 from .sampling import add_sample, build_sigmas
 
+log = logging.getLogger("comfyui-add")
 CATEGORY = "ADD/training"
 RUN_MODES = ("polite", "alongside")
 # ADDConfig fields whose widget has another name (for messages)
-_WIDGET_OF_FIELD = {"seed": "training_seed", "teacher_cfg_scale": "distill_cfg",
-                    "num_train_timesteps": "the model's schedule length"}
+_WIDGET_OF_FIELD = {"seed": "training_seed", "teacher_cfg_scale": "distill_cfg", "disc_timestep_range": "disc_max_timestep",
+                    "num_train_timesteps": "the model's schedule length",
+                    "teacher_timestep_range": "the model's schedule (distillation timesteps)"}
 _DEFAULT_PROMPTS = ("a photograph of a red fox in a snowy forest, golden hour\n"
                     "a bowl of ramen on a wooden table, studio lighting\n"
                     "a watercolor painting of a lighthouse on a cliff\n"
@@ -59,6 +64,45 @@ def parse_timesteps(text: str, t_max: int = 999) -> tuple[int, ...]:
         raise files.ADDError(f"student_timesteps {str(text)[:60]!r} is not valid: type 1-8 distinct whole numbers from 0 to "
                          f"{t_max}, separated by commas, e.g. 999,749,499,249 (the ADD paper's 4 steps) or 999 (1 step).")
     return tuple(sorted(ts, reverse=True))
+
+
+def _shown(name: str, value) -> str:
+    if name == "disc_timestep_range" and isinstance(value, (list, tuple)) and value:
+        return repr(value[-1])  # the widget sets only the upper end
+    if name == "student_timesteps" and isinstance(value, (list, tuple)):
+        return repr(",".join(map(str, value)))
+    return repr(value)
+
+
+def describe_change(name: str, old, new, then: str = "saved") -> str:
+    """One changed setting in the node's words: 'distill_cfg: saved 1.0, now 2.0' (widget names, not
+    ADDConfig fields; disc_max_timestep shows the upper end it sets)."""
+    return f"{_WIDGET_OF_FIELD.get(name, name)}: {then} {_shown(name, old)}, now {_shown(name, new)}"
+
+
+def config_error(exc: ValueError) -> files.ADDError:
+    """ADDConfig's 'ADDConfig.teacher_cfg_scale=nan is invalid: expected ...' in the node's words."""
+    text = str(exc)
+    m = re.match(r"ADDConfig\.(\w+)=(.*?) is invalid: expected (.*?)\.?$", text, re.S)
+    if m is None:
+        return files.ADDError(f"ADD Train: {text}")
+    name, value, expected = m.groups()
+    if name == "disc_timestep_range":
+        return files.ADDError(f"disc_max_timestep is {value}: type a whole number from 0 to the model's last timestep.")
+    return files.ADDError(f"ADD Train: {_WIDGET_OF_FIELD.get(name, name)} is {value}: expected {expected}.")
+
+
+def run_summary(width: int, height: int, prompt_list: list[str], data_cfg: float, data_steps: int,
+                n_images: int | None = None) -> dict:
+    """What run.json records of a run's data, and what a resume must match (training.run.RUN_INFO_COMPARED):
+    size, and the prompts (count and hash), data_cfg and data_steps of teacher data, or the image count."""
+    info = {"width": int(width), "height": int(height)}
+    if n_images is not None:
+        return {**info, "data": "images", "images": int(n_images)}
+    texts = sorted(set(prompt_list))
+    digest = hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()[:16]
+    return {**info, "data": "teacher", "prompts": len(texts), "prompts_sha256": digest, "data_cfg": float(data_cfg),
+            "data_steps": int(data_steps)}
 
 
 def parse_prompts(text: str) -> list[str]:
@@ -274,8 +318,13 @@ class ADDTrain:
         args = locals_without_self(locals())
         args["seed"] = args.pop("training_seed")
         job = start_training(**args)
-        line = f"ADD training '{job.name}': job {job.id}, {job.state}" + (f" (resuming at step {job.start_step})"
-                                                                          if job.start_step else "")
+        line = f"ADD training '{job.name}': job {job.id}, {job.state}"
+        if job.state == "done":
+            line += f" ({job.message})"
+        elif job.start_step:
+            line += f" (resuming at step {job.start_step})"
+            if job.message.startswith("resuming from"):  # broken state files were skipped: say which
+                line += f"; {job.message}"
         if preset != "none":
             line += f"\npreset {preset}: " + ", ".join(f"{k} = {v}" for k, v in preset_fields(preset).items())
         return {"ui": {"text": [line]}, "result": (job.id, os.path.basename(job.lora_path))}
@@ -304,12 +353,12 @@ def start_training(model, clip, name, prompts, max_steps, batch_size, width, hei
     # ---- validate everything before anything is built --------------------------------
     name = check_name(name)
     family = adapter.check_trainable(model)
-    for label, v in (("width", width), ("height", height)):
-        if int(v) % 8 or int(v) < 64:
-            raise files.ADDError(f"{label} {v} must be a multiple of 8 and at least 64 (the VAE works on 8x8 pixel "
-                             f"blocks); try {max(64, round(int(v) / 8) * 8)}.")
-    if not (math.isfinite(float(data_cfg)) and 1.0 <= float(data_cfg) <= 30.0):  # NaN passes ComfyUI's min/max
-        raise files.ADDError(f"data_cfg is {data_cfg!r}: type a number from 1 to 30 (7 is typical).")
+    # The widgets' ranges, again: an API prompt skips the browser, and NaN passes ComfyUI's min/max.
+    check_run_inputs({"width": width, "height": height, "batch_size": batch_size, "data_cfg": data_cfg,
+                      "data_steps": data_steps, "teacher_cfg_scale": distill_cfg, "lora_rank": lora_rank,
+                      "lora_alpha": lora_alpha, "lr_lora": lr_lora, "lr_disc": lr_disc, "distill_weight": distill_weight,
+                      "max_steps": max_steps, "save_every": save_every, "preview_every": preview_every},
+                     names=_WIDGET_OF_FIELD)
     if run_mode not in RUN_MODES:
         raise files.ADDError(f"run_mode {run_mode!r}: choose one of {RUN_MODES}.")
     t_max = len(adapter.schedule_sigmas(model)) - 1
@@ -349,38 +398,32 @@ def start_training(model, clip, name, prompts, max_steps, batch_size, width, hei
     fields, _ = apply_preset(preset, fields, t_max=t_max)
     try:
         cfg = config_for_model(t_max, **fields)
-    except ValueError as exc:  # name the widget: ADDConfig's field names are the inputs' names
-        raise files.ADDError(f"ADD Train: {exc}") from exc
+    except ValueError as exc:  # name the input, not ADDConfig's field
+        raise config_error(exc) from None
     lora_dir = folder_paths.get_folder_paths("loras")[0]
     lora_path = os.path.join(lora_dir, name + ".safetensors")
-    running = REGISTRY.active_for(lora_path)
-    if running is not None:
-        return running  # queued again while it trains: report the same job
+    n_images = (int(images.shape[0]) if images is not None
+                else int(folder_images.shape[0]) if folder_images is not None else None)
+    run_info = run_summary(width, height, prompt_list, data_cfg, data_steps, n_images)
     fingerprint = adapter.base_fingerprint(model)
-    try:
-        start_step = check_start(lora_path, cfg, fingerprint)
-    except ResumeConflict as exc:
-        msg = str(exc)
-        for field_name, widget in _WIDGET_OF_FIELD.items():
-            msg = msg.replace(f"; {field_name}: ", f"; {widget}: ").replace(f": {field_name}: ", f": {widget}: ")
-        raise ResumeConflict(msg) from None
+    settings = {**cfg.to_dict(), **run_info, "base_fingerprint": fingerprint, "run_mode": run_mode,
+                "gradient_checkpointing": bool(gradient_checkpointing)}
+    running = REGISTRY.active_for(lora_path)
+    if running is not None:  # queued again while it trains: the same job, unless the settings differ
+        changed = [describe_change(k, running.settings.get(k), v, then="running") for k, v in settings.items()
+                   if running.settings.get(k) != v]
+        if changed:
+            raise files.ADDError(
+                f"ADD Train: the run {name!r} is training now (job {running.id}, step {running.step}/{running.max_steps}) "
+                f"with other settings: {'; '.join(changed)}. A running job keeps its settings: cancel it (ADD Training "
+                "panel) and queue again to continue with these, set them back to watch it, or choose a new name.")
+        return running
+    start_step = check_start(lora_path, cfg, fingerprint, run_info, describe=describe_change)
+    prev = existing_run(lora_path)
 
     # ---- memory check ------------------------------------------------------------------
     device = mm.get_torch_device()
-    lat_hw = (int(height) // 8, int(width) // 8)
-    need = adapter.estimate_memory(model.model, cfg.batch_size, lat_hw, cfg.lora_rank, bool(gradient_checkpointing),
-                                   cfg.training_mode, cfg.ema_decay is not None)
-    # Free device memory plus what the input model occupies there (ComfyUI can offload it).
-    free = adapter.free_memory_bytes(device) + (model.loaded_size() if device.type != "cpu" else 0)
-    if need["total"] > free:
-        gb = lambda b: f"{b / 2**30:.1f} GB"  # noqa: E731
-        raise files.ADDError(
-            f"ADD Train needs about {gb(need['total'])} on {device} (weights copy {gb(need['weights'])}, "
-            + ("full fp32 student copy" if cfg.training_mode == "full" else "adapters")
-            + f" and optimiser {gb(need['trainable'])}, activations {gb(need['activations'])}) but about {gb(free)} is "
-            "free. Lower batch_size or width/height, turn on gradient_checkpointing"
-            + (", use training_mode lora" if cfg.training_mode == "full" else "")
-            + ", or close other work and queue again.")
+    check_memory(model, cfg, width, height, gradient_checkpointing, device)
 
     # ---- build the run's inputs (prompt thread: ComfyUI's models are not in use elsewhere) --
     spec, decode_preview = build_run_spec(
@@ -389,13 +432,27 @@ def start_training(model, clip, name, prompts, max_steps, batch_size, width, hei
         gradient_checkpointing=gradient_checkpointing, images=images, folder_images=folder_images,
         folder_captions=folder_captions, dino_path=dino_path, device=device)
     job = Job(name=name, max_steps=cfg.max_steps, lora_path=lora_path, state_dir=state_dir_for(lora_path),
-              mode=run_mode, step=start_step, start_step=start_step)
+              mode=run_mode, step=start_step, start_step=start_step, settings=settings,
+              last_checkpoint_step=prev["step"] if prev is not None and prev["checkpoint"] is not None else None)
+    if prev is not None and prev["note"]:
+        job.message = prev["note"]
     if start_step >= cfg.max_steps:
         job.state, job.message = "done", (f"already trained to step {start_step}; raise max_steps to train further "
                                           "(same name) or choose a new name")
         return REGISTRY.add(job)
 
     return REGISTRY.start(job, lambda j: _job_body(j, spec, decode_preview))
+
+
+def check_memory(model, cfg: ADDConfig, width: int, height: int, gradient_checkpointing: bool, device) -> None:
+    """ADDError with the numbers when the run would not fit the device's free memory (node and headless)."""
+    lat_hw = (int(height) // 8, int(width) // 8)
+    need = adapter.estimate_memory(model.model, cfg.batch_size, lat_hw, cfg.lora_rank, bool(gradient_checkpointing),
+                                   cfg.training_mode, cfg.ema_decay is not None)
+    # Free device memory plus what the input model occupies there (ComfyUI can offload it).
+    free = adapter.free_memory_bytes(device) + (model.loaded_size() if device.type != "cpu" else 0)
+    if need["total"] > free:
+        raise memory_error(need, free, str(device), training_mode=cfg.training_mode)
 
 
 def build_run_spec(model, clip, vae, cfg: ADDConfig, lora_path: str, *, family: str, fingerprint: str,
@@ -434,14 +491,11 @@ def build_run_spec(model, clip, vae, cfg: ADDConfig, lora_path: str, *, family: 
 
         def data_factory(_teacher):
             return LatentDataset(lat, cond=cond, pooled=pooled, uncond=uncond)
-        data_summary = {"data": "images", "images": int(lat.shape[0])}
     else:
         def data_factory(teacher):
             return SyntheticTeacherData(teacher, bank.prompts, lambda ps: bank.encode(ps, device), (c, *lat_hw),
                                         schedule, steps=int(data_steps), cfg_scale=float(data_cfg),
                                         uncond=bank.uncond_on(device), device=device)
-        data_summary = {"data": "teacher", "prompts": len(bank.prompts), "data_cfg": float(data_cfg),
-                        "data_steps": int(data_steps)}
 
     feature_fn = None
     decoder = _private_taesd(vae, device)
@@ -458,7 +512,8 @@ def build_run_spec(model, clip, vae, cfg: ADDConfig, lora_path: str, *, family: 
         c_dim=bank.c_dim, lora_prefix="", full_copy=adapter.trainable_copy,
         base_info={"base_model": f"{family} ({type(model.model.model_config).__name__})",
                    "base_fingerprint": fingerprint},
-        run_info={"width": int(width), "height": int(height), **data_summary},
+        run_info=run_summary(width, height, prompt_list, data_cfg, data_steps,
+                             int(image_batch.shape[0]) if image_batch is not None else None),
         preview_cond=preview_cond, preview_shape=(n_prev, c, *lat_hw))
 
     def decode_preview(lat: torch.Tensor) -> torch.Tensor:
@@ -498,6 +553,11 @@ def _job_body(job: Job, spec: RunSpec, decode_preview) -> None:
     run = ADDRun(spec)
     job.step = job.start_step = run.build()
     job.last_checkpoint_step = run.trainer.saved_step
+    note = run.resume_note or (job.message if job.message.startswith("resuming from") else "")
+    if note:
+        log.warning("ADD training %r: %s", job.name, note)
+        job.message = note
+        REGISTRY.emit(job, force=True)
 
     def progress(stats: dict) -> None:
         job.step, job.it_s, job.eta_s = stats["step"], stats["it_s"], stats["eta_s"]
@@ -518,8 +578,10 @@ def _job_body(job: Job, spec: RunSpec, decode_preview) -> None:
 
     hooks = RunHooks(progress=progress, preview=preview if spec.preview_shape else None, saved=saved,
                      wait_if_busy=lambda: REGISTRY.wait_if_busy(job))
-    result = run.train(job.stop_event, hooks)
-    job.step = result.step
+    try:
+        result = run.train(job.stop_event, hooks)
+    finally:  # a run that stops with an error reports the step it stopped at
+        job.step = run.trainer.step
     job.eta_s = 0.0 if not result.stopped else None
     # (job.message may have been replaced by a polite pause since the last save)
     export = f"; {_export_line(run.trainer.saved_step, run.export_report)}" if run.export_report is not None else ""
@@ -527,7 +589,8 @@ def _job_body(job: Job, spec: RunSpec, decode_preview) -> None:
         job.state, job.message = "cancelled", (f"cancelled at step {result.step}; saved; queue the same name to resume"
                                                + export)
     else:
-        job.state, job.message = "done", f"done: {os.path.basename(spec.lora_path)} trained for {result.step} steps{export}"
+        job.state, job.message = "done", (f"done: {os.path.basename(spec.lora_path)} trained to step {result.step}"
+                                          + (f" ({note})" if note else "") + export)
 
 
 # --------------------------------------------------------------------------------------------
@@ -543,7 +606,8 @@ def status_text(job: Job) -> str:
     lines = [f"{job.name} [{job.id}]: {job.state}, step {job.step}/{job.max_steps}",
              f"losses: {losses or '-'}",
              f"speed: {job.it_s:.3g} it/s, ETA {fmt_eta(job.eta_s)}" if job.it_s else "speed: -",
-             f"LoRA: {job.lora_path} (last saved at step {job.last_checkpoint_step})"]
+             f"LoRA: {job.lora_path} (" + (f"last saved at step {job.last_checkpoint_step})"
+                                           if job.last_checkpoint_step is not None else "not saved yet)")]
     if job.message:
         lines.append(job.message)
     if job.error:

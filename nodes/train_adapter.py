@@ -28,6 +28,8 @@ import torch
 
 import comfy.model_management as mm
 
+from ..training.files import ADDError
+from ..training.inputs import estimate_memory as estimate_run_memory
 from . import lora as lora_nodes
 
 # Families a run can train: BaseModel subclasses whose diffusion model is ComfyUI's UNetModel
@@ -167,6 +169,12 @@ def _unet(network):
     return network.diffusion_model
 
 
+def _layers(block) -> list:
+    """The layers of a UNet block; none for a block the model does not have (``middle_block`` is
+    None in BK-SDM / Segmind small-tiny SD and KOALA, which ComfyUI loads and samples)."""
+    return list(block) if block is not None else []
+
+
 def feature_modules(network, which: str = "encoder") -> list[str]:
     """LADD discriminator features as names under ``network``: ``which`` = 'encoder' (the output of
     the last input block of every resolution level and of the middle block: the teacher's encoder),
@@ -178,26 +186,28 @@ def feature_modules(network, which: str = "encoder") -> list[str]:
     calling the block, so the hooks go on each block's LAST layer. A UNet without a middle block
     (BK-SDM-style) simply has no middle feature."""
     unet = _unet(network)
-    blocks = list(unet.input_blocks)
+    blocks = [_layers(b) for b in unet.input_blocks]
     names = [f"diffusion_model.input_blocks.0.{len(blocks[0]) - 1}"] if which in ("input+encoder", "all") else []
     for i in range(1, len(blocks)):
         nxt = blocks[i + 1] if i + 1 < len(blocks) else None
         ends_level = nxt is None or any(type(m).__name__ == "Downsample" for m in nxt)
         if ends_level and not any(type(m).__name__ == "Downsample" for m in blocks[i]):
             names.append(f"diffusion_model.input_blocks.{i}.{len(blocks[i]) - 1}")
-    middle = getattr(unet, "middle_block", None)
-    if middle is not None and len(middle) > 0:
+    middle = _layers(getattr(unet, "middle_block", None))
+    if middle:
         names.append(f"diffusion_model.middle_block.{len(middle) - 1}")
     if which == "all":
-        out = list(unet.output_blocks)
+        out = [_layers(b) for b in unet.output_blocks]
         for i, block in enumerate(out):
             # a decoder level ends at a block that upsamples, or at the last block
             if i == len(out) - 1 or any(type(m).__name__ == "Upsample" for m in block):
                 last = next((j for j in range(len(block) - 1, -1, -1) if type(block[j]).__name__ != "Upsample"), 0)
                 names.append(f"diffusion_model.output_blocks.{i}.{last}")
     if not names:
-        raise ValueError("This UNet has no encoder level the discriminator can read: it cannot be trained with "
-                         "discriminator 'teacher'.")
+        raise ADDError(
+            f"ADD training cannot use discriminator 'teacher' on this UNet: it has {len(blocks)} input block(s) and no "
+            "middle block, so there is no encoder feature to judge real from generated images. Use discriminator "
+            "'dinov2' (with the VAE and dinov2_file), or another checkpoint.")
     return names
 
 
@@ -221,8 +231,8 @@ def checkpoint_modules(network) -> list[str]:
     names = []
     for group in ("input_blocks", "output_blocks"):
         for i, block in enumerate(getattr(unet, group)):
-            names += [f"diffusion_model.{group}.{i}.{j}" for j in range(len(block))]
-    names += [f"diffusion_model.middle_block.{j}" for j in range(len(unet.middle_block))]
+            names += [f"diffusion_model.{group}.{i}.{j}" for j in range(len(_layers(block)))]
+    names += [f"diffusion_model.middle_block.{j}" for j in range(len(_layers(getattr(unet, "middle_block", None))))]
     return names
 
 
@@ -301,38 +311,15 @@ class PromptBank:
 # --------------------------------------------------------------------------------------------
 # memory
 # --------------------------------------------------------------------------------------------
-# Bytes of activations kept for backward per (sample x latent pixel x UNet base channel x element
-# byte) in one graph-holding UNet pass; an ADD iteration holds two (student, teacher features on
-# the generator step). A rough constant for SD-family UNets with attention through SDPA; gradient
-# checkpointing keeps about a quarter.
-_ACT_FACTOR = 400
-_CKPT_SAVING = 4
-
-
 def estimate_memory(network, batch_size: int, latent_hw: tuple[int, int], rank: int,
                     gradient_checkpointing: bool, training_mode: str = "lora", ema: bool = False) -> dict[str, int]:
-    """Rough bytes a run needs on its device: {'weights', 'trainable', 'activations', 'total'}.
-
-    'weights': the job's frozen copy of the base (the teacher). 'trainable': what is trained, in
-    fp32 with its gradient and two AdamW moments (and the EMA's copy when ``ema``): the LoRA
-    adapters, or for ``training_mode='full'`` a whole copy of the weights (see :func:`trainable_copy`).
-    """
-    params = list(network.parameters())
-    weights = sum(p.numel() * p.element_size() for p in params)
-    elt = params[0].element_size() if params else 4
+    """Rough bytes a run needs on its device (training/inputs.py, from the UNet's parameter shapes and
+    base width): {'weights', 'trainable', 'activations', 'total'}; ``training_mode='full'`` counts a
+    whole fp32 copy of the weights as trainable (see :func:`trainable_copy`)."""
     unet = _unet(network)
-    mc = int(getattr(unet, "model_channels", 320))
-    if training_mode == "full":
-        n_trained = sum(p.numel() for p in params)
-    else:
-        n_trained = rank * sum(m.weight.shape[0] + m.weight[0].numel() for m in unet.modules()
-                               if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and m.weight is not None)
-    trainable = n_trained * 4 * (4 + int(bool(ema)))  # fp32 param, grad, two AdamW moments (+ EMA)
-    h, w = latent_hw
-    act = 2 * batch_size * _ACT_FACTOR * mc * h * w * elt
-    if gradient_checkpointing:
-        act //= _CKPT_SAVING
-    return {"weights": weights, "trainable": trainable, "activations": act, "total": weights + trainable + act}
+    shapes = [(tuple(p.shape), p.element_size()) for p in unet.parameters()]
+    return estimate_run_memory(shapes, int(getattr(unet, "model_channels", 320)), batch_size, latent_hw, rank,
+                               gradient_checkpointing, training_mode, ema)
 
 
 def free_memory_bytes(device: torch.device) -> int:

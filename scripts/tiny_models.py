@@ -15,6 +15,10 @@ cached on disk so later runs only read files. The layouts are the ones users' fi
   PEFT/diffusers ``unet....lora_A/lora_B`` formats.
 * In memory only (detection pins real depths, or the format has no single-file marker): a tiny SDXL
   model and a tiny v-prediction SD2-style model, as ComfyUI ModelPatchers.
+* Distilled UNet layouts ComfyUI loads (:func:`without_middle_block`, :func:`distilled_model_patcher`):
+  BK-SDM / Segmind small-tiny SD (no middle block), SSD-1B and Vega (other transformer depths per
+  level), KOALA (one ResBlock per level, no middle block); built from state dicts whose layout
+  ComfyUI's own ``detect_unet_config`` reads.
 
 Import ComfyUI first (``scripts.comfy_host.import_comfy``): the UNet and TAESD modules are
 ComfyUI's own classes, so key names are exactly what its loaders expect.
@@ -308,6 +312,75 @@ def sd2_vpred_model_patcher(seed: int = 4):
     model_config.set_inference_dtype(torch.float32, None)
     model = comfy.model_base.BaseModel(model_config, model_type=comfy.model_base.ModelType.V_PREDICTION)
     init_module_(model.diffusion_model, seed)
+    dev = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=dev, offload_device=comfy.model_management.unet_offload_device())
+
+
+# --------------------------------------------------------------------------------------------
+# distilled UNet layouts (BK-SDM, SSD-1B, Vega, KOALA)
+# --------------------------------------------------------------------------------------------
+UNET_PREFIX = "model.diffusion_model."
+
+
+def without_middle_block(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """A copy of checkpoint ``src`` without the UNet's middle block: the BK-SDM / Segmind small-tiny
+    SD layout, which ComfyUI's detection loads as a UNet whose ``middle_block`` is None."""
+    from safetensors.torch import load_file
+
+    sd = {k: v for k, v in load_file(str(src)).items() if not k.startswith(UNET_PREFIX + "middle_block.")}
+    dst = Path(dst)
+    _atomic_save(sd, dst, {"modelspec.title": "tiny BK-SDM-like SD1.5 without a middle block (random weights)"})
+    return dst
+
+
+# name -> SDXL-family UNet config of a distilled layout at tiny width (the real per-level depths)
+_SDXL_BASE = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "use_linear_in_transformer": True,
+    "context_dim": 2048, "num_head_channels": 32, "num_heads": -1, "use_temporal_resblock": False,
+    "use_temporal_attention": False,
+}
+DISTILLED_LAYOUTS = {
+    # SSD-1B: SDXL's levels with transformer depths 0/2/4 (SDXL: 0/2/10), uneven output depths
+    "ssd1b": dict(num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4], transformer_depth=[0, 0, 2, 2, 4, 4],
+                  transformer_depth_middle=1, transformer_depth_output=[0, 0, 0, 1, 1, 2, 2, 4, 4]),
+    # Segmind Vega: depths 0/1/2; here with a middle block of ResBlocks only (no attention)
+    "vega": dict(num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4], transformer_depth=[0, 0, 1, 1, 2, 2],
+                 transformer_depth_middle=-1, transformer_depth_output=[0, 0, 0, 1, 1, 1, 2, 2, 2]),
+    # KOALA: one ResBlock per level, depths 0/2/5, no middle block
+    "koala": dict(num_res_blocks=[1, 1, 1], channel_mult=[1, 2, 4], transformer_depth=[0, 2, 5],
+                  transformer_depth_middle=-2, transformer_depth_output=[0, 0, 2, 2, 5, 5]),
+}
+
+
+def distilled_model_patcher(layout: str, seed: int = 6, model_channels: int = 32):
+    """A tiny SDXL-family model of a distilled layout as a ModelPatcher.
+
+    The UNet is built, its state dict is read back by ComfyUI's ``detect_unet_config`` (the layout
+    must be recognised from the keys alone), and the model class ComfyUI uses for that family
+    (SSD1B, Segmind_Vega, KOALA_700M; only their real widths differ) is built from the detected
+    config and loads the weights strictly."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    import comfy.model_detection
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.ops
+    import comfy.supported_models
+
+    cfg = {**_SDXL_BASE, **DISTILLED_LAYOUTS[layout], "model_channels": model_channels}
+    unet = init_module_(UNetModel(**cfg, operations=comfy.ops.disable_weight_init), seed)
+    sd = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
+    detected = comfy.model_detection.detect_unet_config(sd, UNET_PREFIX)
+    for key in ("num_res_blocks", "transformer_depth", "transformer_depth_output", "transformer_depth_middle",
+                "channel_mult"):
+        if detected[key] != cfg[key]:
+            raise RuntimeError(f"{layout}: ComfyUI detects {key}={detected[key]}, built {cfg[key]}")
+    cls = {"ssd1b": comfy.supported_models.SSD1B, "vega": comfy.supported_models.Segmind_Vega,
+           "koala": comfy.supported_models.KOALA_700M}[layout]
+    model_config = cls(detected)
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({})
+    model.diffusion_model.load_state_dict(unet.state_dict(), strict=True)
     dev = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=dev, offload_device=comfy.model_management.unet_offload_device())
 

@@ -37,7 +37,8 @@ if str(ROOT) not in sys.path:
 
 # key -> (default, what it is); everything else in a config must be an ADDConfig field
 RUN_KEYS: dict[str, tuple[object, str]] = {
-    "model": (None, "checkpoint file to distil (.safetensors / .ckpt), loaded with ComfyUI's loader"),
+    "model": (None, "checkpoint file to distil (.safetensors; SD1.x/2.x/SDXL and their distilled variants), loaded "
+                    "with ComfyUI's loader"),
     "output": (None, "the LoRA to write, e.g. loras/my_turbo_lora.safetensors; its state goes beside it"),
     "prompts": ([], "list of prompts (or one string, a prompt per line): the teacher makes the training images"),
     "image_folder": ("", "folder of training images with same-name .txt captions (instead of teacher images)"),
@@ -93,6 +94,8 @@ def check_config(data: dict, source: str = "config") -> dict:
 
     Raises ConfigError naming the key (unknown keys get a suggestion) or the missing file."""
     from training.config import ADDConfig  # pure torch; the plugin's own copy is used once ComfyUI is up
+    from training.files import ADDError, check_name
+    from training.inputs import check_run_inputs
     import dataclasses
 
     fields = {f.name for f in dataclasses.fields(ADDConfig)} - {"num_train_timesteps"}
@@ -112,14 +115,21 @@ def check_config(data: dict, source: str = "config") -> dict:
     if not os.path.isfile(model):
         raise ConfigError(f"{source}: model file {model!r} does not exist: set 'model' to the checkpoint to distil.")
     out["model"] = model
-    output = os.path.abspath(os.path.expanduser(out["output"]))
+    out["model_header"] = check_model_file(model, source)
+    raw_output = os.path.expanduser(out["output"])
+    if raw_output.endswith(("/", os.sep)) or os.path.isdir(raw_output):
+        raise ConfigError(f"{source}: output {out['output']!r} is a folder; give the LoRA's file name in it, e.g. "
+                          f"{os.path.join(raw_output.rstrip('/' + os.sep) or '.', 'my_turbo_lora.safetensors')!r}.")
+    output = os.path.abspath(raw_output)
     if not output.endswith(".safetensors"):
         output += ".safetensors"
-    name = os.path.basename(output)[: -len(".safetensors")]
-    if not name or name.startswith("."):
-        raise ConfigError(f"{source}: output {out['output']!r} needs a file name, e.g. loras/my_turbo_lora.safetensors.")
     if not os.path.isdir(os.path.dirname(output)):
         raise ConfigError(f"{source}: the folder of output {output!r} does not exist; create it first.")
+    try:
+        check_name(os.path.basename(output), f"{source}: output file name", ".safetensors", suffixes=(".add-state",),
+                   folder=os.path.dirname(output))
+    except ADDError as exc:
+        raise ConfigError(str(exc)) from None
     out["output"] = output
     prompts = out["prompts"]
     if isinstance(prompts, str):
@@ -138,10 +148,11 @@ def check_config(data: dict, source: str = "config") -> dict:
     if not out["prompts"] and not folder:
         raise ConfigError(f"{source}: 'prompts' is empty and no image_folder is set: give at least one prompt (the "
                           "teacher then generates the training images) or an image_folder.")
-    for key in ("width", "height"):
-        v = out[key]
-        if not isinstance(v, int) or isinstance(v, bool) or v < 64 or v % 8:
-            raise ConfigError(f"{source}: {key} {v!r} must be a whole number of pixels >= 64, a multiple of 8.")
+    try:  # the ADD Train node's ranges (training/inputs.py), for run keys and ADDConfig fields alike
+        check_run_inputs({**{k: out[k] for k in ("width", "height", "data_cfg", "data_steps")}, **train},
+                         where=f"{source}: ")
+    except ADDError as exc:
+        raise ConfigError(str(exc)) from None
     for key, kind in (("data_cfg", (int, float)), ("data_steps", int), ("data_streams", int),
                       ("dist_timeout_s", (int, float)), ("gradient_checkpointing", bool)):
         if not isinstance(out[key], kind) or (kind is not bool and isinstance(out[key], bool)):
@@ -166,7 +177,61 @@ def check_config(data: dict, source: str = "config") -> dict:
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{source}: {exc}") from exc
     out["train"] = train
+    out["source"] = source
     return out
+
+
+UNET_PREFIX = "model.diffusion_model."
+
+
+def check_model_file(path: str, source: str = "config") -> dict:
+    """The checkpoint's safetensors header, read by the plugin's checked reader (whole file, not a
+    pickle, valid header), and holding a UNet; ConfigError naming the file otherwise."""
+    from training.files import ADDError, safetensors_header
+
+    label = f"{source}: model file {path}"
+    try:
+        header = safetensors_header(path, label, "Set 'model' to an intact .safetensors checkpoint (download or copy it "
+                                    "again).")
+    except ADDError as exc:
+        raise ConfigError(str(exc)) from None
+    if not any(k.startswith(UNET_PREFIX) for k in header):
+        raise ConfigError(f"{label} holds no UNet weights ({UNET_PREFIX}* tensors): it is not an SD1.x/SD2.x/SDXL "
+                          "checkpoint (a LoRA, VAE or text encoder alone?). Set 'model' to a full checkpoint.")
+    return header
+
+
+def check_memory_estimate(settings: dict, device_kind: str, free: int) -> None:
+    """ConfigError with the numbers when the run would not fit ``free`` bytes (the node's estimate, from the
+    checkpoint's header: no weights are loaded)."""
+    from training.files import _DTYPE_SIZES
+    from training.inputs import estimate_memory, memory_error
+
+    header, train = settings["model_header"], settings["train"]
+    shapes = []
+    for key, info in header.items():
+        if key.startswith(UNET_PREFIX) and isinstance(info, dict) and info.get("shape"):
+            size = _DTYPE_SIZES.get(info["dtype"], 4)
+            shapes.append((tuple(info["shape"]), 4 if device_kind == "cpu" else size))  # CPU computes in fp32
+    first = header.get(UNET_PREFIX + "input_blocks.0.0.weight", {}).get("shape") or [320]
+    need = estimate_memory(shapes, int(first[0]), int(train.get("batch_size", 4)),
+                           (settings["height"] // 8, settings["width"] // 8), int(train.get("lora_rank", 16)),
+                           bool(settings["gradient_checkpointing"]), str(train.get("training_mode", "lora")),
+                           train.get("ema_decay") is not None)
+    if need["total"] > free:
+        raise ConfigError(str(memory_error(need, free, device_kind, where=f"{settings['source']}: ",
+                                           training_mode=str(train.get("training_mode", "lora")))))
+
+
+def free_bytes(device_kind: str, index: int = 0) -> int:
+    """Free memory of the training device: CUDA's free memory, or the host's available RAM."""
+    import torch
+
+    if device_kind == "cuda":
+        return int(torch.cuda.mem_get_info(index)[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,10 +295,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.check:
-        print(f"config {args.config!r} is valid.")
-        return 0
-
     import torch
 
     from training.distributed import from_env
@@ -245,16 +306,31 @@ def main(argv: list[str] | None = None) -> int:
             print("error: device 'cuda' was asked for but torch sees no CUDA device.", file=sys.stderr)
             return 2
         device = torch.device("cuda", dist.local_rank)
-        torch.cuda.set_device(device)  # before ComfyUI is imported: its model management uses the current device
     else:
         device = torch.device("cpu")
+    try:
+        check_memory_estimate(settings, device.type, free_bytes(device.type, device.index or 0))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"config {args.config!r} is valid.")
+        return 0
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before ComfyUI is imported: its model management uses the current device
 
     from scripts.comfy_host import import_comfy, plugin_module
 
     import_comfy(load_plugin=True, cpu=device.type == "cpu", extra_nodes=False)
+    F = plugin_module("training.files")
+    L = plugin_module("training.loop")
+    R = plugin_module("training.run")
     try:
         return _train(settings, dist, device, plugin_module)
-    except plugin_module("training.files").ADDError as exc:  # a file of the config the user can fix: no traceback
+    except (R.TrainingFailed, L.NonFiniteTrainingError) as exc:  # the run ended without a usable LoRA
+        print(f"failed: {exc}", file=sys.stderr)
+        return 1
+    except (F.ADDError, FileExistsError) as exc:  # refused before training: the input is named
         print(f"error: config {args.config!r}: {exc}", file=sys.stderr)
         return 2
 
@@ -272,7 +348,16 @@ def _train(settings: dict, dist_env, device, plugin_module) -> int:
     lora_path = settings["output"]
     main_rank = dist.is_main
 
-    model, clip, vae = comfy.sd.load_checkpoint_guess_config(settings["model"], output_vae=True, output_clip=True)[:3]
+    F = plugin_module("training.files")
+    try:
+        model, clip, vae = comfy.sd.load_checkpoint_guess_config(settings["model"], output_vae=True,
+                                                                 output_clip=True)[:3]
+    except RuntimeError as exc:  # ComfyUI's detection found no model family it knows
+        raise F.ADDError(f"model file {settings['model']}: ComfyUI cannot load it as a checkpoint "
+                         f"({str(exc).splitlines()[0][:200]}). Set 'model' to an SD1.x/SD2.x/SDXL checkpoint.") from None
+    if model is None or clip is None:
+        raise F.ADDError(f"model file {settings['model']}: ComfyUI found no " + ("UNet" if model is None else "text encoder")
+                         + " it can load in it. Set 'model' to a full SD1.x/SD2.x/SDXL checkpoint (UNet, CLIP and VAE).")
     family = adapter.check_trainable(model)
     t_max = len(adapter.schedule_sigmas(model)) - 1
     train = dict(settings["train"])
@@ -285,7 +370,11 @@ def _train(settings: dict, dist_env, device, plugin_module) -> int:
                                                              settings["height"],
                                                              label=f"image_folder {settings['image_folder']!r}")
     fingerprint = adapter.base_fingerprint(model)
-    start_step = R.check_start(lora_path, cfg, fingerprint)  # conflicts and foreign files fail on every rank
+    n_images = int(folder_images.shape[0]) if folder_images is not None else None
+    run_info = T.run_summary(settings["width"], settings["height"], settings["prompts"], settings["data_cfg"],
+                             settings["data_steps"], n_images)
+    # conflicts, foreign files and unreadable state fail on every rank
+    start_step = R.check_start(lora_path, cfg, fingerprint, run_info)
     if start_step >= cfg.max_steps:
         if main_rank:
             _say(dist, f"{os.path.basename(lora_path)} is already trained to step {start_step}; raise max_steps to "
@@ -310,8 +399,9 @@ def _train(settings: dict, dist_env, device, plugin_module) -> int:
         state_dir = run.state_dir
         streams = run.trainer.data_streams
         if main_rank:
-            if run.stream_note:
-                _say(dist, "note: " + run.stream_note)
+            for note in (run.resume_note, run.stream_note):
+                if note:
+                    _say(dist, "note: " + note)
             trim_log(state_dir, start_step, C.atomic_write_bytes)
             _say(dist, f"{'resuming at step ' + str(start_step) if start_step else 'starting'}: {family}, "
                        f"{dist.world_size} rank(s) on {device.type}, {streams} data stream(s) x batch {cfg.batch_size} "

@@ -521,3 +521,300 @@ class TestHeadlessImageFolder:
 
         with pytest.raises(ConfigError, match=r"image_folder 'a\\x00b' contains a NUL"):
             check_config(dict(model=str(tiny["tiny_sd15"]), output=str(tmp_path / "x"), image_folder="a\0b"))
+
+
+# ============================================================================================
+# ADD Train jobs, their state folder, the job routes and the headless trainer (reliability)
+# ============================================================================================
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import urllib.error  # noqa: E402
+import urllib.request  # noqa: E402
+
+NAN_CKPT = "tiny_sd15_nan_out.safetensors"  # the tiny SD1.5 with a NaN in the UNet's last convolution
+NAN_KEY = "model.diffusion_model.out.2.bias"
+
+
+def _strict_json(raw: bytes):
+    """json.loads that refuses NaN / Infinity, as a browser's JSON.parse does."""
+    def refuse(token):
+        raise ValueError(f"invalid JSON token {token}")
+    return json.loads(raw, parse_constant=refuse)
+
+
+def _get_strict(srv, path: str):
+    with urllib.request.urlopen(srv.url + path, timeout=30) as r:
+        return _strict_json(r.read())
+
+
+def _train_on(ckpt: str, **over) -> dict:
+    p = train(**over)
+    p["1"]["inputs"]["ckpt_name"] = ckpt
+    return p
+
+
+def _job_id(hist: dict) -> str:
+    assert hist["status"]["status_str"] == "success", hist["status"]
+    text = hist["outputs"]["2"]["text"][0]
+    m = re.search(r"job ([0-9a-f]{12})", text)
+    assert m, text
+    return m.group(1)
+
+
+def _wait_job(srv, job_id: str, timeout: float = 300) -> dict:
+    t0 = time.time()
+    while True:
+        job = _get_strict(srv, f"/add/jobs/{job_id}")
+        if job["state"] in ("done", "cancelled", "failed"):
+            return job
+        assert time.time() - t0 < timeout, f"job {job_id} stuck: {job['state']} at step {job['step']}"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def nan_ckpt(srv, tiny, plugin):
+    """A checkpoint whose UNet computes NaN (one NaN in its output convolution's bias) and whose base
+    fingerprint equals the good one's (the fingerprint samples other tensors): a run resumed on it
+    passes the resume checks and then meets only non-finite steps."""
+    import comfy.sd
+
+    sd = safetensors.torch.load_file(str(tiny["tiny_sd15"]))
+    sd[NAN_KEY] = torch.full_like(sd[NAN_KEY], float("nan"))
+    path = srv.home / "models" / "checkpoints" / NAN_CKPT
+    safetensors.torch.save_file(sd, str(path))
+    fingerprint = plugin("nodes.lora")._fingerprint
+    good = comfy.sd.load_checkpoint_guess_config(str(tiny["tiny_sd15"]), output_vae=False, output_clip=False)[0]
+    bad = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clip=False)[0]
+    assert fingerprint(good) == fingerprint(bad), "the fingerprint now samples the NaN tensor: pick another NAN_KEY"
+    return NAN_CKPT
+
+
+class TestTrainJobEndings:
+    """A job ends 'done' only with a LoRA file that exists, loads and is finite; NaN never reaches JSON."""
+
+    def test_a_run_of_only_nonfinite_steps_fails_writes_no_lora_and_jobs_stay_valid_json(self, srv, nan_ckpt):
+        job = _wait_job(srv, _job_id(srv.run(_train_on(nan_ckpt, name="nan_fresh", max_steps=3))))
+        assert job["state"] == "failed", job
+        assert "the last 3 of 3 steps had a non-finite loss" in job["error"] and "no LoRA was written" in job["error"]
+        assert not (srv.home / "models" / "loras" / "nan_fresh.safetensors").exists()
+        losses = job["losses"]  # NaN losses are served as null ...
+        assert losses["g_loss"] is None and losses["d_loss"] is None and losses["nonfinite"] == 3, losses
+        listed = _get_strict(srv, "/add/jobs")  # ... so the panel's JSON.parse accepts every answer
+        assert job["id"] in [j["id"] for j in listed["jobs"]]
+
+    def test_nonfinite_steps_in_a_row_fail_the_run_and_keep_the_last_good_checkpoint(self, srv, nan_ckpt):
+        loras = srv.home / "models" / "loras"
+        good = _wait_job(srv, _job_id(srv.run(train(name="nan_keep", max_steps=2, save_every=1))))
+        assert good["state"] == "done", good
+        before = (loras / "nan_keep.safetensors").read_bytes()
+        job = _wait_job(srv, _job_id(srv.run(_train_on(nan_ckpt, name="nan_keep", max_steps=40, save_every=1))))
+        assert job["state"] == "failed" and job["start_step"] == 2 and job["step"] == 12, job
+        assert "10 consecutive steps had a non-finite loss" in job["error"]
+        assert job["last_checkpoint_step"] == 2 and "resume from step 2" in job["message"]
+        assert (loras / "nan_keep.safetensors").read_bytes() == before
+        state = loras / "nan_keep.add-state"
+        assert json.loads((state / "latest.json").read_text())["checkpoint"] == "step_00000002"
+        again = _wait_job(srv, _job_id(srv.run(train(name="nan_keep", max_steps=3, save_every=1))))
+        assert again["state"] == "done" and again["start_step"] == 2 and again["step"] == 3, again
+
+
+@pytest.fixture(scope="module")
+def trained_run(srv):
+    """A finished 3-step run (save_every 1, so step_00000002 and step_00000003 are kept)."""
+    job = _wait_job(srv, _job_id(srv.run(train(name="state_src", max_steps=3, save_every=1))))
+    assert job["state"] == "done", job
+    return srv.home / "models" / "loras" / "state_src"
+
+
+def _copy_run(src: Path, name: str) -> Path:
+    """The LoRA and state folder of ``src`` under another run name (the state does not hold its name)."""
+    dst = src.parent / name
+    shutil.copy(src.with_suffix(".safetensors"), dst.with_suffix(".safetensors"))
+    shutil.copytree(src.with_suffix(".add-state"), dst.with_suffix(".add-state"))
+    return dst
+
+
+def _tree(run: Path) -> dict[str, bytes]:
+    """Every file of a run (LoRA and state folder), by relative path."""
+    out = {run.name + ".safetensors": run.with_suffix(".safetensors").read_bytes()}
+    for p in sorted(run.with_suffix(".add-state").rglob("*")):
+        if p.is_file():
+            out[str(p.relative_to(run.parent))] = p.read_bytes()
+    return out
+
+
+class TestTrainStateFolder:
+    """No state-file problem deletes a valid checkpoint: the newest whole one is resumed, and the run says so."""
+
+    @pytest.mark.parametrize("case,damage,start,note", [
+        ("missing_step", lambda s: shutil.rmtree(s / "step_00000003"), 2,
+         "latest.json names step_00000003, but the folder does not exist"),
+        ("corrupt_latest", lambda s: (s / "latest.json").write_text("{not json"), 3, "latest.json is not valid JSON"),
+        ("cut_state", lambda s: (s / "step_00000003" / "state.add-ckpt").write_bytes(b"\x10" + b"\0" * 20), 2,
+         "step_00000003, but state.add-ckpt is cut short"),
+    ])
+    def test_a_broken_state_file_resumes_from_the_newest_whole_checkpoint(self, srv, trained_run, case, damage,
+                                                                          start, note):
+        run = _copy_run(trained_run, f"st_{case}")
+        damage(run.with_suffix(".add-state"))
+        hist = srv.run(train(name=run.name, max_steps=4, save_every=1))
+        text = hist["outputs"]["2"]["text"][0]
+        assert f"resuming at step {start}" in text and note in text, text
+        job = _wait_job(srv, _job_id(hist))
+        assert job["state"] == "done" and job["start_step"] == start and job["step"] == 4, job
+        assert note in job["message"]  # the final message keeps the note
+        assert (run.with_suffix(".add-state") / "step_00000004").is_dir()
+
+    def test_a_corrupt_run_json_is_named_and_nothing_changes(self, srv, trained_run):
+        run = _copy_run(trained_run, "st_run_json")
+        (run.with_suffix(".add-state") / "run.json").write_text("{")
+        before = _tree(run)
+        msg = _error(srv.run(train(name=run.name, max_steps=4)))["exception_message"]
+        assert "run.json is not valid JSON" in msg and "delete it to resume without those checks" in msg, msg
+        assert _tree(run) == before
+
+    def test_no_readable_checkpoint_refuses_instead_of_starting_over(self, srv, trained_run):
+        run = _copy_run(trained_run, "st_all_bad")
+        for step in ("step_00000002", "step_00000003"):
+            (run.with_suffix(".add-state") / step / "state.add-ckpt").write_bytes(b"")
+        before = _tree(run)
+        msg = _error(srv.run(train(name=run.name, max_steps=4)))["exception_message"]
+        assert "has no checkpoint that can be resumed" in msg and "move that folder away" in msg, msg
+        assert "state.add-ckpt is 0 bytes" in msg
+        assert _tree(run) == before  # the LoRA is not overwritten, no folder pruned
+
+
+class TestTrainResumeSettings:
+    """Changed settings are named with the node's input names; a finished or running run says what it is."""
+
+    def test_resume_with_other_data_settings_is_refused_with_each_input_named(self, srv, trained_run):
+        msg = _error(srv.run(train(name="state_src", max_steps=4, save_every=1, width=72, prompts="a blue car",
+                                   data_cfg=4.0, distill_cfg=2.0, disc_max_timestep=50)))["exception_message"]
+        for frag in ("width: saved 64, now 72", "prompts: the prompt lines differ from the saved run's (1 saved, 1 now)",
+                     "data_cfg: saved 3.0, now 4.0", "distill_cfg: saved 1.0, now 2.0",
+                     "disc_max_timestep: saved 999, now 50", "Set them back to continue it"):
+            assert frag in msg, (frag, msg)
+        assert "teacher_cfg_scale" not in msg and "disc_timestep_range" not in msg
+
+    def test_a_finished_run_queued_again_says_done(self, srv, trained_run):
+        hist = srv.run(train(name="state_src", max_steps=3, save_every=1))
+        text = hist["outputs"]["2"]["text"][0]
+        assert ", done (already trained to step 3; raise max_steps" in text and "resuming" not in text, text
+
+    def test_same_name_while_running_with_other_settings_is_refused_and_status_says_not_saved(self, srv):
+        settings = dict(name="st_running", max_steps=100_000, save_every=0, run_mode="alongside")
+        job_id = _job_id(srv.run(train(**settings)))
+        try:
+            assert _job_id(srv.run(train(**settings))) == job_id  # the same settings: the same job
+            msg = _error(srv.run(train(**dict(settings, lora_rank=4, lr_lora=2e-3))))["exception_message"]
+            assert f"is training now (job {job_id}" in msg and "lora_rank: running 2, now 4" in msg, msg
+            assert "lr_lora: running 0.001, now 0.002" in msg and "cancel it" in msg
+            status = srv.run({"1": {"class_type": "ADDTrainingStatus", "inputs": {"job_id": job_id}}})
+            text = status["outputs"]["1"]["text"][0]
+            assert "(not saved yet)" in text and "None" not in text, text
+        finally:
+            srv.post(f"/add/jobs/{job_id}/cancel", {})
+        assert _wait_job(srv, job_id)["state"] == "cancelled"
+
+
+class TestJobRoutes:
+    def test_a_long_unknown_id_is_not_echoed_back(self, srv):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(srv.url + "/add/jobs/" + "a" * 6000, timeout=30)
+        assert e.value.code == 404
+        body = e.value.read()
+        assert len(body) < 400 and "6000 characters" in _strict_json(body)["error"]
+
+
+class TestTrainDistilledUNets:
+    def test_the_shipped_training_workflow_trains_a_unet_without_a_middle_block(self, srv, tiny):
+        """BK-SDM / Segmind small-tiny SD: no middle block; ComfyUI loads it, so ADD Train must train it."""
+        from scripts.tiny_models import without_middle_block
+        from scripts.workflow_api import load, to_api
+
+        without_middle_block(tiny["tiny_sd15"], srv.home / "models" / "checkpoints" / "tiny_bk_sdm.safetensors")
+        api = to_api(load(Path(__file__).resolve().parent.parent / "workflows" / "add_train_lora.json"),
+                     srv.get("/object_info"))
+        for node in api.values():
+            if node["class_type"] == "CheckpointLoaderSimple":
+                node["inputs"]["ckpt_name"] = "tiny_bk_sdm.safetensors"
+            if node["class_type"] == "ADDTrain":
+                node["inputs"].update(name="bk_sdm_run", width=64, height=64, batch_size=2, max_steps=2, data_steps=1,
+                                      save_every=1, preview_every=1, run_mode="alongside")
+            if node["class_type"] == "ADDCompare":
+                node["inputs"].update(width=64, height=64, teacher_steps=1, lora_name="bk_sdm_run.safetensors")
+        hist = srv.run(api)
+        assert hist["status"]["status_str"] == "success", hist["status"]
+        train_id = next(k for k, v in api.items() if v["class_type"] == "ADDTrain")
+        m = re.search(r"job ([0-9a-f]{12})", hist["outputs"][train_id]["text"][0])
+        job = _wait_job(srv, m.group(1))
+        assert job["state"] == "done" and job["step"] == 2, job
+        sd = safetensors.torch.load_file(str(srv.home / "models" / "loras" / "bk_sdm_run.safetensors"))
+        assert sd and not any("middle_block" in k for k in sd)
+
+
+# ---- the headless trainer (scripts/train_add.py): bad configs -------------------------------
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _headless_config(tmp_path: Path, tiny, **over) -> Path:
+    cfg = dict(model=str(tiny["tiny_sd15"]), output=str(tmp_path / "headless_lora"), prompts=["a red fox"], width=64,
+               height=64, data_cfg=3.0, data_steps=1, student_timesteps=[999], lora_rank=2, batch_size=1, max_steps=1)
+    cfg.update(over)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(cfg))  # json.dumps writes NaN for a nan value, which the script's reader accepts
+    return path
+
+
+def _model_file(tmp_path: Path, tiny, kind: str) -> str:
+    path = tmp_path / f"{kind}.safetensors"
+    good = Path(tiny["tiny_sd15"]).read_bytes()
+    data = {"empty": b"", "cut": good[: len(good) // 3], "random": os.urandom(4096),
+            "lora": Path(tiny["tiny_sd15_kohya"]).read_bytes()}[kind]
+    path.write_bytes(data)
+    return str(path)
+
+
+HEADLESS_CASES = [
+    ("data_cfg_negative", lambda t, tiny: dict(data_cfg=-5), ["data_cfg is -5: type a number from 1 to 30"]),
+    ("data_cfg_nan", lambda t, tiny: dict(data_cfg=math.nan), ["data_cfg is nan"]),
+    ("output_folder", lambda t, tiny: dict(output=str(t) + "/"), ["is a folder", "my_turbo_lora.safetensors"]),
+    ("huge_size", lambda t, tiny: dict(width=16384, height=16384, batch_size=256),
+     ["width 16384 must be a multiple of 8 from 64 to 4096"]),
+    ("memory", lambda t, tiny: dict(width=4096, height=4096, batch_size=256),
+     ["ADD training needs about", "GB is free", "Lower batch_size"]),
+    ("rank_node_range", lambda t, tiny: dict(lora_rank=1000), ["lora_rank is 1000: type a whole number from 1 to 256"]),
+    ("model_empty", lambda t, tiny: dict(model=_model_file(t, tiny, "empty")), ["empty.safetensors is 0 bytes"]),
+    ("model_cut", lambda t, tiny: dict(model=_model_file(t, tiny, "cut")), ["cut.safetensors is cut short"]),
+    ("model_random", lambda t, tiny: dict(model=_model_file(t, tiny, "random")),
+     ["random.safetensors is not a safetensors file"]),
+    ("model_is_a_lora", lambda t, tiny: dict(model=_model_file(t, tiny, "lora")),
+     ["lora.safetensors holds no UNet weights", "not an SD1.x/SD2.x/SDXL checkpoint"]),
+]
+
+
+class TestHeadlessConfig:
+    """``train_add.py CONFIG [--check]``: the node's rules and the checked reader; one 'error:' line, rc 2."""
+
+    @pytest.mark.parametrize("case,over,fragments", HEADLESS_CASES, ids=[c[0] for c in HEADLESS_CASES])
+    def test_bad_config_is_one_error_line_at_rc_2(self, tmp_path, tiny, capsys, case, over, fragments):
+        from scripts import train_add
+
+        cfg = _headless_config(tmp_path, tiny, **over(tmp_path, tiny))
+        for argv in ([str(cfg), "--check"], [str(cfg)]):  # the same answer with or without --check
+            assert train_add.main(argv) == 2, case
+            err = capsys.readouterr().err
+            lines = [ln for ln in err.splitlines() if ln.strip()]
+            assert len(lines) == 1 and lines[0].startswith("error: "), err
+            for frag in fragments:
+                assert frag in err, (frag, err)
+        assert not list(tmp_path.glob("*.add-state")) and not (tmp_path.parent / f"{tmp_path.name}.safetensors").exists()
+
+    def test_a_cut_model_file_is_one_line_from_the_command_too(self, tmp_path, tiny):
+        cfg = _headless_config(tmp_path, tiny, model=_model_file(tmp_path, tiny, "cut"))
+        res = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_add.py"), str(cfg)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+        assert res.stderr.strip().startswith("error: ") and "cut.safetensors is cut short" in res.stderr

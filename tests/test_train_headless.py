@@ -110,7 +110,7 @@ def test_bad_configs_fail_before_training_naming_the_key_or_file(tiny, comfy, tm
                                 .read_text()))
     with pytest.raises(ConfigError, match=r"'prompts' is empty"):
         check_config(json.loads(config(tiny, tmp_path / "p.json", out, prompts=["", "# comment"]).read_text()))
-    with pytest.raises(ConfigError, match=r"ADDConfig.lora_rank=0 is invalid"):
+    with pytest.raises(ConfigError, match=r"lora_rank is 0: type a whole number from 1 to 256"):
         check_config(json.loads(config(tiny, tmp_path / "r.json", out, lora_rank=0).read_text()))
     # launched on 2 ranks: the first rank to refuse (before ComfyUI is imported or a process group
     # exists) ends the launch; torchrun stops the other
@@ -224,3 +224,23 @@ def test_node_and_script_resume_each_others_runs(tiny, comfy, plugin, sd15, lora
     assert in_process(config(tiny, tmp_path / "n.json", lora, max_steps=2), plugin) == 0
     assert meta(lora)["step"] == 2
     assert logged_steps(lora) == [2]  # the script logs the steps it trained
+
+
+def test_a_run_of_only_nonfinite_steps_fails_at_rc_1_without_a_lora(tiny, tmp_path):
+    """A checkpoint whose UNet computes NaN: every step is non-finite. The command says 'failed' with the
+    reason and exits 1; it never prints 'done', and no LoRA file is left."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(tiny["tiny_sd15"]))
+    sd["model.diffusion_model.out.2.bias"] = torch.full_like(sd["model.diffusion_model.out.2.bias"], float("nan"))
+    model = tmp_path / "nan_unet.safetensors"
+    save_file(sd, str(model))
+    out = tmp_path / "nan_run.safetensors"
+    cfg = config(tiny, tmp_path / "nan.json", out, model=str(model), max_steps=3, batch_size=1, data_steps=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, str(SCRIPT), str(cfg)], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=400)
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "failed: the last 3 of 3 steps had a non-finite loss" in res.stderr and "no LoRA was written" in res.stderr
+    assert "done:" not in res.stderr and "Traceback" not in res.stderr
+    assert not out.exists()

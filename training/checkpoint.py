@@ -12,7 +12,9 @@ Layout under a root directory::
 A checkpoint directory is written under a temporary name, every file fsync'ed, then renamed into
 place; ``latest.json`` is replaced last (write temp, fsync, os.replace). A crash at any point
 leaves the previous checkpoint and manifest intact; leftover temporaries are ignored and removed by
-the next save. Python's ``random`` and numpy are not used by the training core, so only torch RNG
+the next save. Resuming never trusts ``latest.json`` alone: when it is missing, unreadable or names a
+folder that is gone or broken, :func:`find_checkpoint` takes the newest whole ``step_*`` folder and says
+which files it skipped; pruning only ever removes checkpoints older than the one just written. Python's ``random`` and numpy are not used by the training core, so only torch RNG
 state is stored: the trainer's generator, the CPU default generator and CUDA generators if present.
 """
 
@@ -27,11 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from .files import atomic_write_bytes, atomic_write_json, read_safetensors, write_safetensors_to
+from .files import (ADDError, atomic_write_bytes, atomic_write_json, read_safetensors, safetensors_header,
+                    write_safetensors_to)
 from .config import ADDConfig
 
 __all__ = ["atomic_write_bytes", "atomic_write_json", "save_checkpoint", "load_checkpoint", "read_meta",
-           "resolve_checkpoint", "list_checkpoints"]
+           "resolve_checkpoint", "find_checkpoint", "checkpoint_problem", "list_checkpoints"]
 
 FORMAT_VERSION = 1
 STATE_FILE = "state.add-ckpt"  # safetensors bytes; see the module docstring for the name
@@ -177,7 +180,10 @@ def save_checkpoint(trainer: Any, root: str | os.PathLike, keep_last: int | None
     atomic_write_json({"checkpoint": name, "step": trainer.step}, os.path.join(root, "latest.json"))
     trainer.saved_step = trainer.step
     if keep_last is not None and keep_last > 0:
-        for old_name in list_checkpoints(root)[:-keep_last]:
+        # Only checkpoints older than this one rotate out: a folder of a later step (left by a run that
+        # resumed from an earlier one because that later one is unreadable) is never counted as kept.
+        older = [c for c in list_checkpoints(root) if int(c[len("step_"):]) < trainer.step]
+        for old_name in older[: max(0, len(older) - (keep_last - 1))]:
             shutil.rmtree(os.path.join(root, old_name))
     return final
 
@@ -201,17 +207,76 @@ def list_checkpoints(root: str | os.PathLike) -> list[str]:
                   and os.path.isfile(os.path.join(root, e, "meta.json")))
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> str:
-    """A checkpoint directory, or a root whose latest.json names one -> the checkpoint directory."""
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why the checkpoint folder ``path`` cannot be resumed (None when it looks whole): a missing or
+    unparsable meta.json, or a missing, cut-short or corrupt state file (header checked, nothing loaded)."""
     path = os.fspath(path)
-    manifest = os.path.join(path, "latest.json")
+    if not os.path.isdir(path):
+        return "the folder does not exist"
+    meta_path = os.path.join(path, "meta.json")
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or not isinstance(meta.get("config"), dict):
+            return "meta.json lacks its step or config"
+    except FileNotFoundError:
+        return "meta.json is missing"
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return f"meta.json is not valid JSON ({str(exc)[:100]})"
+    try:
+        safetensors_header(os.path.join(path, STATE_FILE), STATE_FILE)
+    except ADDError as exc:
+        return str(exc).split(". ")[0]
+    return None
+
+
+def find_checkpoint(root: str | os.PathLike) -> tuple[str | None, list[str]]:
+    """The checkpoint to resume under ``root`` -> (folder or None, notes on every state file skipped).
+
+    ``latest.json`` names it; when that file is missing, unreadable, or names a folder that is gone or
+    broken, the newest ``step_*`` folder that looks whole is taken instead, and the notes say why.
+    Nothing is deleted or rewritten here."""
+    root = os.fspath(root)
+    notes: list[str] = []
+    manifest = os.path.join(root, "latest.json")
+    named = None
     if os.path.isfile(manifest):
-        with open(manifest, encoding="utf-8") as f:
-            path = os.path.join(path, json.load(f)["checkpoint"])
-    if not os.path.isfile(os.path.join(path, "meta.json")) or not os.path.isfile(os.path.join(path, STATE_FILE)):
+        try:
+            with open(manifest, encoding="utf-8") as f:
+                data = json.load(f)
+            named = data.get("checkpoint") if isinstance(data, dict) else None
+            if not isinstance(named, str) or not re.fullmatch(r"step_\d{8}", named):
+                notes.append("latest.json does not name a step_* folder")
+                named = None
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            notes.append(f"latest.json is not valid JSON ({str(exc)[:100]})")
+    if named is not None:
+        problem = checkpoint_problem(os.path.join(root, named))
+        if problem is None:
+            return os.path.join(root, named), notes
+        notes.append(f"latest.json names {named}, but {problem}")
+    folders = sorted((e for e in os.listdir(root) if re.fullmatch(r"step_\d{8}", e)
+                      and os.path.isdir(os.path.join(root, e))), reverse=True) if os.path.isdir(root) else []
+    for name in folders:
+        if name == named:
+            continue
+        problem = checkpoint_problem(os.path.join(root, name))
+        if problem is None:
+            return os.path.join(root, name), notes
+        notes.append(f"{name}: {problem}")
+    return None, notes
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> str:
+    """A checkpoint directory, or a root (see :func:`find_checkpoint`) -> the checkpoint directory."""
+    path = os.fspath(path)
+    if os.path.isfile(os.path.join(path, "meta.json")) and os.path.isfile(os.path.join(path, STATE_FILE)):
+        return path
+    found, notes = find_checkpoint(path)
+    if found is None:
         raise FileNotFoundError(f"No ADD checkpoint at {path!r}: expected {STATE_FILE} and meta.json there, "
-                                "or a latest.json naming one.")
-    return path
+                                "or a step_* folder holding them" + (f" ({'; '.join(notes)})" if notes else "") + ".")
+    return found
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:

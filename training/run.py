@@ -31,9 +31,9 @@ import torch.nn as nn
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
-from .files import ADDError, safetensors_metadata
-from .checkpoint import (_RESUMABLE_CHANGES, atomic_write_bytes, atomic_write_json, load_checkpoint, plugin_version,
-                         read_meta)
+from .files import ADDError, nonfinite_keys, read_safetensors, safetensors_metadata
+from .checkpoint import (_RESUMABLE_CHANGES, atomic_write_bytes, atomic_write_json, checkpoint_problem,
+                         find_checkpoint, list_checkpoints, load_checkpoint, plugin_version, read_meta)
 from .config import ADDConfig
 from .distributed import Dist, resolve_streams
 from .loop import ADDModels, DataFn, TrainResult, Trainer, build_models
@@ -82,36 +82,96 @@ def weights_fingerprint(module: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def read_run_json(state_dir: str | os.PathLike) -> dict[str, Any]:
+    """``run.json`` of a state folder ({} when there is none); ADDError naming it when it is unreadable."""
+    path = os.path.join(os.fspath(state_dir), "run.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            run = json.load(f)
+        if not isinstance(run, dict):
+            raise ValueError(f"it holds a {type(run).__name__}, not an object")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ADDError(
+            f"{path} is not valid JSON ({str(exc)[:120]}). It records the base model and data the run was started "
+            "with, to check a resume against. Restore it from a backup, or delete it to resume without those checks "
+            "(it is written again); the checkpoints are untouched.") from None
+    return run
+
+
 def existing_run(lora_path: str | os.PathLike) -> dict[str, Any] | None:
-    """What a previous run of this name left: {'step', 'config', 'run'} or None when there is none."""
+    """What a previous run of this name left, or None when there is none:
+    {'step', 'config', 'run', 'checkpoint' (folder or None), 'note' (state files skipped, '' if none)}.
+
+    A broken ``latest.json`` or step folder is skipped for the newest whole checkpoint (the note says
+    so); when step folders exist but none can be resumed, ADDError: starting again from step 0 would
+    overwrite the LoRA, so the user decides."""
     sdir = state_dir_for(lora_path)
     if not os.path.isdir(sdir):
         return None
-    run_json = os.path.join(sdir, "run.json")
-    run = {}
-    if os.path.isfile(run_json):
-        with open(run_json, encoding="utf-8") as f:
-            run = json.load(f)
-    try:
-        meta = read_meta(sdir)
-    except FileNotFoundError:
-        return {"step": 0, "config": None, "run": run}  # started, but killed before its first save
-    return {"step": int(meta["step"]), "config": meta["config"], "run": run}
+    run = read_run_json(sdir)
+    ckpt, notes = find_checkpoint(sdir)
+    if ckpt is None:
+        if notes:
+            raise ADDError(
+                f"The training state {sdir} has no checkpoint that can be resumed ({'; '.join(notes)}). Nothing was "
+                "changed. To start this run again from step 0, move that folder away (or delete it); to keep it, "
+                "choose another name.")
+        return {"step": 0, "config": None, "run": run, "checkpoint": None, "note": ""}  # killed before its first save
+    with open(os.path.join(ckpt, "meta.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+    note = ""
+    if notes:
+        note = (f"resuming from {os.path.basename(ckpt)} (step {int(meta['step'])}), the newest whole checkpoint: "
+                + "; ".join(notes))
+    return {"step": int(meta["step"]), "config": meta["config"], "run": run, "checkpoint": ckpt, "note": note}
 
 
-def resume_conflicts(saved_config: Mapping[str, Any], cfg: ADDConfig) -> list[str]:
+def _plain(field_name: str, saved: Any, now: Any) -> str:
+    return f"{field_name}: saved {saved!r}, now {now!r}"
+
+
+Describe = Callable[[str, Any, Any], str]  # (setting, saved value, new value) -> 'name: saved X, now Y'
+
+
+def resume_conflicts(saved_config: Mapping[str, Any], cfg: ADDConfig, describe: Describe | None = None) -> list[str]:
     """``['lora_rank: saved 16, now 8', ...]`` for every setting that cannot change on resume."""
+    describe = describe or _plain
     saved = ADDConfig.from_dict(saved_config).to_dict()
     now = cfg.to_dict()
-    return [f"{k}: saved {saved[k]!r}, now {now[k]!r}" for k in sorted(saved)
+    return [describe(k, saved[k], now[k]) for k in sorted(saved)
             if saved[k] != now[k] and k not in _RESUMABLE_CHANGES]
 
 
-def check_start(lora_path: str | os.PathLike, cfg: ADDConfig, base_fingerprint: str) -> int:
+# run.json entries a resume must match (the data the run trains on); compared where both runs record them
+RUN_INFO_COMPARED = ("width", "height", "data", "prompts", "prompts_sha256", "images", "data_cfg", "data_steps")
+
+
+def run_info_conflicts(saved_run: Mapping[str, Any], run_info: Mapping[str, Any],
+                       describe: Describe | None = None) -> list[str]:
+    """Data settings that differ between a saved ``run.json`` and a new run's ``run_info``."""
+    describe = describe or _plain
+    out = []
+    differs = lambda k: k in saved_run and k in run_info and saved_run[k] != run_info[k]  # noqa: E731
+    for k in RUN_INFO_COMPARED:
+        if k in ("prompts", "prompts_sha256"):
+            if k == "prompts" and (differs("prompts") or differs("prompts_sha256")):
+                out.append(f"prompts: the prompt lines differ from the saved run's ({saved_run['prompts']} saved, "
+                           f"{run_info['prompts']} now)")
+        elif differs(k):
+            out.append(describe(k, saved_run[k], run_info[k]))
+    return out
+
+
+def check_start(lora_path: str | os.PathLike, cfg: ADDConfig, base_fingerprint: str,
+                run_info: Mapping[str, Any] | None = None, describe: Describe | None = None) -> int:
     """Validate starting (or resuming) the run whose LoRA goes to ``lora_path``; -> start step.
 
     Raises FileExistsError when a LoRA of that name exists that no ADD run of ours made (a user's
-    file is never overwritten), ResumeConflict when the existing run cannot continue with ``cfg``.
+    file is never overwritten), ResumeConflict when the existing run cannot continue with ``cfg`` and
+    ``run_info`` (the data: size, prompts, data_cfg, ...), ADDError when its state cannot be read.
+    ``describe(setting, saved, now)`` words each difference (the node names its inputs).
     """
     lora_path = os.fspath(lora_path)
     prev = existing_run(lora_path)
@@ -119,8 +179,8 @@ def check_start(lora_path: str | os.PathLike, cfg: ADDConfig, base_fingerprint: 
         if os.path.exists(lora_path):
             try:
                 ours = lora_file_metadata(lora_path).get("add.format") == LORA_FORMAT
-            except Exception as exc:  # any unreadable file is simply "not ours"; say so below
-                ours, why = False, f" ({type(exc).__name__}: {exc})"
+            except ADDError as exc:  # an unreadable file is simply "not ours"; say why below
+                ours, why = False, f" ({exc})"
             else:
                 why = ""
             raise FileExistsError(
@@ -135,13 +195,38 @@ def check_start(lora_path: str | os.PathLike, cfg: ADDConfig, base_fingerprint: 
         problems.append(f"base model: saved fingerprint {saved_fp}, now {base_fingerprint} (another checkpoint "
                         "or other LoRAs applied to it)")
     if prev["config"] is not None:
-        problems += resume_conflicts(prev["config"], cfg)
+        problems += resume_conflicts(prev["config"], cfg, describe)
+    if run_info is not None:
+        problems += run_info_conflicts(prev["run"], run_info, describe)
     if problems:
         raise ResumeConflict(
             f"A training run named {os.path.basename(state_dir_for(lora_path))[: -len(STATE_SUFFIX)]!r} exists "
             f"(step {prev['step']}) and these settings differ, so it cannot be resumed: " + "; ".join(problems)
             + ". Set them back to continue it, or choose a new name to start another run.")
     return prev["step"]
+
+
+class TrainingFailed(ADDError):
+    """A run ended without a usable LoRA (non-finite steps at the end, or a file that does not check out)."""
+
+
+TrainingFailed.__module__ = ADDError.__module__
+
+
+def verify_lora(path: str | os.PathLike) -> None:
+    """The written LoRA exists, reads back through the checked reader and holds only finite values;
+    TrainingFailed naming the file otherwise (a run reports 'done' only after this)."""
+    path = os.fspath(path)
+    try:
+        tensors, _ = read_safetensors(path, path, "Queue the same name again to resume from the last checkpoint.")
+    except ADDError as exc:
+        raise TrainingFailed(f"the run ended but its LoRA does not check out: {exc}") from None
+    bad = nonfinite_keys(tensors)
+    if bad:
+        raise TrainingFailed(f"the run ended but its LoRA {path} holds NaN or infinite values in {len(bad)} tensors "
+                             f"(e.g. {bad[0]}); it is not usable.")
+    if not tensors:
+        raise TrainingFailed(f"the run ended but its LoRA {path} holds no tensors.")
 
 
 def lora_metadata(cfg: ADDConfig, step: int, base: Mapping[str, str]) -> dict[str, str]:
@@ -245,6 +330,7 @@ class ADDRun:
         self.dist = dist or Dist()
         self.requested_streams = data_streams
         self.stream_note = ""  # set by build() when a resume had to change the global batch
+        self.resume_note = ""  # set by build() when broken state files were skipped to resume
         self.state_dir = state_dir_for(spec.lora_path)
         self.models: ADDModels | None = None
         self.trainer: Trainer | None = None
@@ -271,15 +357,16 @@ class ADDRun:
         self.trainer = Trainer(self.models, s.cfg, data, device=s.device, dist=self.dist)
         prev = existing_run(s.lora_path)
         saved_streams = None
-        if prev is not None and prev["config"] is not None:
-            ckpt = load_checkpoint(self.trainer, self.state_dir, restore_global_rng=False)
+        run_json = os.path.join(self.state_dir, "run.json")
+        if prev is not None and prev["checkpoint"] is not None:
+            ckpt = self._resume(prev["checkpoint"])
+            self.resume_note = "; ".join(n for n in (prev["note"], self.resume_note) if n)
             saved_streams = int(read_meta(ckpt).get("data_streams", 1))
-        elif self.dist.is_main:
+        if self.dist.is_main and (prev is None or prev["checkpoint"] is None or not os.path.isfile(run_json)):
             os.makedirs(self.state_dir, exist_ok=True)
             atomic_write_json({"base": dict(s.base_info), **dict(s.run_info),
                                "base_fingerprint": s.base_info.get("base_fingerprint", ""),
-                               "created": time.strftime("%Y-%m-%d %H:%M:%S")},
-                              os.path.join(self.state_dir, "run.json"))
+                               "created": time.strftime("%Y-%m-%d %H:%M:%S")}, run_json)
         count, self.stream_note = resolve_streams(saved_streams, self.requested_streams, self.dist.world_size)
         self.trainer.set_data_streams(count)
         # Identical replicas: every rank starts from rank 0's trainable tensors and buffers.
@@ -289,6 +376,33 @@ class ADDRun:
         self.dist.barrier()
         self.start_step = self.trainer.step
         return self.start_step
+
+    def _resume(self, first: str) -> str:
+        """Load checkpoint folder ``first``; when its state cannot be read, the next older whole one
+        (``resume_note`` says which were skipped). -> the folder loaded."""
+        assert self.trainer is not None
+        step_of = lambda path: int(os.path.basename(path)[len("step_"):])  # noqa: E731
+        older = [os.path.join(self.state_dir, c) for c in reversed(list_checkpoints(self.state_dir))]
+        candidates = [first] + [c for c in older if step_of(c) < step_of(first)]
+        skipped = []
+        for ckpt in candidates:
+            if ckpt != first:
+                problem = checkpoint_problem(ckpt)
+                if problem is not None:
+                    skipped.append(f"{os.path.basename(ckpt)}: {problem}")
+                    continue
+            try:
+                load_checkpoint(self.trainer, ckpt, restore_global_rng=False)
+            except ADDError as exc:
+                skipped.append(f"{os.path.basename(ckpt)}: {str(exc)[:200]}")
+                continue
+            if skipped:
+                self.resume_note = (f"resuming from {os.path.basename(ckpt)} (step {self.trainer.step}): "
+                                    + "; ".join(skipped))
+            return ckpt
+        raise ADDError(f"The training state {self.state_dir} has no checkpoint that can be read ({'; '.join(skipped)}). "
+                       "Nothing was changed. To start this run again from step 0, move that folder away (or delete "
+                       "it); to keep it, choose another name.")
 
     # ---- files -------------------------------------------------------------------------
     def write_lora(self) -> None:
@@ -362,5 +476,24 @@ class ADDRun:
                 hooks.saved(trainer.step, self.spec.lora_path)
 
         self._t_last = time.perf_counter()
-        return self.trainer.run(stop_event=stop_event, progress=progress, preview=preview,
-                                checkpoint_dir=self.state_dir, keep_last=self.spec.keep_last, on_save=on_save)
+        result = self.trainer.run(stop_event=stop_event, progress=progress, preview=preview,
+                                  checkpoint_dir=self.state_dir, keep_last=self.spec.keep_last, on_save=on_save)
+        if not result.stopped:
+            self.check_finished(result)
+        return result
+
+    def check_finished(self, result: TrainResult) -> None:
+        """A run that reached max_steps is done only with a saved, readable, finite LoRA of its last step;
+        TrainingFailed with the reason otherwise (the last good checkpoint and LoRA stay as they are)."""
+        assert self.trainer is not None
+        bad = self.trainer.nonfinite_consecutive
+        if bad:
+            saved = self.trainer.saved_step
+            kept = (f"the LoRA and the resumable state of step {saved} are kept" if saved
+                    else "no LoRA was written")
+            raise TrainingFailed(
+                f"the last {bad} of {result.step} steps had a non-finite loss or gradient (NaN/inf), so they were not "
+                f"saved; {kept}. Check the data and the base model for NaN/inf (images, data_cfg), or lower the "
+                "learning rates, then queue the same name again.")
+        if self.dist.is_main:
+            verify_lora(self.spec.lora_path)
