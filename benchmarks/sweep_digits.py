@@ -58,6 +58,13 @@ SWEEPS: dict[str, dict[str, dict[str, Any]]] = {
         "ema": {"ema_decay": 0.99},
         "r1_1e-2": {"r1_gamma": 1e-2},
     },
+    # One seed each, 300 steps, on top of the input convolution's features: a stronger critic.
+    "critic": {
+        "feat_input_ema": {"disc_features": "input+encoder", "ema_decay": 0.99},
+        "feat_input_ttur3": {"disc_features": "input+encoder", "disc_updates": 3},
+        "feat_input_nosn": {"disc_features": "input+encoder", "spectral_norm": False},
+        "pixel_d": {"discriminator": "pixel"},
+    },
 }
 
 
