@@ -100,7 +100,47 @@ def run(size: D.Size, out_dir: Path, log=D._log, rows_wanted: set[str] | None = 
         np.savez_compressed(out_dir / (name.replace(" ", "_").replace(".", "") + ".npz"),
                             samples=s.numpy().astype(np.float32), classes=classes.numpy())
     return {"rows": rows, "samples": samples, "test_acc": ev.test_acc, "seeds": tuple(seeds),
-            "seconds": time.perf_counter() - t_start}
+            "per_seed": per_seed, "meta": meta, "seconds": time.perf_counter() - t_start}
+
+
+def run_parallel(size: D.Size, out_dir: Path, seeds: tuple[int, ...], jobs: int) -> dict:
+    """:func:`run` once per seed in ``jobs`` processes at a time (one thread each), merged as one result."""
+    import json
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    procs, pending = [], list(seeds)
+    parts = {s: out_dir / f"seed-{s}" for s in seeds}
+    while pending or procs:
+        while pending and len(procs) < jobs:
+            s = pending.pop(0)
+            cmd = [sys.executable, "-m", "benchmarks.bench_digits", "--seeds", str(s), "--out", str(parts[s]),
+                   "--json", str(parts[s] / "result.json")] + (["--reduced"] if size.name == "reduced" else [])
+            parts[s].mkdir(parents=True, exist_ok=True)
+            log = open(parts[s] / "log.txt", "w", encoding="utf-8")
+            procs.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), s, log))
+        time.sleep(2)
+        for p, s, log in list(procs):
+            if p.poll() is not None:
+                procs.remove((p, s, log))
+                log.close()
+                if p.returncode:
+                    raise RuntimeError(f"seed {s} failed (rc {p.returncode}): see {parts[s] / 'log.txt'}")
+    per_seed: dict[str, list] = {}
+    meta, seconds, test_acc = {}, 0.0, None
+    for s in seeds:
+        r = json.loads((parts[s] / "result.json").read_text())
+        for name, ms in r["per_seed"].items():
+            per_seed.setdefault(name, []).extend(ms)
+        meta.update(r["meta"])
+        seconds, test_acc = max(seconds, r["seconds"]), r["test_acc"]
+    samples = {}
+    for name in per_seed:
+        f = parts[seeds[0]] / (name.replace(" ", "_").replace(".", "") + ".npz")
+        samples[name] = torch.from_numpy(np.load(f)["samples"])
+    rows = {name: {**aggregate(ms), **meta[name]} for name, ms in per_seed.items()}
+    return {"rows": rows, "samples": samples, "test_acc": test_acc, "seeds": seeds, "per_seed": per_seed,
+            "meta": meta, "seconds": seconds}
 
 
 def aggregate(ms: list[dict]) -> dict:
@@ -205,9 +245,20 @@ def main(argv=None) -> int:
     ap.add_argument("--reduced", action="store_true", help="the test suite's smaller sizes (a few minutes)")
     ap.add_argument("--out", default=str(ROOT / "out" / "digits"), help="folder for the .npz files and grid.png")
     ap.add_argument("--seeds", default="0,1", help="student / sampling seeds; every figure is their mean ± half spread")
+    ap.add_argument("--jobs", type=int, default=1, help="seeds run in this many processes at once (one thread each)")
+    ap.add_argument("--json", default="", help=argparse.SUPPRESS)  # a seed's raw metrics, for --jobs
     args = ap.parse_args(argv)
     size = D.REDUCED if args.reduced else D.FULL
-    result = run(size, Path(args.out), seeds=tuple(int(s) for s in args.seeds.split(",")))
+    seeds = tuple(int(s) for s in args.seeds.split(","))
+    if args.jobs > 1 and len(seeds) > 1:
+        result = run_parallel(size, Path(args.out), seeds, args.jobs)
+    else:
+        result = run(size, Path(args.out), seeds=seeds)
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps({k: result[k] for k in ("per_seed", "meta", "test_acc", "seconds")}))
+        return 0
     print()
     print(f"digits, {size.name} sizes: teacher {size.teacher_iters} iterations, ADD {size.add_steps} steps at batch "
           f"{size.add_batch}, {size.per_class} samples per class per row; classifier {result['test_acc']:.1%} on the "

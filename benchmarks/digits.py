@@ -78,6 +78,7 @@ class Size:
     lr_schedule: str = "cosine"  # ADDConfig.lr_schedule: 'constant' | 'cosine' (to 0 at the last step)
     distill_cfg: float = 1.0  # CFG of the teacher's distillation target (ADD Train's distill_cfg default)
     per_class: int = 100  # samples per class per row
+    pool_per_class: int = 256  # teacher samples per class prompt in the cached training-data pool
     seed: int = 0
     # ADDConfig.training_mode: 'lora' (adapters of rank lora_rank, lr_lora) | 'full' (every weight, lr_full;
     # sampled through the LoRA the run exports, extracted at rank lora_rank: a rank at least the widest
@@ -92,7 +93,7 @@ class Size:
 
 FULL = Size()
 REDUCED = Size(name="reduced", teacher_iters=500, clf_epochs=15, data_steps=6, add_steps=100, add_batch=16,
-               per_class=30)
+               per_class=30, pool_per_class=64)
 REDUCED_MARGIN = 0.75  # the reduced test: ADD 1-step FD below this share of the teacher's 1-step FD
 TEACHER_FIELDS = ("model_channels", "context_dim", "teacher_iters", "teacher_batch", "teacher_lr", "class_dropout",
                   "seed")
@@ -504,12 +505,9 @@ def prompted_classes(size: Size) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # ADD runs, built the way ADD Train builds them
 # --------------------------------------------------------------------------------------------
-POOL_PER_CLASS = 256
-
-
 def teacher_pool(mp, clip: ClassEmbeddingCLIP, size: Size, log: Callable[[str], None] = _log
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x0 (N, 1, 8, 8), classes (N,)): ``POOL_PER_CLASS`` teacher samples of every class prompt, made with
+    """(x0 (N, 1, 8, 8), classes (N,)): ``size.pool_per_class`` teacher samples of every class prompt, made with
     the training data's own sampler (``training.data.teacher_sample``: DDIM, ``data_steps`` steps, CFG
     ``teacher_cfg``), cached in ``.cache/digits/``."""
     from scripts.comfy_host import plugin_module
@@ -525,15 +523,15 @@ def teacher_pool(mp, clip: ClassEmbeddingCLIP, size: Size, log: Callable[[str], 
         xs = []
         with torch.no_grad():
             for c in range(CLASSES):
-                ctx = clip.context[c : c + 1].expand(POOL_PER_CLASS, -1, -1)
-                unc = clip.context[CLASSES : CLASSES + 1].expand(POOL_PER_CLASS, -1, -1)
+                ctx = clip.context[c : c + 1].expand(size.pool_per_class, -1, -1)
+                unc = clip.context[CLASSES : CLASSES + 1].expand(size.pool_per_class, -1, -1)
                 xs.append(tr_data.teacher_sample(lambda x, s, cd: adapter.comfy_denoise(network, x, s, cd),
-                                                 (POOL_PER_CLASS, 1, 8, 8), schedule, g, size.data_steps,
+                                                 (size.pool_per_class, 1, 8, 8), schedule, g, size.data_steps,
                                                  cond={"context": ctx}, uncond={"context": unc},
                                                  cfg_scale=size.teacher_cfg))
-        return {"x0": torch.cat(xs), "classes": torch.arange(CLASSES).repeat_interleave(POOL_PER_CLASS)}
+        return {"x0": torch.cat(xs), "classes": torch.arange(CLASSES).repeat_interleave(size.pool_per_class)}
 
-    sd = cached("pool", size.key(*TEACHER_FIELDS, "data_steps", "teacher_cfg") + f"-{POOL_PER_CLASS}", make, log)
+    sd = cached("pool", size.key(*TEACHER_FIELDS, "data_steps", "teacher_cfg", "pool_per_class"), make, log)
     return sd["x0"].float(), sd["classes"].long()
 
 
@@ -542,6 +540,7 @@ def train_student(mp, clip: ClassEmbeddingCLIP, size: Size, lora_path: str, *, d
                   real: tuple[torch.Tensor, torch.Tensor] | None = None, save_every: int = 0,
                   on_save: Callable[[int, str], None] | None = None, seed: int | None = None,
                   overrides: dict[str, Any] | None = None, device: torch.device | None = None,
+                  on_progress: Callable[[dict], None] | None = None,
                   log: Callable[[str], None] = _log) -> dict[str, Any]:
     """One ADD run through the node's adapter and ``training.run`` -> {'seconds', 'logs'} (and 'export':
     the LoRA extraction's rank and errors, for ``size.training_mode == 'full'``).
@@ -611,8 +610,10 @@ def train_student(mp, clip: ClassEmbeddingCLIP, size: Size, lora_path: str, *, d
 
     def progress(stats: dict) -> None:
         history.append(stats["logs"])
+        if on_progress is not None:
+            on_progress(stats["logs"])
         if stats["step"] % every == 0:
-            shown = {k: round(v, 4) for k, v in stats["logs"].items() if k in ("d_loss", "d_real", "d_fake", "adv", "distill")}
+            shown = {k: round(v, 4) for k, v in stats["logs"].items() if k in ("d_loss", "d_real", "d_fake", "adv", "distill", "grad_adv", "grad_distill")}
             log(f"  step {stats['step']}/{cfg.max_steps} {shown} ({time.perf_counter() - t0:.0f} s)")
 
     run.train(hooks=tr_run.RunHooks(progress=progress, saved=on_save))

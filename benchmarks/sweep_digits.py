@@ -144,8 +144,13 @@ def run_one(sweep: str, name: str, overrides: dict[str, Any], seed: int, out: Pa
     classes = D.prompted_classes(size)
     lora = run_dir / f"{tag}.safetensors"
     t0 = time.perf_counter()
+    recent: list[dict] = []  # training logs since the last evaluation
 
     def score(step: int, path: str) -> None:
+        # the game since the last checkpoint: does D separate real from fake, who pulls harder on x_hat
+        game = {k: (sum(r[k] for r in recent if k in r) / max(1, sum(k in r for r in recent)))
+                for k in ("d_real", "d_fake", "grad_adv", "grad_distill")}
+        recent.clear()
         counts = (1, 2, 4) if step >= size.add_steps else (1,)
         for n in counts:
             if (step, n) in done_steps:
@@ -153,7 +158,8 @@ def run_one(sweep: str, name: str, overrides: dict[str, Any], seed: int, out: Pa
             s, _ = D.sample_student(mp, path, clip, size, n, noise_seed=seed)
             m = ev.metrics(s, classes)
             row = {"sweep": sweep, "config": name, "seed": seed, "step": step, "sample_steps": n,
-                   "train_s": round(time.perf_counter() - t0, 1), **{k: m.get(k) for k in metric_keys()}}
+                   "train_s": round(time.perf_counter() - t0, 1), **{k: m.get(k) for k in metric_keys()},
+                   **{k: round(v, 5) for k, v in game.items()}}
             with open(results, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
             done_steps.add((step, n))
@@ -164,6 +170,7 @@ def run_one(sweep: str, name: str, overrides: dict[str, Any], seed: int, out: Pa
     eval_every = int(overrides.get("eval_every", 0)) or max(1, size.add_steps // 4)
     info = D.train_student(mp, clip, size, str(lora), seed=seed, save_every=eval_every, on_save=score,
                            overrides=cfg_over, device=torch.device(device), log=lambda m: print(m, flush=True),
+                           on_progress=recent.append,
                            real=(x, y), **kw)
     # A run resumed after its last save has nothing new to save: score the final file if needed.
     score(size.add_steps, str(lora))
@@ -183,7 +190,7 @@ def collect(out: Path) -> list[dict]:
 def write_csv(rows: list[dict], path: Path) -> None:
     if not rows:
         return
-    keys = list(rows[0])
+    keys = list(dict.fromkeys(k for r in rows for k in r))  # runs of older versions may lack a column
     tmp = path.with_name(f".{path.name}.partial")
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=keys)
