@@ -75,6 +75,7 @@ class Size:
     spectral_norm: bool = True
     ema_decay: float | None = None
     disc_norm: str = "sample"
+    disc_features: str = "encoder"  # ADDConfig.disc_features
     lr_schedule: str = "cosine"  # ADDConfig.lr_schedule: 'constant' | 'cosine' (to 0 at the last step)
     distill_cfg: float = 1.0  # CFG of the teacher's distillation target (ADD Train's distill_cfg default)
     per_class: int = 100  # samples per class per row
@@ -567,6 +568,7 @@ def train_student(mp, clip: ClassEmbeddingCLIP, size: Size, lora_path: str, *, d
         max_steps=int(steps or size.add_steps), save_every=save_every, preview_every=0,
         teacher_timestep_range=(1, t_max), disc_timestep_range=(0, size.disc_t_hi),
         disc_spectral_norm=size.spectral_norm, ema_decay=size.ema_decay, disc_norm=size.disc_norm,
+        disc_features=size.disc_features,
         training_mode=size.training_mode, lr_full=size.lr_full)
     if overrides:
         cfg = cfg.replace(**overrides)

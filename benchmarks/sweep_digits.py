@@ -65,6 +65,16 @@ SWEEPS: dict[str, dict[str, dict[str, Any]]] = {
         "feat_input_nosn": {"disc_features": "input+encoder", "spectral_norm": False},
         "pixel_d": {"discriminator": "pixel"},
     },
+    # The adversarial pull on x_hat rescaled to a multiple of the distillation pull (adv_grad_balance).
+    "balance": {
+        "ema_bal1": {"disc_features": "input+encoder", "ema_decay": 0.99, "adv_grad_balance": 1.0},
+        "ema_bal0.3": {"disc_features": "input+encoder", "ema_decay": 0.99, "adv_grad_balance": 0.3},
+    },
+    # The student's EMA with lower learning rates (less noise in the weights it averages).
+    "lr": {
+        "ema_lr3e-4": {"disc_features": "input+encoder", "ema_decay": 0.99, "lr_lora": 3e-4},
+        "ema_lr3e-4_d3e-4": {"disc_features": "input+encoder", "ema_decay": 0.99, "lr_lora": 3e-4, "lr_disc": 3e-4},
+    },
 }
 
 

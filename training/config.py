@@ -39,6 +39,9 @@ class ADDConfig:
     # --- losses: L_G = L_adv + lambda * L_distill (Eq. 5), R1 gamma on the D side ---
     distill_weight: float = 2.5  # lambda
     adv_weight: float = 1.0  # 0 = distillation-only ablation (no discriminator is trained)
+    # > 0: the adversarial gradient on x_hat is rescaled to this multiple of the distillation gradient's norm
+    # at every step (an adaptive weight, VQGAN-style); 0 = off (the paper's fixed weights)
+    adv_grad_balance: float = 0.0
     distill_weighting: str = "exponential"  # c(t) = alpha_t ('exponential') | SDS weighting
     r1_gamma: float = 1e-5
     teacher_cfg_scale: float = 1.0  # 1.0 = one conditional teacher pass, no CFG
@@ -151,6 +154,7 @@ _RULES: dict[str, tuple[Callable[[Any, ADDConfig], bool], str]] = {
     "distill_weight": (lambda v, c: _finite(v) and v >= 0 and (v > 0 or c.adv_weight > 0),
                        "a float >= 0 (paper: 2.5), not 0 together with adv_weight=0"),
     "adv_weight": (lambda v, c: _finite(v) and v >= 0, "a float >= 0 (1.0 = paper; 0 = distillation only)"),
+    "adv_grad_balance": (lambda v, c: _finite(v) and 0 <= v <= 100, "a float in [0, 100] (0 = off; 1 = equal pull)"),
     "distill_weighting": (lambda v, c: v in DISTILL_WEIGHTINGS, f"one of {DISTILL_WEIGHTINGS}"),
     "r1_gamma": (lambda v, c: _finite(v) and v >= 0, "a float >= 0 (paper: 1e-5)"),
     "teacher_cfg_scale": (lambda v, c: _finite(v) and 0 <= v <= 50, "a float in [0, 50] (1.0 = no CFG)"),

@@ -202,21 +202,34 @@ def step(batch: Batch, models: ADDModels, cfg: ADDConfig, phase: str, *, generat
     losses = {"total": total, "adv": adv, "distill": distill}
     logs = {"g_loss": float(total.detach()), "adv": float(adv.detach()), "distill": float(distill.detach())}
     if fake.requires_grad and torch.is_grad_enabled():
-        _log_gradient_shares(fake, cfg.distill_weight * distill if cfg.distill_weight > 0 else None, logs)
+        _gradient_shares(fake, cfg.distill_weight * distill if cfg.distill_weight > 0 else None, logs,
+                         cfg.adv_grad_balance if disc is not None and cfg.adv_weight > 0 else 0.0)
     return losses, logs
 
 
-def _log_gradient_shares(fake: Tensor, weighted_distill: Tensor | None, logs: dict[str, float]) -> None:
-    """How hard each term pulls on x_hat: ``grad_distill`` = ||d(lambda L_distill)/d x_hat|| (cheap: the
-    target is detached) now, and ``grad_adv`` = the rest of the gradient that reaches x_hat in the
-    backward pass (written into ``logs`` by a hook then: the caller reads logs after backward)."""
+def _gradient_shares(fake: Tensor, weighted_distill: Tensor | None, logs: dict[str, float],
+                     balance: float = 0.0) -> None:
+    """How hard each term pulls on x_hat, and (``balance`` > 0) the adversarial pull rescaled.
+
+    ``grad_distill`` = ||d(lambda L_distill)/d x_hat|| is computed now (cheap: the target is detached);
+    ``grad_adv`` = the rest of the gradient that reaches x_hat in the backward pass is measured there by
+    a hook, which writes it into ``logs`` (the caller reads logs after backward). With ``balance`` > 0
+    the hook rescales that adversarial part to ``balance`` x the distillation part's norm before it
+    flows on into the student (an adaptive weight like VQGAN's, taken at the generator's output: the
+    teacher-feature discriminator's gradient can be ~50x the distillation's and would drown it)."""
     g_d = (torch.autograd.grad(weighted_distill, fake, retain_graph=True)[0]
            if weighted_distill is not None else torch.zeros_like(fake))
-    logs["grad_distill"] = float(g_d.float().norm())
+    d_norm = g_d.float().norm()
+    logs["grad_distill"] = float(d_norm)
     logs["grad_adv"] = 0.0  # until the backward pass reaches x_hat
 
-    def hook(g: Tensor) -> None:
-        logs["grad_adv"] = float((g.float() - g_d.float()).norm())
+    def hook(g: Tensor) -> Tensor | None:
+        g_adv = g - g_d.to(g.dtype)
+        a_norm = g_adv.float().norm()
+        logs["grad_adv"] = float(a_norm)
+        if balance > 0 and float(d_norm) > 0 and float(a_norm) > 0:
+            return g_d.to(g.dtype) + g_adv * (balance * d_norm / a_norm).to(g.dtype)
+        return None
 
     fake.register_hook(hook)
 

@@ -292,3 +292,24 @@ def test_gradient_shares_are_logged_and_split_the_gradient_on_x_hat(adv_weight):
         assert logs["grad_adv"] > 0
         # the two shares and the total obey the triangle inequality (they are the parts of one gradient)
         assert seen["total"] <= logs["grad_adv"] + logs["grad_distill"] + 1e-6
+
+
+@pytest.mark.parametrize("balance", [0.5, 2.0])
+def test_adv_grad_balance_rescales_the_adversarial_pull_on_x_hat(balance):
+    cfg = tiny_config(training_mode="full", adv_grad_balance=balance)
+    models = tiny_models(cfg)
+    batch = _batch(cfg)
+    gen = torch.Generator().manual_seed(0)
+    fake = loop.student_forward(batch, models, cfg, gen)
+    losses, logs = step(batch, models, cfg, "G", generator=gen, fake=fake)
+    g_d = torch.autograd.grad(losses["distill"] * cfg.distill_weight, fake, retain_graph=True)[0]
+    seen = {}
+
+    def keep(g):
+        seen["g"] = g
+
+    fake.register_hook(keep)  # registered after the balancing hook: sees what flows on into the student
+    losses["total"].backward()
+    g_adv_out = seen["g"] - g_d
+    assert logs["grad_adv"] > 0  # measured before rescaling
+    assert g_adv_out.norm().item() == pytest.approx(balance * logs["grad_distill"], rel=1e-4)
