@@ -73,9 +73,9 @@ class Size:
     lr_disc: float = 1e-3
     disc_t_hi: int = 50  # the teacher-feature discriminator's noise levels t-hat ~ U{0..disc_t_hi}
     spectral_norm: bool = True
-    ema_decay: float | None = None
+    ema_decay: float | None = 0.99  # the student's EMA (sweeps: the largest single gain at 1 step)
     disc_norm: str = "sample"
-    disc_features: str = "encoder"  # ADDConfig.disc_features
+    disc_features: str = "input+encoder"  # ADDConfig.disc_features: the input convolution lets D see pixel noise
     lr_schedule: str = "cosine"  # ADDConfig.lr_schedule: 'constant' | 'cosine' (to 0 at the last step)
     distill_cfg: float = 1.0  # CFG of the teacher's distillation target (ADD Train's distill_cfg default)
     per_class: int = 100  # samples per class per row
