@@ -42,9 +42,12 @@ GOALS = ("ADD 1 step FD <= 2x teacher 25-step CFG FD", "ADD 1 step FD <= 0.3x te
          "ADD 4 steps is not worse (FD) than ADD 1 step")
 
 
-def run(size: D.Size, out_dir: Path, log=D._log, rows_wanted: set[str] | None = None) -> dict:
+def run(size: D.Size, out_dir: Path, log=D._log, rows_wanted: set[str] | None = None, device: str = "cpu",
+        cache: bool = True) -> dict:
     """Trains (or loads) the teacher and classifier, trains the students, samples and scores every
-    row. -> {'rows': {name: metrics + evals + seconds}, 'test_acc', 'seconds', 'samples': {name: tensor}}."""
+    row. -> {'rows': {name: metrics + evals + seconds}, 'test_acc', 'seconds', 'samples': {name: tensor},
+    'teacher_s'}. ``device``: where the teacher and the students train (sampling goes through ComfyUI's
+    own device); ``cache`` False trains the teacher and classifier even when ``.cache/digits`` has them."""
     from scripts.comfy_host import import_comfy
 
     import_comfy()
@@ -54,8 +57,19 @@ def run(size: D.Size, out_dir: Path, log=D._log, rows_wanted: set[str] | None = 
     t_start = time.perf_counter()
     x, y, x_test, y_test = D.load_split(size.seed)
     clip = D.ClassEmbeddingCLIP(size.context_dim, seed=size.seed)
-    teacher_sd = D.cached("teacher", size.key(*D.TEACHER_FIELDS), lambda: D.train_teacher(size, x, y, clip, log), log)
-    clf_sd = D.cached("classifier", size.key("clf_epochs", "seed"), lambda: D.train_classifier(size, x, y), log)
+    def teacher() -> dict:
+        return D.train_teacher(size, x, y, clip, log, device=device)
+
+    def classifier() -> dict:
+        return D.train_classifier(size, x, y)
+
+    t_teacher = time.perf_counter()
+    if cache:
+        teacher_sd = D.cached("teacher", size.key(*D.TEACHER_FIELDS), teacher, log)
+        clf_sd = D.cached("classifier", size.key("clf_epochs", "seed"), classifier, log)
+    else:
+        teacher_sd, clf_sd = teacher(), classifier()
+    teacher_s = time.perf_counter() - t_teacher
     mp = D.model_patcher(size, teacher_sd)
     ev = D.Evaluator(clf_sd, x_test, y_test)
     log(f"classifier: {ev.test_acc:.1%} on the test split")
@@ -86,7 +100,7 @@ def run(size: D.Size, out_dir: Path, log=D._log, rows_wanted: set[str] | None = 
                 continue
             log(f"training: {label} ({size.add_steps} steps, batch {size.add_batch})")
             lora = os.path.join(tmp, label.replace(" ", "_") + ".safetensors")
-            info = D.train_student(mp, clip, size, lora, log=log, **kwargs)
+            info = D.train_student(mp, clip, size, lora, log=log, device=device, **kwargs)
             for steps in step_counts:
                 s, n = D.sample_student(mp, lora, clip, size, steps)
                 score(f"{label} {steps} step{'s' if steps > 1 else ''}", s, n, info["seconds"])
@@ -94,7 +108,8 @@ def run(size: D.Size, out_dir: Path, log=D._log, rows_wanted: set[str] | None = 
     for name, s in samples.items():
         np.savez_compressed(out_dir / (name.replace(" ", "_").replace(".", "") + ".npz"),
                             samples=s.numpy().astype(np.float32), classes=classes.numpy())
-    return {"rows": rows, "samples": samples, "test_acc": ev.test_acc, "seconds": time.perf_counter() - t_start}
+    return {"rows": rows, "samples": samples, "test_acc": ev.test_acc, "seconds": time.perf_counter() - t_start,
+            "teacher_s": teacher_s}
 
 
 def teacher_row(steps: int, cfg: float) -> str:
