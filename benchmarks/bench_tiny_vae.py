@@ -14,6 +14,7 @@ torch.cuda.max_memory_allocated minus what was allocated before.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -75,17 +76,23 @@ def _peak_rss() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status: the CPU memory column needs Linux")
 
 
-def _build_kl_vae(device):
-    """comfy.sd.VAE detecting the SD KL VAE from a real-layout state dict (seeded values)."""
-    import comfy.sd
+@functools.lru_cache(maxsize=1)
+def _kl_state_dict() -> dict:
+    """The SD KL VAE's state dict in the real key layout, seeded values (made once per process: the GPU
+    suite measures several batches in one process)."""
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
     from scripts.tiny_models import init_module_
 
     kl = init_module_(AutoencoderKL(ddconfig=SD_VAE_CONFIG, embed_dim=4), seed=7)
-    sd = {k: v.detach().clone() for k, v in kl.state_dict().items()}
-    del kl
-    return comfy.sd.VAE(sd=sd, device=device)
+    return {k: v.detach().clone() for k, v in kl.state_dict().items()}
+
+
+def _build_kl_vae(device):
+    """comfy.sd.VAE detecting the SD KL VAE from a real-layout state dict (seeded values)."""
+    import comfy.sd
+
+    return comfy.sd.VAE(sd=dict(_kl_state_dict()), device=device)
 
 
 def _build_tiny_vae(tiny: dict):

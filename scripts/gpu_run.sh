@@ -116,7 +116,7 @@ PYEOF
 # --- the run --------------------------------------------------------------------------------------
 say "running: $PY -m benchmarks.gpu_suite --out $RESULTS ${SKIP[*]:-} $*"
 COMFYUI_ADD_DEVICE=cuda PYTHONUNBUFFERED=1 "$PY" -m benchmarks.gpu_suite --out "$RESULTS" \
-  --command "bash scripts/gpu_run.sh $*" "${SKIP[@]}" "$@"
+  --command "bash scripts/gpu_run.sh $*" ${SKIP[@]+"${SKIP[@]}"} "$@"
 rc=$?
 say "results in $RESULTS (exit $rc)"
 exit $rc
