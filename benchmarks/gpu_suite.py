@@ -72,7 +72,8 @@ DIGIT_ROWS = {"teacher 1", "teacher 25", "ADD", "distillation only"}  # the redu
 class Plan:
     dry: bool
     tiny: bool               # tiny UNets of each family instead of real-size ones
-    width: int               # streams / TinyVAE image side in pixels
+    width: int               # streams image side in pixels
+    vae_width: int           # TinyVAE vs full VAE image side in pixels
     frames: int              # frames per stream clip
     rounds: int              # alternating timing rounds
     repeats: int             # sampler repeats
@@ -91,7 +92,7 @@ class Plan:
 PARTS = ("streams", "train_sd15", "train_sdxl", "sampler", "tiny_vae", "latency", "digits", "distributed", "compile")
 
 GPU = Plan(
-    dry=False, tiny=False, width=512, frames=16, rounds=3, repeats=5,
+    dry=False, tiny=False, width=512, vae_width=512, frames=16, rounds=3, repeats=5,
     sampler_cases=(("sd15", 512, 1), ("sd15", 512, 4), ("sd2v", 768, 1), ("sdxl", 1024, 1)),
     vae_repeats=(3, 10),
     train={"train_sd15": ("sd15", 512, 4, "bf16", False, 16.0), "train_sdxl": ("sdxl", 1024, 1, "bf16", True, 24.0)},
@@ -102,7 +103,7 @@ GPU = Plan(
           "digits": 100, "distributed": 200, "compile": 240},
 )
 DRY = Plan(
-    dry=True, tiny=True, width=64, frames=3, rounds=1, repeats=1,
+    dry=True, tiny=True, width=64, vae_width=32, frames=3, rounds=1, repeats=1,
     sampler_cases=(("sd15", 64, 1), ("sd15", 64, 4), ("sd2v", 64, 1), ("sdxl", 64, 1)),
     vae_repeats=(1, 1),
     train={"train_sd15": ("tiny_sd15", 64, 2, "fp32", False, 16.0),
@@ -147,7 +148,7 @@ class Row:
 
 SECTIONS = {
     "sampler": "ADD sampling overhead (ADD KSampler vs bare UNet forwards and core SamplerCustom, batch 1)",
-    "tiny_vae": "TinyVAE vs the full SD VAE (512², seconds per batch; ratio = full ÷ TinyVAE)",
+    "tiny_vae": "TinyVAE vs the full SD VAE (512², seconds a batch; ratio = full ÷ TinyVAE)",
     "streams": "Streams: SD1.5-shaped 512² img2img with TinyVAE encode + decode of every frame (frames/s)",
     "training": "Training: one ADD iteration vs one core TrainLoraNode step (peak CUDA memory allocated)",
     "digits": "Digits proof on the GPU (reduced size; ratios of Fréchet distances)",
@@ -296,7 +297,7 @@ class Report:
         if d["dry_run"]:
             lines += ["**DRY RUN on a CPU at tiny sizes: the code path, not figures. Every row says `dry run`.**", ""]
         soft = ", ".join(f"{k} {v}" for k, v in dev.items() if k not in ("name", "count") and v)
-        lines += [f"{soft}; command `{m['command']}`; budget {m['budget_s']:.0f} s"
+        lines += [f"{soft}; commit {m.get('commit', 'unknown')}; command `{m['command']}`; budget {m['budget_s']:.0f} s"
                   + (f", took {m['total_s']:.0f} s" if m.get("total_s") else "") + ".", ""]
         for sec, title in SECTIONS.items():
             rows = [r for r in d["rows"] if r["section"] == sec]
@@ -314,6 +315,17 @@ class Report:
             lines.append(f"| {p} | {st['status']} | {_fmt(st.get('seconds'))} | {_fmt(st.get('cap_s'))} | "
                          f"{cell(st.get('note', ''))} |")
         return "\n".join(lines) + "\n"
+
+    def row_line(self, row_id: str) -> str:
+        """'label: figure (ratio x; baseline) goal verdict' for the console."""
+        r = next(x for x in self.rows if x.id == row_id)
+        res = self.results[row_id]
+        if res.get("skipped"):
+            return f"{r.label}: not measured ({res['skipped']})"
+        ratio = f" ratio {_fmt(res['ratio'])}" if res.get("ratio") is not None else ""
+        base = f" vs {res['baseline']}" if res.get("baseline") else ""
+        goal = f"; goal {r.goal.text}: {verdict(r, res, self.plan.dry, self.parts)}" if r.goal else ""
+        return f"{r.label}: {_fmt(res.get('value'), res.get('unit', ''))}{ratio}{base}{goal}"
 
     def write(self) -> None:
         for path, text in ((self.json_path, json.dumps(self.data(), indent=1, ensure_ascii=False)),
@@ -582,9 +594,9 @@ def part_tiny_vae(ctx: Ctx) -> None:
     kl_rep, tiny_rep = ctx.plan.vae_repeats
     for op in ("decode", "encode"):
         for b in (1, 8):
-            kl = worker("kl", b, ctx.plan.width, kl_rep, ctx.device, op)
+            kl = worker("kl", b, ctx.plan.vae_width, kl_rep, ctx.device, op)
             _free()
-            tiny = worker("tiny", b, ctx.plan.width, tiny_rep, ctx.device, op)
+            tiny = worker("tiny", b, ctx.plan.vae_width, tiny_rep, ctx.device, op)
             _free()
             mb = lambda r: r["peak_bytes"] / 2**20  # noqa: E731
             unit = "MB allocated" if ctx.cuda else "MB RSS"
@@ -773,6 +785,20 @@ def _gpu_name() -> tuple[str, int]:
     return "gpu", 0
 
 
+def _commit() -> str:
+    """The working tree's commit (+ '-dirty' with local changes), or 'unknown' where there is no git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=20)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "gpu"
 
@@ -816,7 +842,7 @@ def drive(a) -> int:
     cmd = "python -m benchmarks.gpu_suite" + (" --dry-run" if plan.dry else "") + \
         (f" --parts {a.parts}" if a.parts else "") + (f" --budget {a.budget:g}" if a.budget else "")
     meta = {"date": date, "gpu": name, "gpu_count": count, "command": a.command or cmd, "budget_s": plan.budget_s,
-            "parts_order": parts, "parts": parts, "device": {}}
+            "parts_order": parts, "parts": parts, "device": {}, "commit": _commit()}
     report = Report(plan, out_dir, stem, meta)
     for p in parts:
         report.parts[p]["cap_s"] = plan.caps[p]
@@ -874,6 +900,7 @@ def drive(a) -> int:
                               flush=True)
                     elif kind == "row":
                         report.results[ev["id"]] = ev["result"]
+                        print(f"[gpu_suite]   {report.row_line(ev['id'])}", flush=True)
                     elif kind == "part_end":
                         report.parts[ev["part"]].update(status=ev["status"], seconds=round(ev["seconds"], 1),
                                                         **({"note": ev["note"]} if ev.get("note") else {}))

@@ -5,8 +5,8 @@
 #     bash scripts/gpu_run.sh [options of benchmarks/gpu_suite.py, e.g. --parts streams,compile --budget 300]
 #
 # What must travel with the tree (ignored paths; about 25 MB in all):
-#   .comfyui   the vendored ComfyUI 0.3.75 that `bash scripts/setup.sh` unpacked here (~25 MB). Or set
-#              COMFYUI_PATH to a ComfyUI that is already on the GPU machine.
+#   .comfyui   the vendored ComfyUI 0.3.75 that `bash scripts/setup.sh` unpacked here (~25 MB; the folder, not
+#              a link to one). Or set COMFYUI_PATH to a ComfyUI that is already on the GPU machine.
 #   .whl       optional: wheels of the Python packages the GPU machine lacks (see the preflight report);
 #              installed with `pip --no-index` into .gpu_site/, never from the internet.
 # .venv does not travel (torch alone is gigabytes): the script uses the machine's own Python with its
@@ -49,6 +49,10 @@ if [ -n "${COMFYUI_PATH:-}" ]; then
   HOST="$COMFYUI_PATH"
 elif [ -f "$ROOT/.comfyui/main.py" ]; then
   HOST="$ROOT/.comfyui"
+elif [ -L "$ROOT/.comfyui" ]; then
+  say "no ComfyUI: .comfyui is a link to $(readlink "$ROOT/.comfyui") that did not travel; carry the folder itself"
+  say "  (e.g. replace the link by a copy: cp -rL .comfyui .comfyui.copy && rm .comfyui && mv .comfyui.copy .comfyui)"
+  exit 3
 else
   say "no ComfyUI: carry .comfyui (made by 'bash scripts/setup.sh' on a machine with internet, ~25 MB) or set COMFYUI_PATH"
   exit 3
