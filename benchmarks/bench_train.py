@@ -227,7 +227,7 @@ def _add_case(case, model, cond, pooled, uncond, c_dim, lat, a, device, mem, rss
     spec = run_mod.RunSpec(
         cfg=cfg, network=network, denoise=adapter.comfy_denoise, data=data, schedule=schedule,
         lora_path=os.path.join(_scratch("bench_train_run_"), "bench.safetensors"), device=device,
-        feature_modules=adapter.feature_modules(network), target_modules=adapter.lora_targets(network),
+        feature_modules=adapter.feature_modules(network, cfg.disc_features), target_modules=adapter.lora_targets(network),
         checkpoint_modules=adapter.checkpoint_modules(network) if a.ckpt else (), c_dim=c_dim)
     run = run_mod.ADDRun(spec)
     original = loop_mod.LoRAStudent

@@ -79,6 +79,11 @@ class Size:
     distill_cfg: float = 1.0  # CFG of the teacher's distillation target (ADD Train's distill_cfg default)
     per_class: int = 100  # samples per class per row
     seed: int = 0
+    # ADDConfig.training_mode: 'lora' (adapters of rank lora_rank, lr_lora) | 'full' (every weight, lr_full;
+    # sampled through the LoRA the run exports, extracted at rank lora_rank: a rank at least the widest
+    # layer, e.g. 1024, keeps the full fine-tune up to fp16 rounding; the error is in train_student's result)
+    training_mode: str = "lora"
+    lr_full: float = 1e-4  # not tuned
 
     def key(self, *fields: str) -> str:
         d = dataclasses.asdict(self)
@@ -333,13 +338,48 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 
 class Evaluator:
-    def __init__(self, clf_state: dict, x_test: torch.Tensor, y_test: torch.Tensor) -> None:
+    """Every metric the proof reports, so that no single one decides (a change counts only if it holds
+    under each):
+
+    - ``fd``: Frechet distance of the frozen classifier's 128-d penultimate features (generated vs the
+      held-out test split);
+    - ``pix_fd``: Frechet distance of pixel features (the first ``pca_dims`` principal components of the
+      train split's pixels): a second, pixel-space distance that the classifier's invariances cannot hide;
+    - ``precision`` / ``recall`` (Kynkaanniemi et al. 2019, k-NN manifolds, k=3) in the classifier's
+      feature space: the share of samples inside the test split's manifold (quality) and of test digits
+      inside the samples' manifold (coverage);
+    - ``acc``: share classified as the prompted digit; ``acc2``: the same by a second, independent
+      classifier (logistic regression on pixels, scikit-learn);
+    - ``diversity``: mean within-class feature distance relative to the test split's;
+    - ``speckle``: mean absolute difference of neighbouring pixels, in [0, 1] (pixel noise raises it);
+      ``background``: mean brightness, in [0, 1], of the pixels that are dark in > 90 % of real digits.
+    """
+
+    def __init__(self, clf_state: dict, x_test: torch.Tensor, y_test: torch.Tensor,
+                 x_train: torch.Tensor | None = None, y_train: torch.Tensor | None = None, pca_dims: int = 32,
+                 k: int = 3) -> None:
         self.clf = Classifier()
         self.clf.load_state_dict(clf_state)
         self.clf.eval().requires_grad_(False)
+        self.k = k
         self.test_feats = self._features(x_test)
         self.test_acc = float((self._logits(x_test).argmax(1) == y_test).float().mean())
         self.test_div = self._diversity(self.test_feats, y_test.numpy())
+        self.test_radii = _knn_radii(self.test_feats, k)
+        ref = x_test if x_train is None else x_train
+        pix = _pixels(ref)
+        self.pix_mean = pix.mean(0)
+        _, _, vt = np.linalg.svd(pix - self.pix_mean, full_matrices=False)
+        self.pix_basis = vt[:pca_dims].T  # (64, pca_dims)
+        self.test_pix = self._pix_feats(x_test)
+        self.dark = (_pixels(ref) < -0.9).mean(0) > 0.9  # pixels dark in > 90 % of real digits
+        self.clf2 = None
+        if x_train is not None and y_train is not None:
+            from sklearn.linear_model import LogisticRegression
+
+            self.clf2 = LogisticRegression(max_iter=2000, C=0.5).fit(_pixels(x_train), y_train.numpy())
+            self.test_acc2 = float((self.clf2.predict(_pixels(x_test)) == y_test.numpy()).mean())
+        self.test_texture = self.texture(x_test)
 
     @torch.no_grad()
     def _features(self, x: torch.Tensor) -> np.ndarray:
@@ -348,6 +388,9 @@ class Evaluator:
     @torch.no_grad()
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.clf(x.float().clamp(-1, 1))
+
+    def _pix_feats(self, x: torch.Tensor) -> np.ndarray:
+        return (_pixels(x) - self.pix_mean) @ self.pix_basis
 
     @staticmethod
     def _diversity(feats: np.ndarray, labels: np.ndarray) -> float:
@@ -359,19 +402,57 @@ class Evaluator:
                 out.append(d.sum() / (len(f) * (len(f) - 1)))
         return float(np.mean(out))
 
+    def texture(self, samples: torch.Tensor) -> dict[str, float]:
+        """``speckle`` and ``background`` (see the class docstring), both in [0, 1]."""
+        img = (samples.float().clamp(-1, 1) + 1) / 2  # (N, 1, 8, 8), ink bright
+        dx = (img[..., :, 1:] - img[..., :, :-1]).abs().mean()
+        dy = (img[..., 1:, :] - img[..., :-1, :]).abs().mean()
+        bg = img.reshape(img.shape[0], -1)[:, torch.from_numpy(self.dark)]
+        return {"speckle": float((dx + dy) / 2), "background": float(bg.mean()) if bg.numel() else 0.0}
+
     def metrics(self, samples: torch.Tensor, classes: torch.Tensor) -> dict[str, float]:
         feats = self._features(samples)
         acc = float((self._logits(samples).argmax(1) == classes).float().mean())
-        return {"fd": frechet_distance(feats, self.test_feats), "acc": acc,
-                "diversity": self._diversity(feats, classes.numpy()) / self.test_div}
+        precision, recall = precision_recall(self.test_feats, feats, self.k, self.test_radii)
+        out = {"fd": frechet_distance(feats, self.test_feats), "pix_fd": frechet_distance(self._pix_feats(samples),
+                                                                                          self.test_pix),
+               "precision": precision, "recall": recall, "acc": acc,
+               "diversity": self._diversity(feats, classes.numpy()) / self.test_div}
+        if self.clf2 is not None:
+            out["acc2"] = float((self.clf2.predict(_pixels(samples)) == classes.numpy()).mean())
+        out.update(self.texture(samples))
+        return out
+
+
+def _pixels(x: torch.Tensor) -> np.ndarray:
+    return x.float().clamp(-1, 1).reshape(x.shape[0], -1).numpy().astype(np.float64)
+
+
+def _knn_radii(feats: np.ndarray, k: int) -> np.ndarray:
+    """Distance of every point to its k-th nearest neighbour in the same set (itself excluded)."""
+    d = np.sqrt(((feats[:, None] - feats[None]) ** 2).sum(-1))
+    return np.sort(d, axis=1)[:, k]
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3,
+                     real_radii: np.ndarray | None = None) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al., NeurIPS 2019): precision = share of ``fake``
+    inside some real point's k-NN ball; recall = share of ``real`` inside some fake point's k-NN ball."""
+    real_radii = _knn_radii(real, k) if real_radii is None else real_radii
+    fake_radii = _knn_radii(fake, k)
+    d = np.sqrt(((fake[:, None] - real[None]) ** 2).sum(-1))  # (F, R)
+    precision = float((d <= real_radii[None, :]).any(1).mean())
+    recall = float((d <= fake_radii[:, None]).any(0).mean())
+    return precision, recall
 
 
 # --------------------------------------------------------------------------------------------
 # sampling through ComfyUI
 # --------------------------------------------------------------------------------------------
 def sample_teacher(mp, clip: ClassEmbeddingCLIP, size: Size, steps: int, cfg: float,
-                   sampler: str = "euler") -> tuple[torch.Tensor, int]:
-    """``per_class`` samples of every class with ComfyUI's KSampler path -> (samples, evals per image)."""
+                   sampler: str = "euler", noise_seed: int = 0) -> tuple[torch.Tensor, int]:
+    """``per_class`` samples of every class with ComfyUI's KSampler path -> (samples, evals per image).
+    ``noise_seed`` picks another set of starting noises (the same in every row for one value)."""
     import comfy.sample
 
     counted, counter = _count_evals(mp)
@@ -379,13 +460,19 @@ def sample_teacher(mp, clip: ClassEmbeddingCLIP, size: Size, steps: int, cfg: fl
     out = []
     for c in range(CLASSES):
         latent = torch.zeros(size.per_class, 1, 8, 8)
-        noise = comfy.sample.prepare_noise(latent, size.seed + 1000 + c)
+        seed = _noise_seed(size, c, noise_seed)
+        noise = comfy.sample.prepare_noise(latent, seed)
         out.append(comfy.sample.sample(counted, noise, steps, cfg, sampler, "normal", clip.conditioning(PROMPTS[c]),
-                                       neg, latent, seed=size.seed + 1000 + c, disable_pbar=True).float())
+                                       neg, latent, seed=seed, disable_pbar=True).float())
     return torch.cat(out), counter[0] // (CLASSES * size.per_class)
 
 
-def sample_student(mp, lora_path: str, clip: ClassEmbeddingCLIP, size: Size, steps: int) -> tuple[torch.Tensor, int]:
+def _noise_seed(size: Size, c: int, noise_seed: int) -> int:
+    return size.seed + 1000 + c + 100 * noise_seed
+
+
+def sample_student(mp, lora_path: str, clip: ClassEmbeddingCLIP, size: Size, steps: int,
+                   noise_seed: int = 0) -> tuple[torch.Tensor, int]:
     """The LoRA file applied with ComfyUI's loader, sampled with the plugin's ADD sampler at ``steps``
     of its trained timesteps (as the ADD Compare node picks them)."""
     import comfy.sd
@@ -403,7 +490,7 @@ def sample_student(mp, lora_path: str, clip: ClassEmbeddingCLIP, size: Size, ste
     out = []
     for c in range(CLASSES):
         latent = {"samples": torch.zeros(size.per_class, 1, 8, 8)}
-        out.append(sampling.add_sample(counted, clip.conditioning(PROMPTS[c]), latent, size.seed + 1000 + c,
+        out.append(sampling.add_sample(counted, clip.conditioning(PROMPTS[c]), latent, _noise_seed(size, c, noise_seed),
                                        sigmas)["samples"].float())
     return torch.cat(out), counter[0] // (CLASSES * size.per_class)
 
@@ -421,16 +508,52 @@ def prompted_classes(size: Size) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # ADD runs, built the way ADD Train builds them
 # --------------------------------------------------------------------------------------------
+POOL_PER_CLASS = 256
+
+
+def teacher_pool(mp, clip: ClassEmbeddingCLIP, size: Size, log: Callable[[str], None] = _log
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0 (N, 1, 8, 8), classes (N,)): ``POOL_PER_CLASS`` teacher samples of every class prompt, made with
+    the training data's own sampler (``training.data.teacher_sample``: DDIM, ``data_steps`` steps, CFG
+    ``teacher_cfg``), cached in ``.cache/digits/``."""
+    from scripts.comfy_host import plugin_module
+
+    adapter = plugin_module("nodes.train_adapter")
+    tr_data = plugin_module("training.data")
+    tr_schedule = plugin_module("training.schedule")
+
+    def make() -> dict:
+        network = adapter.frozen_copy(mp, torch.device("cpu"))
+        schedule = tr_schedule.DiscreteSchedule(adapter.schedule_sigmas(mp))
+        g = torch.Generator().manual_seed(size.seed + 4242)
+        xs = []
+        with torch.no_grad():
+            for c in range(CLASSES):
+                ctx = clip.context[c : c + 1].expand(POOL_PER_CLASS, -1, -1)
+                unc = clip.context[CLASSES : CLASSES + 1].expand(POOL_PER_CLASS, -1, -1)
+                xs.append(tr_data.teacher_sample(lambda x, s, cd: adapter.comfy_denoise(network, x, s, cd),
+                                                 (POOL_PER_CLASS, 1, 8, 8), schedule, g, size.data_steps,
+                                                 cond={"context": ctx}, uncond={"context": unc},
+                                                 cfg_scale=size.teacher_cfg))
+        return {"x0": torch.cat(xs), "classes": torch.arange(CLASSES).repeat_interleave(POOL_PER_CLASS)}
+
+    sd = cached("pool", size.key(*TEACHER_FIELDS, "data_steps", "teacher_cfg") + f"-{POOL_PER_CLASS}", make, log)
+    return sd["x0"].float(), sd["classes"].long()
+
+
 def train_student(mp, clip: ClassEmbeddingCLIP, size: Size, lora_path: str, *, data: str = "teacher",
                   distill_weight: float = 2.5, adv_weight: float = 1.0, steps: int | None = None,
                   real: tuple[torch.Tensor, torch.Tensor] | None = None, save_every: int = 0,
-                  on_save: Callable[[int, str], None] | None = None,
-                  log: Callable[[str], None] = _log, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """One ADD run through the node's adapter and ``training.run`` on ``device`` -> {'seconds', 'logs'}.
+                  on_save: Callable[[int, str], None] | None = None, seed: int | None = None,
+                  overrides: dict[str, Any] | None = None, device: torch.device | None = None,
+                  log: Callable[[str], None] = _log) -> dict[str, Any]:
+    """One ADD run through the node's adapter and ``training.run`` -> {'seconds', 'logs'} (and 'export':
+    the LoRA extraction's rank and errors, for ``size.training_mode == 'full'``).
 
     ``data='teacher'``: x0 generated by the teacher from the class prompts with CFG (ADD Train's
     default, ``SyntheticTeacherData``); ``data='real'``: the train split (``LatentDataset``, like an
-    image batch connected to the node)."""
+    image batch connected to the node). ``seed`` (default ``size.seed``) seeds the student run only;
+    ``overrides`` replaces ``ADDConfig`` fields (the sweeps)."""
     from scripts.comfy_host import plugin_module
 
     adapter = plugin_module("nodes.train_adapter")
@@ -439,19 +562,32 @@ def train_student(mp, clip: ClassEmbeddingCLIP, size: Size, lora_path: str, *, d
     tr_run = plugin_module("training.run")
     tr_schedule = plugin_module("training.schedule")
 
-    device = torch.device(device)
+    device = torch.device(device) if device is not None else torch.device("cpu")
     t_max = len(adapter.schedule_sigmas(mp)) - 1
     cfg = tr_config.ADDConfig(
         student_timesteps=(999, 749, 499, 249), num_train_timesteps=t_max + 1, lora_rank=size.lora_rank,
         lora_alpha=float(size.lora_rank), lr_lora=size.lr_lora, lr_disc=size.lr_disc, distill_weight=distill_weight,
-        adv_weight=adv_weight, teacher_cfg_scale=size.distill_cfg, lr_schedule=size.lr_schedule, batch_size=size.add_batch, seed=size.seed,
+        adv_weight=adv_weight, teacher_cfg_scale=size.distill_cfg, lr_schedule=size.lr_schedule, batch_size=size.add_batch,
+        seed=size.seed if seed is None else seed,
         max_steps=int(steps or size.add_steps), save_every=save_every, preview_every=0,
         teacher_timestep_range=(1, t_max), disc_timestep_range=(0, size.disc_t_hi),
-        disc_spectral_norm=size.spectral_norm, ema_decay=size.ema_decay, disc_norm=size.disc_norm)
+        disc_spectral_norm=size.spectral_norm, ema_decay=size.ema_decay, disc_norm=size.disc_norm,
+        training_mode=size.training_mode, lr_full=size.lr_full)
+    if overrides:
+        cfg = cfg.replace(**overrides)
     network = adapter.frozen_copy(mp, device)
     bank = adapter.PromptBank(clip, PROMPTS, network, 64, 64)
     schedule = tr_schedule.DiscreteSchedule(adapter.schedule_sigmas(mp))
     if data == "teacher":
+        # The teacher's samples from the class prompts (10 DDIM steps at CFG teacher_cfg), made once and
+        # cached: the same distribution ADD Train's on-the-fly generator draws from, without paying
+        # data_steps x 2 teacher calls per training batch in every run of a sweep.
+        x_pool, y_pool = teacher_pool(mp, clip, size, log)
+        cond, pooled = bank.encode([PROMPTS[int(c)] for c in y_pool], device)
+
+        def data_factory(_teacher):
+            return tr_data.LatentDataset(x_pool.to(device), cond=cond, pooled=pooled, uncond=bank.uncond_on(device))
+    elif data == "teacher_live":
         def data_factory(teacher):
             return tr_data.SyntheticTeacherData(teacher, bank.prompts, lambda ps: bank.encode(ps, device), (1, 8, 8),
                                                 schedule, steps=size.data_steps, cfg_scale=size.teacher_cfg,
@@ -464,13 +600,13 @@ def train_student(mp, clip: ClassEmbeddingCLIP, size: Size, lora_path: str, *, d
         def data_factory(_teacher):
             return tr_data.LatentDataset(x_tr.to(device), cond=cond, pooled=pooled, uncond=bank.uncond_on(device))
     else:
-        raise ValueError(f"data must be 'teacher' or 'real', got {data!r}")
+        raise ValueError(f"data must be 'teacher', 'teacher_live' or 'real', got {data!r}")
     spec = tr_run.RunSpec(
         cfg=cfg, network=network, denoise=adapter.comfy_denoise, data=None, data_factory=data_factory,
-        schedule=schedule, lora_path=lora_path, device=device, feature_modules=adapter.feature_modules(network),
+        schedule=schedule, lora_path=lora_path, device=device, feature_modules=adapter.feature_modules(network, cfg.disc_features),
         target_modules=adapter.lora_targets(network), c_dim=bank.c_dim,
         base_info={"base_model": "digits UNet", "base_fingerprint": adapter.base_fingerprint(mp)},
-        run_info={"data": data}, keep_last=1)
+        run_info={"data": data}, keep_last=1, full_copy=adapter.trainable_copy)
     run = tr_run.ADDRun(spec)
     run.build()
     history: list[dict] = []
@@ -484,4 +620,10 @@ def train_student(mp, clip: ClassEmbeddingCLIP, size: Size, lora_path: str, *, d
             log(f"  step {stats['step']}/{cfg.max_steps} {shown} ({time.perf_counter() - t0:.0f} s)")
 
     run.train(hooks=tr_run.RunHooks(progress=progress, saved=on_save))
-    return {"seconds": time.perf_counter() - t0, "logs": history}
+    out: dict[str, Any] = {"seconds": time.perf_counter() - t0, "logs": history}
+    if run.export_report is not None:  # training_mode 'full': what the exported LoRA kept of the student
+        rep = run.export_report
+        out["export"] = {"rank": rep.rank, "relative_error": rep.overall, "mean_layer_error": rep.mean,
+                         "worst_layer": list(rep.worst)}
+        log(f"  exported the full fine-tune as a {rep.summary()}")
+    return out

@@ -668,14 +668,16 @@ def part_digits(ctx: Ctx) -> None:
     wanted = DIGIT_ROWS - ({"teacher 25"} if ctx.plan.dry else set())
     result = bench_digits.run(size, ctx.out_dir / "digits", rows_wanted=wanted, device=ctx.device, cache=False)
     rows = result["rows"]
+    fd = lambda r: bench_digits._mean(r, "fd")  # noqa: E731  (one seed: the value itself)
     t1 = rows[bench_digits.teacher_row(1, size.teacher_cfg)]
     add1, dist1 = rows["ADD 1 step"], rows["distillation only 1 step"]
-    ctx.row("digits/add_vs_teacher", value=add1["fd"], unit="FD", baseline=f"teacher 1 step, cfg {size.teacher_cfg:g}: "
-            f"FD {t1['fd']:.2f}", ratio=add1["fd"] / t1["fd"], note=f"ADD 1-step accuracy {add1['acc']:.1%}")
-    ctx.row("digits/distill_vs_add", value=dist1["fd"], unit="FD", baseline=f"ADD FD {add1['fd']:.2f}",
-            ratio=dist1["fd"] / add1["fd"])
+    ctx.row("digits/add_vs_teacher", value=fd(add1), unit="FD", baseline=f"teacher 1 step, cfg {size.teacher_cfg:g}: "
+            f"FD {fd(t1):.2f}", ratio=fd(add1) / fd(t1),
+            note=f"ADD 1-step accuracy {bench_digits._mean(add1, 'acc'):.1%}")
+    ctx.row("digits/distill_vs_add", value=fd(dist1), unit="FD", baseline=f"ADD FD {fd(add1):.2f}",
+            ratio=fd(dist1) / fd(add1))
     t25 = next((v for k, v in rows.items() if k.startswith("teacher 25")), None)
-    target = f"; teacher 25 steps: FD {t25['fd']:.2f}, accuracy {t25['acc']:.1%}" if t25 else ""
+    target = f"; teacher 25 steps: FD {fd(t25):.2f}, accuracy {bench_digits._mean(t25, 'acc'):.1%}" if t25 else ""
     ctx.row("digits/time", value=result["seconds"], unit="s",
             note=f"teacher + classifier {result['teacher_s']:.0f} s; ADD training {add1['train_s']:.0f} s "
                  f"({size.add_steps} steps, batch {size.add_batch}); classifier {result['test_acc']:.1%} on the "

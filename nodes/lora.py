@@ -29,7 +29,7 @@ import comfy.utils
 import folder_paths
 
 from ..core import lora_keys
-from ..training import files
+from ..training import files, lora_extract
 from . import saving
 
 log = logging.getLogger(__name__)
@@ -572,54 +572,17 @@ def check_same_architecture(turbo, base, prefix="diffusion_model.") -> None:
 
 @torch.no_grad()
 def extract_lora_sd(turbo, base, rank: int, prefix="diffusion_model.", dtype=torch.float16):
-    """(LoRA state dict in ComfyUI-native names, per-layer relative errors, totals).
+    """(LoRA state dict in ComfyUI-native names, per-layer relative errors, overall error).
 
-    ΔW = W_turbo − W_base per weight; 2-D/4-D ΔW -> rank-r truncated SVD (Eckart–Young optimal),
-    up = U_r·S_r, down = V_rᵀ; 1-D ΔW (biases, norms) stored exactly as ``.diff`` / ``.diff_b``.
-    Errors are measured on the stored (rounded) factors: ‖ΔW − up·down‖_F / ‖ΔW‖_F.
+    dW = W_turbo - W_base per weight, made low-rank by ``training.lora_extract`` (per-layer truncated
+    SVD; 1-D dW stored exactly); weights are read one layer at a time with the patches applied.
     """
     check_same_architecture(turbo, base, prefix)
     base_w = dict(_effective_weights(base, prefix))
-    out, errs = {}, {}
-    num = den = 0.0
     pbar = comfy.utils.ProgressBar(max(1, len(base_w)))  # one tick per weight; Cancel stops here
-    for key, wt in _effective_weights(turbo, prefix):
-        pbar.update(1)
-        wb = base_w.pop(key)
-        d = wt - wb
-        dn = float(d.norm())
-        if dn == 0.0:
-            continue
-        mod = key[: key.rfind(".")]
-        leaf = key[key.rfind(".") + 1:]
-        if d.ndim < 2:
-            out[f"{mod}.diff" if leaf == "weight" else f"{mod}.diff_b"] = d.to(dtype)
-            num += float((d - d.to(dtype).float()).norm()) ** 2
-            den += dn ** 2
-            continue
-        if leaf != "weight":
-            continue
-        mat = d.flatten(1)
-        r = min(rank, *mat.shape)
-        if 3 * r < min(mat.shape):  # randomized SVD (Halko et al. 2011): much faster, error still measured below
-            with torch.random.fork_rng(devices=[]):  # deterministic, global RNG left as it was
-                torch.manual_seed(0)
-                U, S, V = torch.svd_lowrank(mat, q=min(r + 16, min(mat.shape)), niter=4)
-            Vh = V.T
-        else:
-            U, S, Vh = torch.linalg.svd(mat, full_matrices=False)
-        up = (U[:, :r] * S[:r]).to(dtype)
-        down = Vh[:r].to(dtype)
-        e = float((mat - up.float() @ down.float()).norm())
-        errs[key] = e / dn
-        num += e ** 2
-        den += dn ** 2
-        shape_up = (d.shape[0], r) + (1,) * (d.ndim - 2)
-        out[f"{mod}.lora_up.weight"] = up.reshape(shape_up).contiguous()
-        out[f"{mod}.lora_down.weight"] = down.reshape((r,) + tuple(d.shape[1:])).contiguous()
-        out[f"{mod}.alpha"] = torch.tensor(float(r))
-    overall = (num / den) ** 0.5 if den > 0 else 0.0
-    return out, errs, overall
+    pairs = ((key, wt, base_w.pop(key)) for key, wt in _effective_weights(turbo, prefix))
+    sd, report = lora_extract.extract_lora(pairs, rank, dtype, tick=lambda: pbar.update(1))
+    return sd, report.errors, report.overall
 
 
 class ADDExtractLoRA:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import threading
 import weakref
 from collections import OrderedDict
@@ -38,6 +37,7 @@ import latent_preview
 
 from ..core import stream as core
 from ..training import files
+from ..training import image_folder as image_files
 from . import sampling as add_nodes
 
 CATEGORY = "ADD/stream"
@@ -402,58 +402,44 @@ class ADDStreamBatch:
 # ------------------------------------------------------------------------------------------
 # frames from a folder
 # ------------------------------------------------------------------------------------------
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# Example clips shipped with the plugin (input/<name>/ in the repository), placed into ComfyUI's input
+# folder the first time a workflow reads that folder and it is missing there (never overwriting).
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "input")
+EXAMPLE_FOLDERS = ("add_stream_frames",)
 
 
-def _natural_key(name: str):
-    """frame_2 before frame_10."""
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+def frame_files(folder: str, start: int = 0, every_nth: int = 1, max_frames: int = 0,
+                place_examples: bool = False) -> tuple[str, list[str]]:
+    """(folder path, selected image names in natural order) of a folder in ComfyUI's input dir.
 
-
-def frame_files(folder: str, start: int = 0, every_nth: int = 1, max_frames: int = 0) -> tuple[str, list[str]]:
-    """(absolute folder, selected image names in natural order) of a folder in ComfyUI's input dir."""
-    base = os.path.realpath(folder_paths.get_input_directory())
-    text = files.check_name(folder, "folder", ext="", subfolders=True, example="my_frames")
-    root = os.path.realpath(os.path.join(base, *text.split("/")))
-    if os.path.commonpath([base, root]) != base:
-        raise files.ADDError(f"folder {folder!r} resolves outside ComfyUI's input folder ({base}); choose a folder inside it.")
-    if not os.path.isdir(root):
-        have = sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d)) and not d.startswith("."))[:12]
-        raise files.ADDError(f"folder {folder!r} does not exist in ComfyUI's input folder ({base}). Put the frames in "
-                             f"{os.path.join(base, text)}, or type one of: {', '.join(have) or '(no sub-folders yet)'}.")
-    names = sorted((n for n in os.listdir(root) if n.lower().endswith(IMAGE_EXTS) and not n.startswith(".")
-                    and os.path.isfile(os.path.join(root, n))), key=_natural_key)
+    ``place_examples``: first copy a shipped example clip into place if ``folder`` names one and
+    the input folder has nothing of that name.
+    """
+    base = folder_paths.get_input_directory()
+    name = str(folder).strip()
+    if place_examples and name in EXAMPLE_FOLDERS:
+        image_files.place_example(os.path.join(EXAMPLES, name), os.path.join(base, name))
+    root = image_files.input_subfolder(base, folder, "folder", "Put the frames there, or type one of the folders "
+                                       "below.")
+    names = image_files.list_images(root, f"folder {name!r}")
     if not names:
-        raise files.ADDError(f"folder {folder!r} ({root}) holds no image files ({', '.join(IMAGE_EXTS)}): put the frames "
-                             "there, named so that they sort in order (frame_0001.png, frame_0002.png, ...).")
+        raise files.ADDError(f"folder {name!r} ({root}) holds no image files ({', '.join(image_files.IMAGE_EXTS)}): put the "
+                             "frames there, named so that they sort in order (frame_0001.png, frame_0002.png, ...).")
     chosen = names[int(start)::int(every_nth)]
     if max_frames:
         chosen = chosen[:int(max_frames)]
     if not chosen:
-        raise files.ADDError(f"start={start} is past the last of the {len(names)} frames in {folder!r}: lower start.")
+        raise files.ADDError(f"start={start} is past the last of the {len(names)} frames in {name!r}: lower start.")
     return root, chosen
 
 
-def load_frames(root: str, names: list[str], width: int = 0, height: int = 0, label: str = "folder") -> torch.Tensor:
-    """The images as an IMAGE batch (F, H, W, 3) in [0, 1]; resized (cover + centre crop) when width/height > 0."""
-    import numpy as np
-    from PIL import Image, ImageOps
-
-    out, size = [], None
-    for name in names:
-        try:
-            with Image.open(os.path.join(root, name)) as im:
-                img = ImageOps.exif_transpose(im).convert("RGB")
-        except (OSError, ValueError) as e:
-            raise files.ADDError(f"{label}/{name} cannot be read as an image ({e}): replace or remove that file.") from None
-        if width and height:
-            img = ImageOps.fit(img, (int(width), int(height)), method=Image.Resampling.LANCZOS)
-        elif size is not None and img.size != size:
-            raise files.ADDError(f"{label}/{name} is {img.size[0]}x{img.size[1]} but {names[0]} is {size[0]}x{size[1]}: "
-                                 "frames of a batch must share one size. Set width and height to resize them all.")
-        size = img.size
-        out.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0))
-    return torch.stack(out)
+def load_frames(root: str, names: list[str], width: int = 0, height: int = 0, label: str = "folder",
+                available: Optional[int] = None) -> torch.Tensor:
+    """The images as an IMAGE batch (F, H, W, 3) in [0, 1]; resized (cover + centre crop) when width/height > 0.
+    ``available``: bytes free; a batch estimated larger is refused before any frame is decoded."""
+    size = (int(width), int(height)) if width and height else None
+    return image_files.load_images(root, names, label, size, available,
+                                   "Lower width/height or max_frames, or raise every_nth.")
 
 
 class ADDLoadFrames:
@@ -469,12 +455,17 @@ class ADDLoadFrames:
     def INPUT_TYPES(cls):
         return {"required": {
             "folder": ("STRING", {"default": "add_stream_frames", "tooltip":
-                "A folder inside ComfyUI's input folder holding the frames (png/jpg/webp...), sub-folders with '/'."}),
+                "A folder inside ComfyUI's input folder holding the frames (png/jpg/webp/bmp/tif), sub-folders with "
+                "'/'; symbolic links in it are followed. add_stream_frames is a short example clip that comes with the "
+                "plugin: it is copied there on first use if that folder does not exist (an existing one is never "
+                "touched)."}),
             "start": ("INT", {"default": 0, "min": 0, "max": 1_000_000, "tooltip": "Index of the first frame to load."}),
             "every_nth": ("INT", {"default": 1, "min": 1, "max": 1000, "tooltip": "Load every n-th frame (1 = all)."}),
             "max_frames": ("INT", {"default": 0, "min": 0, "max": 100_000, "tooltip": "At most this many frames (0 = all)."}),
             "width": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8, "tooltip":
-                "Resize (cover and centre-crop) every frame to width x height; 0 keeps the size (all frames must match)."}),
+                "Resize (cover and centre-crop) every frame to width x height; 0 keeps the size (all frames must match). "
+                "The batch takes frames x width x height x 12 bytes of memory; a batch larger than the free memory is "
+                "refused before loading."}),
             "height": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8, "tooltip":
                 "See width; both must be set to resize."}),
         }}
@@ -494,8 +485,9 @@ class ADDLoadFrames:
     def load(self, folder, start, every_nth, max_frames, width, height):
         if bool(width) != bool(height):
             raise files.ADDError(f"width={width}, height={height}: set both to resize the frames, or both to 0 to keep their size.")
-        root, names = frame_files(folder, start, every_nth, max_frames)
-        frames = load_frames(root, names, width, height, label=str(folder))
+        root, names = frame_files(folder, start, every_nth, max_frames, place_examples=True)
+        free = int(mm.get_free_memory(torch.device("cpu")))  # system memory, as ComfyUI's model management sees it
+        frames = load_frames(root, names, width, height, label=f"folder {str(folder).strip()!r}", available=free)
         return (frames, int(frames.shape[0]))
 
 

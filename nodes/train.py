@@ -22,9 +22,11 @@ import comfy.utils
 import folder_paths
 import latent_preview
 
-from ..training.config import ADDConfig, DISC_NORMS, DISCRIMINATOR_TYPES, LR_SCHEDULES
+from ..training.config import ADDConfig, DISC_NORMS, DISCRIMINATOR_TYPES, LR_SCHEDULES, TRAINING_MODES
 from ..training.data import SyntheticTeacherData, LatentDataset
+from ..training.presets import PRESET_NAMES, apply_preset, preset_fields
 from ..training import files
+from ..training import image_folder as image_files
 from ..training.run import STATE_SUFFIX, ADDRun, ResumeConflict, RunHooks, RunSpec, check_start, state_dir_for
 from ..training.schedule import DiscreteSchedule
 from . import train_adapter as adapter
@@ -41,7 +43,6 @@ _DEFAULT_PROMPTS = ("a photograph of a red fox in a snowy forest, golden hour\n"
                     "a watercolor painting of a lighthouse on a cliff\n"
                     "portrait of an old sailor with a grey beard, dramatic light\n"
                     "a futuristic city skyline at night, neon reflections")
-_IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,42 +73,20 @@ def check_name(name: str, what: str = "name") -> str:
                             folder=folder_paths.get_folder_paths("loras")[0], example="my_turbo_lora")
 
 
-def _input_subfolder(folder: str) -> str:
-    root = os.path.realpath(folder_paths.get_input_directory())
-    rel = str(folder).strip()
-    if os.path.isabs(rel) or ".." in rel.replace("\\", "/").split("/") or ":" in rel:
-        raise files.ADDError(f"image_folder {rel!r} must be a folder inside ComfyUI's input/ folder, given relative to it "
-                         "(e.g. my_dataset), with no '..' or absolute path.")
-    path = os.path.realpath(os.path.join(root, rel))
-    if os.path.commonpath([root, path]) != root or not os.path.isdir(path):
-        raise files.ADDError(f"image_folder {rel!r}: there is no such folder in {root}. Put your images (with same-name .txt "
-                         "captions) in a folder there and type its name.")
-    return path
-
-
 def load_image_folder(folder: str, width: int, height: int) -> tuple[torch.Tensor, list[str]]:
     """Images of ``input/<folder>`` resized and centre-cropped to width x height -> (N, H, W, 3), captions."""
-    return read_image_folder(_input_subfolder(folder), width, height, label=f"image_folder {folder!r}")
+    base = folder_paths.get_input_directory()
+    label = f"image_folder {str(folder).strip()!r}"
+    path = image_files.input_subfolder(base, folder, "image_folder", "Put your images (with same-name .txt captions) "
+                                        "in a folder there and type its name.")
+    return image_files.read_captioned_folder(path, width, height, label,
+                                             available=adapter.free_memory_bytes(torch.device("cpu")))
 
 
 def read_image_folder(path: str, width: int, height: int, label: str) -> tuple[torch.Tensor, list[str]]:
-    """Images of folder ``path`` (see load_image_folder); ``label`` names the input in errors."""
-    from PIL import Image, ImageOps
-
-    names = sorted(f for f in os.listdir(path) if f.lower().endswith(_IMAGE_EXTS))
-    if not names:
-        raise files.ADDError(f"{label} holds no images ({', '.join(_IMAGE_EXTS)}); add some or clear the input.")
-    images, captions = [], []
-    for f in names:
-        try:
-            with Image.open(os.path.join(path, f)) as im:
-                im = ImageOps.fit(ImageOps.exif_transpose(im).convert("RGB"), (width, height), Image.LANCZOS)
-                images.append(torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(height, width, 3))
-        except OSError as exc:
-            raise files.ADDError(f"{label}: {f} cannot be read as an image ({exc}); remove or replace it.") from exc
-        cap = os.path.join(path, os.path.splitext(f)[0] + ".txt")
-        captions.append(open(cap, encoding="utf-8").read().strip() if os.path.isfile(cap) else "")
-    return torch.stack(images).float() / 255.0, captions
+    """Images of folder ``path`` anywhere (the headless trainer's image_folder); ``label`` names the input."""
+    return image_files.read_captioned_folder(path, width, height, label,
+                                             available=adapter.free_memory_bytes(torch.device("cpu")))
 
 
 def _fit_images(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
@@ -123,9 +102,12 @@ def _dinov2_path(name: str) -> str:
         raise files.ADDError("discriminator is 'dinov2' but dinov2_file is empty: put DINOv2 ViT-S/14 weights "
                          "(model.safetensors of facebook/dinov2-small) under ComfyUI's models/ folder and type its "
                          "path relative to models/, e.g. dinov2/dinov2_vits14.safetensors; or use discriminator 'teacher'.")
-    root = os.path.realpath(folder_paths.models_dir)
-    path = os.path.realpath(os.path.join(root, rel))
-    if os.path.isabs(rel) or os.path.commonpath([root, path]) != root:
+    root = os.path.abspath(folder_paths.models_dir)
+    if "\0" in rel or any(ord(ch) < 32 for ch in rel):
+        raise files.ADDError(f"dinov2_file {rel!r} contains a NUL or control character: type the file's path relative to "
+                             f"{root}, e.g. dinov2/dinov2_vits14.safetensors.")
+    path = os.path.normpath(os.path.join(root, rel.replace("\\", "/")))
+    if not image_files.inside(root, path) or path == root:
         raise files.ADDError(f"dinov2_file {rel!r} must be a path relative to {root} without '..'.")
     if not os.path.isfile(path):
         raise files.ADDError(f"dinov2_file {rel!r}: no such file in {root}. Put the DINOv2 ViT-S/14 .safetensors file there, "
@@ -244,8 +226,9 @@ class ADDTrain:
                                 "decodes the previews (otherwise a cheap latent approximation is shown).")),
             "images": ("IMAGE", _tip("Train on these images (encoded with the VAE) instead of teacher-generated ones; "
                                      "captions are taken from the prompt lines in order (cycled).")),
-            "image_folder": ("STRING", _tip("A folder inside ComfyUI's input/ with images and same-name .txt captions "
-                                            "(e.g. my_dataset). Empty = not used.", default="")),
+            "image_folder": ("STRING", _tip("A folder inside ComfyUI's input/ with images (png/jpg/webp/bmp/tif, "
+                                            "natural order) and same-name UTF-8 .txt captions (e.g. my_dataset); "
+                                            "symbolic links in input/ are followed. Empty = not used.", default="")),
             "dinov2_file": ("STRING", _tip("For discriminator dinov2: DINOv2 ViT-S/14 .safetensors, path relative to "
                                            "ComfyUI's models/ folder.", default="")),
             # Added after the others: saved workflows restore widget values by position.
@@ -261,6 +244,22 @@ class ADDTrain:
             "lr_schedule": (list(LR_SCHEDULES), _tip("Learning rate after the warm-up, for student and discriminator: "
                                                      "constant, or cosine (decays to 0 at max_steps; raising max_steps "
                                                      "on resume stretches the curve).")),
+            "training_mode": (list(TRAINING_MODES), _tip("lora: train low-rank adapters on the shared weights (one "
+                                                         "consumer GPU; lr_lora). full: fine-tune every weight of a "
+                                                         "copy, as the ADD paper does (lr_full; about 16 bytes per "
+                                                         "weight more memory: copy, gradient, optimiser). Either way "
+                                                         "the result is a LoRA file: a full run is exported as a LoRA "
+                                                         "of rank lora_rank extracted from student - teacher, with its "
+                                                         "reconstruction error in the status and the file.")),
+            "lr_full": ("FLOAT", _tip("Student learning rate when training_mode is full (AdamW; the whole network, "
+                                      "so far smaller than lr_lora).", default=1e-6, min=1e-9, max=1e-1, step=1e-7,
+                                      round=False)),
+            "preset": (list(PRESET_NAMES), _tip("A named set of settings that replaces the inputs it names: none (the "
+                                                "inputs as set), paper (the ADD paper's starting values for SD-class "
+                                                "models), small_data (what the plugin's digits proof found for small "
+                                                "models and little data: learning rates 1e-3, discriminator at low "
+                                                "noise and on the input convolution too, per-sample head norm, cosine "
+                                                "decay, EMA of the student). The node's text lists what it set.")),
         }}
 
     @classmethod
@@ -270,12 +269,15 @@ class ADDTrain:
     def start(self, model, clip, name, prompts, max_steps, batch_size, width, height, student_timesteps, lora_rank,
               lora_alpha, lr_lora, lr_disc, distill_weight, discriminator, data_cfg, data_steps, distill_cfg,
               save_every, preview_every, training_seed, gradient_checkpointing, run_mode, vae=None, images=None,
-              image_folder="", dinov2_file="", disc_max_timestep=999, disc_norm="batch_local", lr_schedule="constant"):
+              image_folder="", dinov2_file="", disc_max_timestep=999, disc_norm="batch_local", lr_schedule="constant",
+              training_mode="lora", lr_full=1e-6, preset="none"):
         args = locals_without_self(locals())
         args["seed"] = args.pop("training_seed")
         job = start_training(**args)
         line = f"ADD training '{job.name}': job {job.id}, {job.state}" + (f" (resuming at step {job.start_step})"
                                                                           if job.start_step else "")
+        if preset != "none":
+            line += f"\npreset {preset}: " + ", ".join(f"{k} = {v}" for k, v in preset_fields(preset).items())
         return {"ui": {"text": [line]}, "result": (job.id, os.path.basename(job.lora_path))}
 
 
@@ -297,7 +299,7 @@ def start_training(model, clip, name, prompts, max_steps, batch_size, width, hei
                    lora_alpha, lr_lora, lr_disc, distill_weight, discriminator, data_cfg, data_steps, distill_cfg,
                    save_every, preview_every, seed, gradient_checkpointing, run_mode, vae=None, images=None,
                    image_folder="", dinov2_file="", disc_max_timestep=999, disc_norm="batch_local",
-                   lr_schedule="constant") -> Job:
+                   lr_schedule="constant", training_mode="lora", lr_full=1e-6, preset="none") -> Job:
     """Validate, build the run's inputs on this (prompt) thread, start the job; returns it at once."""
     # ---- validate everything before anything is built --------------------------------
     name = check_name(name)
@@ -324,8 +326,10 @@ def start_training(model, clip, name, prompts, max_steps, batch_size, width, hei
     folder_images, folder_captions = (None, [])
     if str(image_folder).strip():
         folder_images, folder_captions = load_image_folder(image_folder, int(width), int(height))
-    if images is not None and int(images.shape[0]) == 0:
-        images = None
+    if images is not None and int(images.shape[0]) == 0:  # an empty batch is a mistake upstream, not "no images"
+        raise files.ADDError(f"images is an empty batch (shape {tuple(images.shape)}): the node connected to 'images' "
+                             "produced no image. Fix that node (e.g. its folder, index or length), or disconnect "
+                             "'images' to train on images the teacher generates from the prompts.")
     if not prompt_list and images is None and folder_images is None:
         raise files.ADDError("prompts is empty and no images are connected: type at least one prompt per line (the teacher "
                          "then generates the training images), or connect images / set image_folder.")
@@ -334,14 +338,17 @@ def start_training(model, clip, name, prompts, max_steps, batch_size, width, hei
     dino_path = _dinov2_path(dinov2_file) if discriminator == "dinov2" else None
     if dino_path is not None and vae is None:
         raise files.ADDError("discriminator 'dinov2' judges decoded images: connect the checkpoint's VAE to 'vae'.")
+    if preset not in PRESET_NAMES:
+        raise files.ADDError(f"preset {preset!r}: choose one of {PRESET_NAMES}.")
+    fields = dict(student_timesteps=timesteps, lora_rank=int(lora_rank), lora_alpha=float(lora_alpha),
+                  lr_lora=float(lr_lora), lr_disc=float(lr_disc), distill_weight=float(distill_weight),
+                  discriminator=discriminator, teacher_cfg_scale=float(distill_cfg), batch_size=int(batch_size),
+                  seed=int(seed), max_steps=int(max_steps), save_every=int(save_every),
+                  preview_every=int(preview_every), disc_timestep_range=(0, disc_hi), disc_norm=str(disc_norm),
+                  lr_schedule=str(lr_schedule), training_mode=str(training_mode), lr_full=float(lr_full))
+    fields, _ = apply_preset(preset, fields, t_max=t_max)
     try:
-        cfg = config_for_model(t_max, student_timesteps=timesteps, lora_rank=int(lora_rank),
-                               lora_alpha=float(lora_alpha), lr_lora=float(lr_lora), lr_disc=float(lr_disc),
-                               distill_weight=float(distill_weight), discriminator=discriminator,
-                               teacher_cfg_scale=float(distill_cfg), batch_size=int(batch_size), seed=int(seed),
-                               max_steps=int(max_steps), save_every=int(save_every),
-                               preview_every=int(preview_every), disc_timestep_range=(0, disc_hi),
-                               disc_norm=str(disc_norm), lr_schedule=str(lr_schedule))
+        cfg = config_for_model(t_max, **fields)
     except ValueError as exc:  # name the widget: ADDConfig's field names are the inputs' names
         raise files.ADDError(f"ADD Train: {exc}") from exc
     lora_dir = folder_paths.get_folder_paths("loras")[0]
@@ -361,15 +368,19 @@ def start_training(model, clip, name, prompts, max_steps, batch_size, width, hei
     # ---- memory check ------------------------------------------------------------------
     device = mm.get_torch_device()
     lat_hw = (int(height) // 8, int(width) // 8)
-    need = adapter.estimate_memory(model.model, cfg.batch_size, lat_hw, cfg.lora_rank, bool(gradient_checkpointing))
+    need = adapter.estimate_memory(model.model, cfg.batch_size, lat_hw, cfg.lora_rank, bool(gradient_checkpointing),
+                                   cfg.training_mode, cfg.ema_decay is not None)
     # Free device memory plus what the input model occupies there (ComfyUI can offload it).
     free = adapter.free_memory_bytes(device) + (model.loaded_size() if device.type != "cpu" else 0)
     if need["total"] > free:
         gb = lambda b: f"{b / 2**30:.1f} GB"  # noqa: E731
         raise files.ADDError(
-            f"ADD Train needs about {gb(need['total'])} on {device} (weights copy {gb(need['weights'])}, adapters and "
-            f"optimiser {gb(need['adapters'])}, activations {gb(need['activations'])}) but about {gb(free)} is free. "
-            "Lower batch_size or width/height, turn on gradient_checkpointing, or close other work and queue again.")
+            f"ADD Train needs about {gb(need['total'])} on {device} (weights copy {gb(need['weights'])}, "
+            + ("full fp32 student copy" if cfg.training_mode == "full" else "adapters")
+            + f" and optimiser {gb(need['trainable'])}, activations {gb(need['activations'])}) but about {gb(free)} is "
+            "free. Lower batch_size or width/height, turn on gradient_checkpointing"
+            + (", use training_mode lora" if cfg.training_mode == "full" else "")
+            + ", or close other work and queue again.")
 
     # ---- build the run's inputs (prompt thread: ComfyUI's models are not in use elsewhere) --
     spec, decode_preview = build_run_spec(
@@ -441,10 +452,10 @@ def build_run_spec(model, clip, vae, cfg: ADDConfig, lora_path: str, *, family: 
     spec = RunSpec(
         cfg=cfg, network=network, denoise=adapter.comfy_denoise, data=None, data_factory=data_factory,
         schedule=schedule, lora_path=lora_path, device=device,
-        feature_modules=adapter.feature_modules(network) if feature_fn is None else None, feature_fn=feature_fn,
+        feature_modules=adapter.feature_modules(network, cfg.disc_features) if feature_fn is None else None, feature_fn=feature_fn,
         target_modules=adapter.lora_targets(network),
         checkpoint_modules=adapter.checkpoint_modules(network) if gradient_checkpointing else (),
-        c_dim=bank.c_dim, lora_prefix="",
+        c_dim=bank.c_dim, lora_prefix="", full_copy=adapter.trainable_copy,
         base_info={"base_model": f"{family} ({type(model.model.model_config).__name__})",
                    "base_fingerprint": fingerprint},
         run_info={"width": int(width), "height": int(height), **data_summary},
@@ -477,6 +488,11 @@ def _dinov2_features(path, vae, network, device):
     return DinoV2Features(dino, decode)
 
 
+def _export_line(step, report) -> str:
+    """training_mode 'full': the status line of the last LoRA export (rank and reconstruction error)."""
+    return f"step {step}: exported the full fine-tune as a {report.summary()}"
+
+
 def _job_body(job: Job, spec: RunSpec, decode_preview) -> None:
     """Runs on the job's thread: build (resume), train with events, finish."""
     run = ADDRun(spec)
@@ -496,6 +512,8 @@ def _job_body(job: Job, spec: RunSpec, decode_preview) -> None:
 
     def saved(step: int, _path: str) -> None:
         job.last_checkpoint_step = step
+        if run.export_report is not None:  # full mode: what the LoRA export kept
+            job.message = _export_line(step, run.export_report)
         REGISTRY.emit(job, force=True)
 
     hooks = RunHooks(progress=progress, preview=preview if spec.preview_shape else None, saved=saved,
@@ -503,10 +521,13 @@ def _job_body(job: Job, spec: RunSpec, decode_preview) -> None:
     result = run.train(job.stop_event, hooks)
     job.step = result.step
     job.eta_s = 0.0 if not result.stopped else None
+    # (job.message may have been replaced by a polite pause since the last save)
+    export = f"; {_export_line(run.trainer.saved_step, run.export_report)}" if run.export_report is not None else ""
     if result.stopped:
-        job.state, job.message = "cancelled", f"cancelled at step {result.step}; saved; queue the same name to resume"
+        job.state, job.message = "cancelled", (f"cancelled at step {result.step}; saved; queue the same name to resume"
+                                               + export)
     else:
-        job.state, job.message = "done", f"done: {os.path.basename(spec.lora_path)} trained for {result.step} steps"
+        job.state, job.message = "done", f"done: {os.path.basename(spec.lora_path)} trained for {result.step} steps{export}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -636,6 +657,8 @@ class ADDCompare:
         prompt_list = parse_prompts(prompts)
         if not prompt_list:
             raise files.ADDError("prompts is empty: type at least one prompt (one per line).")
+        if not (math.isfinite(float(teacher_cfg)) and 1.0 <= float(teacher_cfg) <= 30.0):  # NaN passes min/max
+            raise files.ADDError(f"teacher_cfg is {teacher_cfg!r}: type a number from 1 to 30 (7 is typical).")
         name = check_name(lora_name, "lora_name") + ".safetensors"
         for label, v in (("width", width), ("height", height)):
             if int(v) % 8 or int(v) < 64:

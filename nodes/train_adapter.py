@@ -9,6 +9,7 @@ the headless trainer and the digits proof all build their runs through it:
   fused in), made outside inference mode so autograd may save them; foreground prompts patch
   ComfyUI's shared module in place and its weights are inference tensors, so training never
   touches it;
+- :func:`trainable_copy` — the fp32 student of a full fine-tune (``training_mode='full'``);
 - :func:`comfy_denoise` — ``(network, x_ve, sigma, cond) -> x0`` through the model's own
   ``apply_model`` (its ``model_sampling`` handles eps / v-prediction and the sigma conventions);
 - :func:`feature_modules`, :func:`lora_targets`, :func:`checkpoint_modules` — module names of a
@@ -116,6 +117,27 @@ def frozen_copy(model, device: torch.device) -> torch.nn.Module:
     return copy
 
 
+def trainable_copy(network: torch.nn.Module) -> torch.nn.Module:
+    """``training_mode='full'``: the student's own copy of the job's frozen network, fp32 master weights.
+
+    The frozen network holds the weights in the dtype the model computes in (fp16/bf16 on most
+    GPUs); AdamW updates of ~lr = 1e-6 vanish when added to half-precision weights, so the trained
+    copy is fp32 and runs in fp32 (``apply_model`` casts its inputs to the dtype the BaseModel
+    reports: the diffusion model's ``dtype`` and ``manual_cast_dtype``, set here). Memory: see
+    :func:`estimate_memory`.
+    """
+    import copy as copy_mod
+
+    with torch.inference_mode(False):
+        student = copy_mod.deepcopy(network)
+        if any(p.is_floating_point() and p.dtype != torch.float32 for p in student.parameters()):
+            student.float()
+            _unet(student).dtype = torch.float32
+            if hasattr(student, "manual_cast_dtype"):
+                student.manual_cast_dtype = None
+    return student
+
+
 def base_fingerprint(model) -> str:
     """Identifies the base weights (the same sampled hash the merge/extract nodes record)."""
     return lora_nodes._fingerprint(model)
@@ -145,22 +167,37 @@ def _unet(network):
     return network.diffusion_model
 
 
-def feature_modules(network) -> list[str]:
-    """LADD discriminator features: the output of the last input block of every resolution level
-    and of the middle block (the teacher's encoder), as names under ``network``.
+def feature_modules(network, which: str = "encoder") -> list[str]:
+    """LADD discriminator features as names under ``network``: ``which`` = 'encoder' (the output of
+    the last input block of every resolution level and of the middle block: the teacher's encoder),
+    'input+encoder' (also the input convolution, whose output is a linear map of the latent, so the
+    heads can see pixel-level noise), 'all' (input + encoder + middle + the last output block of
+    every decoder level).
 
     ComfyUI's UNet runs a block by iterating its layers (``forward_timestep_embed``), never by
-    calling the block, so the hooks go on each block's LAST layer."""
+    calling the block, so the hooks go on each block's LAST layer. A UNet without a middle block
+    (BK-SDM-style) simply has no middle feature."""
     unet = _unet(network)
     blocks = list(unet.input_blocks)
-    names = []
+    names = [f"diffusion_model.input_blocks.0.{len(blocks[0]) - 1}"] if which in ("input+encoder", "all") else []
     for i in range(1, len(blocks)):
         nxt = blocks[i + 1] if i + 1 < len(blocks) else None
         ends_level = nxt is None or any(type(m).__name__ == "Downsample" for m in nxt)
         if ends_level and not any(type(m).__name__ == "Downsample" for m in blocks[i]):
             names.append(f"diffusion_model.input_blocks.{i}.{len(blocks[i]) - 1}")
-    if len(unet.middle_block) > 0:
-        names.append(f"diffusion_model.middle_block.{len(unet.middle_block) - 1}")
+    middle = getattr(unet, "middle_block", None)
+    if middle is not None and len(middle) > 0:
+        names.append(f"diffusion_model.middle_block.{len(middle) - 1}")
+    if which == "all":
+        out = list(unet.output_blocks)
+        for i, block in enumerate(out):
+            # a decoder level ends at a block that upsamples, or at the last block
+            if i == len(out) - 1 or any(type(m).__name__ == "Upsample" for m in block):
+                last = next((j for j in range(len(block) - 1, -1, -1) if type(block[j]).__name__ != "Upsample"), 0)
+                names.append(f"diffusion_model.output_blocks.{i}.{last}")
+    if not names:
+        raise ValueError("This UNet has no encoder level the discriminator can read: it cannot be trained with "
+                         "discriminator 'teacher'.")
     return names
 
 
@@ -273,21 +310,29 @@ _CKPT_SAVING = 4
 
 
 def estimate_memory(network, batch_size: int, latent_hw: tuple[int, int], rank: int,
-                    gradient_checkpointing: bool) -> dict[str, int]:
-    """Rough bytes a run needs on its device: {'weights', 'adapters', 'activations', 'total'}."""
+                    gradient_checkpointing: bool, training_mode: str = "lora", ema: bool = False) -> dict[str, int]:
+    """Rough bytes a run needs on its device: {'weights', 'trainable', 'activations', 'total'}.
+
+    'weights': the job's frozen copy of the base (the teacher). 'trainable': what is trained, in
+    fp32 with its gradient and two AdamW moments (and the EMA's copy when ``ema``): the LoRA
+    adapters, or for ``training_mode='full'`` a whole copy of the weights (see :func:`trainable_copy`).
+    """
     params = list(network.parameters())
     weights = sum(p.numel() * p.element_size() for p in params)
     elt = params[0].element_size() if params else 4
     unet = _unet(network)
     mc = int(getattr(unet, "model_channels", 320))
-    n_lin = sum(m.weight.shape[0] + m.weight[0].numel() for m in unet.modules()
-                if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and m.weight is not None)
-    adapters = n_lin * rank * 4 * 4  # fp32 param, grad, two AdamW moments
+    if training_mode == "full":
+        n_trained = sum(p.numel() for p in params)
+    else:
+        n_trained = rank * sum(m.weight.shape[0] + m.weight[0].numel() for m in unet.modules()
+                               if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and m.weight is not None)
+    trainable = n_trained * 4 * (4 + int(bool(ema)))  # fp32 param, grad, two AdamW moments (+ EMA)
     h, w = latent_hw
     act = 2 * batch_size * _ACT_FACTOR * mc * h * w * elt
     if gradient_checkpointing:
         act //= _CKPT_SAVING
-    return {"weights": weights, "adapters": adapters, "activations": act, "total": weights + adapters + act}
+    return {"weights": weights, "trainable": trainable, "activations": act, "total": weights + trainable + act}
 
 
 def free_memory_bytes(device: torch.device) -> int:

@@ -64,8 +64,11 @@ def frame_folders(workflow_dir: Path = WORKFLOWS, extra: tuple[Path, ...] = ()) 
     return out
 
 
-def example_frames(folder: Path, count: int = 8, size: int = 512) -> None:
-    """A short generated clip (a disc moving over a gradient), frame_0001.png ..., written atomically."""
+def example_frames(folder: Path, count: int = 8, size: int = 256) -> None:
+    """A short generated clip (a disc moving over a gradient), frame_0001.png ..., written atomically.
+
+    The plugin's shipped example clip input/add_stream_frames/ was made with the defaults; ADD Load
+    Frames puts it into ComfyUI's input folder on first use (nodes/stream.py)."""
     import numpy as np
     from PIL import Image
 
@@ -98,14 +101,11 @@ def prepare(real_models: list[Path], placeholder_root: Path, input_dir: Path, wo
 
     ``real_models``: model roots to look in first (each with checkpoints/, loras/, ...).
     ``placeholder_root``: where the links go (one sub-folder per model folder).
-    ``input_dir``: ComfyUI's input folder (example images are generated there if missing).
+    ``input_dir``: ComfyUI's input folder (example images are generated there if missing; the
+    frame folders of ADD Load Frames are not: the node places the plugin's shipped example clip).
     """
     tiny = None
     stood_in = []
-    for folder in frame_folders(workflow_dir, extra):
-        dst = Path(input_dir) / folder
-        if not (dst.is_dir() and any(p.suffix.lower() in IMAGE_EXT for p in dst.iterdir())):
-            example_frames(dst)
     for name, (folder, tiny_name) in needed_files(workflow_dir, extra).items():
         if folder == "input":
             dst = Path(input_dir) / name

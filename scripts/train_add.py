@@ -12,7 +12,9 @@ writes the same ``<output>.safetensors`` LoRA and ``<output>.add-state/`` folder
 run started here resumes in the node and the other way round (same model, same settings). Running
 the same command again resumes the run. Also written into the state folder: ``train_log.jsonl``
 (the losses of every step) and ``samples/step_XXXXXXXX.png`` (a grid of 1-step student samples
-every ``preview_every`` steps).
+every ``preview_every`` steps). ``training_mode = "full"`` fine-tunes every weight (fp32 copy,
+``lr_full``) and writes the same kind of LoRA file, extracted at rank ``lora_rank`` from
+student - teacher; the reconstruction error is printed at each save and stored in the file.
 
 Data parallel: every rank trains on its own data streams (training/distributed.py); global batch =
 ``batch_size * data_streams`` (default one stream per rank). Rank 0 alone writes files.
@@ -48,6 +50,8 @@ RUN_KEYS: dict[str, tuple[object, str]] = {
     "data_streams": (0, "global data streams per step (0 = keep the saved count, else one per rank)"),
     "device": ("auto", "'auto' (cuda:LOCAL_RANK when CUDA is there, else cpu), 'cuda' or 'cpu'"),
     "dist_timeout_s": (1800, "seconds a rank waits for the others in a collective before giving up"),
+    "preset": ("none", "a named set of ADDConfig values, as ADD Train's preset input: none | paper | small_data; "
+                       "the ADDConfig keys written in this file win over it"),
 }
 
 
@@ -124,6 +128,8 @@ def check_config(data: dict, source: str = "config") -> dict:
         raise ConfigError(f"{source}: 'prompts' must be a list of strings (or one string, a prompt per line).")
     out["prompts"] = [p.strip() for p in prompts if p.strip() and not p.strip().startswith("#")]
     folder = str(out["image_folder"] or "").strip()
+    if "\0" in folder:
+        raise ConfigError(f"{source}: image_folder {folder!r} contains a NUL character: give the folder's path.")
     if folder:
         folder = os.path.abspath(os.path.expanduser(folder))
         if not os.path.isdir(folder):
@@ -150,6 +156,11 @@ def check_config(data: dict, source: str = "config") -> dict:
             raise ConfigError(f"{source}: discriminator 'dinov2' needs dinov2_file, an existing DINOv2 ViT-S/14 "
                               f".safetensors file (got {out['dinov2_file']!r}).")
         out["dinov2_file"] = dino
+    from training.presets import PRESET_NAMES, apply_preset
+
+    if out["preset"] not in PRESET_NAMES:
+        raise ConfigError(f"{source}: preset {out['preset']!r} is not known; use one of {PRESET_NAMES}.")
+    train, _ = apply_preset(out["preset"], train, explicit=set(train))
     try:  # every ADDConfig rule, with the schedule length of SD-class models (re-checked with the model's)
         ADDConfig(**train)
     except (TypeError, ValueError) as exc:
@@ -241,7 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     from scripts.comfy_host import import_comfy, plugin_module
 
     import_comfy(load_plugin=True, cpu=device.type == "cpu", extra_nodes=False)
-    return _train(settings, dist, device, plugin_module)
+    try:
+        return _train(settings, dist, device, plugin_module)
+    except plugin_module("training.files").ADDError as exc:  # a file of the config the user can fix: no traceback
+        print(f"error: config {args.config!r}: {exc}", file=sys.stderr)
+        return 2
 
 
 def _train(settings: dict, dist_env, device, plugin_module) -> int:
@@ -267,7 +282,8 @@ def _train(settings: dict, dist_env, device, plugin_module) -> int:
     folder_images, folder_captions = None, []
     if settings["image_folder"]:
         folder_images, folder_captions = T.read_image_folder(settings["image_folder"], settings["width"],
-                                                             settings["height"], label="image_folder")
+                                                             settings["height"],
+                                                             label=f"image_folder {settings['image_folder']!r}")
     fingerprint = adapter.base_fingerprint(model)
     start_step = R.check_start(lora_path, cfg, fingerprint)  # conflicts and foreign files fail on every rank
     if start_step >= cfg.max_steps:
@@ -299,7 +315,7 @@ def _train(settings: dict, dist_env, device, plugin_module) -> int:
             trim_log(state_dir, start_step, C.atomic_write_bytes)
             _say(dist, f"{'resuming at step ' + str(start_step) if start_step else 'starting'}: {family}, "
                        f"{dist.world_size} rank(s) on {device.type}, {streams} data stream(s) x batch {cfg.batch_size} "
-                       f"= global batch {streams * cfg.batch_size}; LoRA -> {lora_path}")
+                       f"= global batch {streams * cfg.batch_size}; training_mode {cfg.training_mode}; LoRA -> {lora_path}")
         hooks = _hooks(run, dist, cfg, decode_preview, vae, model, state_dir, start_step) if main_rank else None
         result = run.train(hooks=hooks)
     except _Stopped as exc:
@@ -366,6 +382,8 @@ def _hooks(run, dist, cfg, decode_preview, vae, model, state_dir: str, start_ste
 
     def saved(step: int, path: str) -> None:
         bar.write(f"step {step}: saved {os.path.basename(path)} and the resumable state")
+        if run.export_report is not None:  # training_mode 'full': the LoRA is extracted from the full student
+            bar.write(f"step {step}: exported the full fine-tune as a {run.export_report.summary()}")
 
     return R.RunHooks(progress=progress, preview=preview if run.spec.preview_shape else None, saved=saved)
 

@@ -9,6 +9,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,6 +66,7 @@ def _plant_files(home: Path, tiny) -> None:
                "nan": torch.full((1, 4, 8, 8), float("nan"))}
     for name, t in latents.items():
         safetensors.torch.save_file({"latent_tensor": t}, str(inp / f"{name}.latent"))
+    _plant_image_inputs(home)  # image folders, links, a node of another pack: see "Image inputs" below
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,3 +335,189 @@ def test_job_routes_refuse_unknown_ids(srv, path, status):
     assert e.value.code == status
     body = json.loads(e.value.read())
     assert "no ADD training job" in body["error"]
+
+
+
+# ============================================================================================
+# Image inputs: ADD Train (image_folder, images, dinov2_file), ADD Load Frames, ADD Compare, and
+# the headless trainer's image_folder. Files planted by _plant_image_inputs.
+# ============================================================================================
+BOMB_SIDE = 20000  # 400 megapixels: over Pillow's limit of 2 x 89.5 megapixels (DecompressionBombError)
+MANY_FRAMES = 400  # x 8192 x 8192 x 12 bytes = 322 GB as one batch: more than any test machine has free
+# An image-producing node of "another pack": returns an IMAGE batch of 0 images.
+EMPTY_IMAGES_NODE = """
+import torch
+
+
+class ADDTestEmptyImageBatch:
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "make"
+    CATEGORY = "testing"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    def make(self):
+        return (torch.zeros(0, 64, 64, 3),)
+
+
+NODE_CLASS_MAPPINGS = {"ADDTestEmptyImageBatch": ADDTestEmptyImageBatch}
+"""
+
+
+def bomb_png(path: Path, side: int = BOMB_SIDE) -> None:
+    """A PNG whose header promises side x side pixels (a few hundred bytes on disk)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    idat = zlib.compress(b"\0" * (side + 1) * 4)  # a few rows; Pillow judges the header before decoding
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def _png(path: Path, size=(16, 16), color=(200, 40, 40)) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+
+
+def _plant_image_inputs(home: Path) -> None:
+    inp, outside = home / "input", home / "outside_input"
+    # ADD Train image_folder / headless image_folder
+    _png(inp / "img_bomb" / "a.png")
+    bomb_png(inp / "img_bomb" / "b_huge.png")
+    _png(inp / "img_caption" / "fox.png")
+    (inp / "img_caption" / "fox.txt").write_bytes("a fox in the snow, caf\u00e9 lighting".encode("cp1252"))
+    _png(outside / "dataset" / "cat.png")
+    (outside / "dataset" / "cat.txt").write_bytes(b"\xff\xfe not utf-8")
+    (inp / "img_linked").symlink_to(outside / "dataset", target_is_directory=True)
+    _png(inp / "img_dangling" / "a.png")
+    (inp / "img_dangling" / "b.png").symlink_to(outside / "gone.png")
+    # ADD Load Frames
+    bomb_png(inp / "frames_bomb" / "frame_0001.png")
+    for i in range(MANY_FRAMES):
+        _png(inp / "frames_many" / f"f{i:04d}.png", (1, 1))
+    for i in range(3):
+        _png(outside / "clip" / f"frame_{i + 1}.png", (24, 16), (40 * i, 0, 0))
+    (inp / "frames_linked").symlink_to(outside / "clip", target_is_directory=True)
+    _png(inp / "frames_file_links" / "frame_1.png", (24, 16))
+    (inp / "frames_file_links" / "frame_2.png").symlink_to(outside / "clip" / "frame_2.png")
+    (home / "custom_nodes").mkdir(parents=True, exist_ok=True)
+    (home / "custom_nodes" / "add_test_empty_images.py").write_text(EMPTY_IMAGES_NODE)
+
+
+def load_frames(folder: str, width: int = 0, height: int = 0, max_frames: int = 0) -> dict:
+    return {"1": {"class_type": "ADDLoadFrames", "inputs": {"folder": folder, "start": 0, "every_nth": 1,
+                                                            "max_frames": max_frames, "width": width, "height": height}},
+            "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
+
+
+def train_on_empty_images() -> dict:
+    p = train(images=["9", 0], vae=["1", 2])
+    p["9"] = {"class_type": "ADDTestEmptyImageBatch", "inputs": {}}
+    return p
+
+
+NOT_DINOV2 = "loras/tiny_sd15_kohya.safetensors"  # an intact safetensors file holding other tensors
+IMAGE_CASES = [
+    # ADD Train
+    ("train_folder_bomb", train(image_folder="img_bomb", vae=["1", 2]),
+     ["image_folder 'img_bomb'", "b_huge.png is too large to open safely", "decompression bomb", "Shrink the image"]),
+    ("train_caption_not_utf8", train(image_folder="img_caption", vae=["1", 2]),
+     ["image_folder 'img_caption'", "fox.txt is not UTF-8", "byte 0xe9", "Save it as UTF-8"]),
+    ("train_folder_nul", train(image_folder="img\0caption", vae=["1", 2]),
+     ["image_folder 'img\\x00caption' contains a NUL", "my_dataset"]),
+    # a linked folder leading out of input/ is followed (its bad caption is what stops the run)
+    ("train_folder_link_followed", train(image_folder="img_linked", vae=["1", 2]),
+     ["image_folder 'img_linked'", "cat.txt is not UTF-8"]),
+    ("train_folder_dangling_link", train(image_folder="img_dangling", vae=["1", 2]),
+     ["image_folder 'img_dangling'", "b.png is a symbolic link to", "which does not exist"]),
+    ("train_images_empty_batch", train_on_empty_images(),
+     ["images is an empty batch", "produced no image", "disconnect 'images'"]),
+    ("train_dinov2_not_dinov2", train(discriminator="dinov2", dinov2_file=NOT_DINOV2, vae=["1", 2]),
+     ["dinov2_file tiny_sd15_kohya.safetensors does not hold DINOv2", "tensors are missing", "discriminator 'teacher'"]),
+    ("train_dinov2_pickle", train(discriminator="dinov2", dinov2_file="loras/old_style.pt", vae=["1", 2]),
+     ["dinov2_file old_style.pt is not a .safetensors file", "never loads pickles"]),
+    ("train_dinov2_nul", train(discriminator="dinov2", dinov2_file="dino\0v2.safetensors", vae=["1", 2]),
+     ["dinov2_file 'dino\\x00v2.safetensors' contains a NUL"]),
+    # ADD Load Frames
+    ("frames_bomb", load_frames("frames_bomb"),
+     ["folder 'frames_bomb'", "frame_0001.png is too large to open safely", "decompression bomb"]),
+    ("frames_nul", load_frames("frames\0bomb"), ["folder 'frames\\x00bomb' contains a NUL"]),
+    ("frames_8192_memory", load_frames("frames_many", 8192, 8192),
+     [f"folder 'frames_many': {MANY_FRAMES} images at 8192x8192 need about", "of memory as one batch", "is free",
+      "Lower width/height or max_frames"]),
+    # ADD Compare
+    ("compare_teacher_cfg_nan", compare(teacher_cfg=math.nan), ["teacher_cfg is nan", "type a number from 1 to 30"]),
+]
+
+
+class TestImageInputs:
+    """Bad image inputs of ADD Train, ADD Load Frames and ADD Compare through the server: the plugin's
+    error type, naming the input and the file; the server stays usable."""
+
+    @pytest.mark.parametrize("case,prompt,fragments", IMAGE_CASES, ids=[c[0] for c in IMAGE_CASES])
+    def test_bad_image_input_is_a_clear_error(self, srv, case, prompt, fragments):
+        err = _error(srv.run(prompt))
+        msg = err["exception_message"]
+        for frag in fragments:
+            assert frag in msg, f"{case}: {frag!r} not in {msg!r}"
+        assert err["exception_type"] == "comfyui_add.ADDError", (case, err["exception_type"], msg)
+        assert len(msg) < 1500, f"{case}: a {len(msg)}-character message"
+        ok = srv.run(valid_prompt())
+        assert ok["status"]["status_str"] == "success", ok["status"]
+
+    @pytest.mark.parametrize("folder,count", [("frames_linked", 3), ("frames_file_links", 2)])
+    def test_load_frames_follows_links_to_folders_and_files_alike(self, srv, folder, count):
+        hist = srv.run(load_frames(folder))
+        assert hist["status"]["status_str"] == "success", hist["status"]
+        assert len(hist["outputs"]["2"]["images"]) == count
+
+    def test_load_frames_within_memory_still_loads(self, srv):
+        """The memory check refuses by size: the same folder loads at a size that fits."""
+        hist = srv.run(load_frames("frames_many", 64, 64, max_frames=4))
+        assert hist["status"]["status_str"] == "success", hist["status"]
+        assert len(hist["outputs"]["2"]["images"]) == 4
+
+
+class TestHeadlessImageFolder:
+    """The headless trainer (scripts/train_add.py, a real process) with a bad image_folder: one
+    'error:' line naming the config, the input and the file, exit status 2, no traceback."""
+
+    @staticmethod
+    def run_cli(tmp_path: Path, tiny, folder: str) -> subprocess.CompletedProcess:
+        from scripts.comfy_host import ROOT
+
+        cfg = tmp_path / "bad_images.json"
+        cfg.write_text(json.dumps(dict(model=str(tiny["tiny_sd15"]), output=str(tmp_path / "headless_bad"),
+                                       image_folder=folder, width=64, height=64, max_steps=1, batch_size=1,
+                                       device="cpu")))
+        return subprocess.run([sys.executable, str(ROOT / "scripts" / "train_add.py"), str(cfg)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    @pytest.mark.parametrize("sub,fragments", [
+        ("img_caption", ["fox.txt is not UTF-8", "Save it as UTF-8"]),
+        ("img_bomb", ["b_huge.png is too large to open safely", "decompression bomb"]),
+    ])
+    def test_bad_folder_is_one_error_line(self, srv, tiny, tmp_path, sub, fragments):
+        folder = str(srv.home / "input" / sub)
+        res = self.run_cli(tmp_path, tiny, folder)
+        assert res.returncode == 2, res.stderr[-3000:]
+        assert "Traceback" not in res.stderr, res.stderr[-3000:]
+        line = next(ln for ln in res.stderr.splitlines() if ln.startswith("error: config"))
+        assert f"image_folder {folder!r}" in line, line
+        for frag in fragments:
+            assert frag in line, line
+        assert not (tmp_path / "headless_bad.safetensors").exists()
+
+    def test_nul_in_image_folder_is_refused_by_name(self, tmp_path, tiny):
+        from scripts.train_add import ConfigError, check_config
+
+        with pytest.raises(ConfigError, match=r"image_folder 'a\\x00b' contains a NUL"):
+            check_config(dict(model=str(tiny["tiny_sd15"]), output=str(tmp_path / "x"), image_folder="a\0b"))

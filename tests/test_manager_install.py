@@ -13,8 +13,10 @@ requirements.txt`` with the interpreter ComfyUI runs on. Here:
 3. a real ``pip install -r requirements.txt`` there (the package index as configured, as Manager
    uses it), then: no package that was installed before has another version after;
 4. the plugin COPIED (its git files, as a clone has them) into the fresh ``custom_nodes/``, the
-   server started on that environment, and: no import error in the log, /object_info lists every
-   node of the plugin's NODE_CLASS_MAPPINGS, the front-end extension is served.
+   user's model files put under the names the templates use (tiny stand-ins), the server started
+   on that environment, and: no import error in the log, /object_info lists every node of the
+   plugin's NODE_CLASS_MAPPINGS, the front-end extension is served, and the template that reads
+   frames from input/ runs (its example clip ships with the plugin).
 """
 from __future__ import annotations
 
@@ -117,10 +119,20 @@ def test_pip_install_changes_no_installed_package(fresh):
             assert after[name] == before[name]
 
 
-def test_plugin_loads_and_lists_every_node(fresh, plugin):
-    comfy, python, _, _, _ = fresh
-    expected = set(plugin("").NODE_CLASS_MAPPINGS)
-    assert expected, "the plugin registers no node"
+@pytest.fixture(scope="module")
+def fresh_server(fresh, tiny):
+    """The fresh host's server, started on the fresh environment, with the user's own model files
+    under the names the shipped templates use (the tiny models, linked; nothing else is placed):
+    (client, log path, ComfyUI folder)."""
+    from scripts.demo_models import needed_files
+
+    comfy, python = fresh[0], fresh[1]
+    for name, (folder, tiny_name) in needed_files().items():
+        if folder != "input":
+            link = comfy / "models" / folder / name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.exists():
+                link.symlink_to(tiny[tiny_name])
     port = free_port()
     log_path = comfy / "server.log"
     with open(log_path, "wb") as log:
@@ -131,8 +143,7 @@ def test_plugin_loads_and_lists_every_node(fresh, plugin):
         try:
             client = ComfyClient(f"http://127.0.0.1:{port}")
             client.wait_ready(proc, timeout=240, log_tail=lambda: log_path.read_text(errors="replace")[-4000:])
-            info = client.get("/object_info")
-            extensions = client.get("/extensions")
+            yield client, log_path, comfy
         finally:
             proc.terminate()
             try:
@@ -140,6 +151,14 @@ def test_plugin_loads_and_lists_every_node(fresh, plugin):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def test_plugin_loads_and_lists_every_node(fresh_server, plugin):
+    client, log_path, _ = fresh_server
+    expected = set(plugin("").NODE_CLASS_MAPPINGS)
+    assert expected, "the plugin registers no node"
+    info = client.get("/object_info")
+    extensions = client.get("/extensions")
     text = log_path.read_text(errors="replace")
     ours = [ln for ln in text.splitlines() if DIR_NAME in ln]
     assert ours, f"the log never mentions custom_nodes/{DIR_NAME}:\n{text[-3000:]}"
@@ -150,3 +169,53 @@ def test_plugin_loads_and_lists_every_node(fresh, plugin):
     assert not missing, f"/object_info lacks {missing}"
     assert {info[n]["python_module"] for n in expected} == {f"custom_nodes.{DIR_NAME}"}
     assert any(e.startswith(f"/extensions/{DIR_NAME}/") and e.endswith(".js") for e in extensions), extensions
+
+
+def test_every_template_input_ships_with_the_plugin_or_comfyui(fresh_server):
+    """What the templates read from input/: images ComfyUI itself ships (example.png), and frame
+    folders that ship with the plugin (ADD Load Frames places them on first use)."""
+    from scripts.demo_models import frame_folders, needed_files
+
+    comfy = fresh_server[2]
+    target = comfy / "custom_nodes" / DIR_NAME
+    images = [n for n, (folder, _) in needed_files().items() if folder == "input"]
+    assert all((comfy / "input" / n).is_file() for n in images), images
+    folders = frame_folders()
+    assert folders, "no shipped template reads a frame folder: this test checks nothing"
+    for folder in folders:
+        shipped = sorted(p.name for p in (target / "input" / folder).iterdir())
+        assert shipped and all(n.endswith(".png") for n in shipped), (folder, shipped)
+        assert sum((target / "input" / folder / n).stat().st_size for n in shipped) < 100_000
+
+
+def test_stream_template_runs_on_the_fresh_install_and_keeps_a_users_folder(fresh_server):
+    """sd_turbo_stream_img2img_frames, as the front end queues it, on the fresh install: the shipped
+    clip appears in input/ and the template runs; a folder of the user's under that name is kept."""
+    from scripts.workflow_api import load, to_api
+
+    client, _, comfy = fresh_server
+    folder = comfy / "input" / "add_stream_frames"
+    shipped = comfy / "custom_nodes" / DIR_NAME / "input" / "add_stream_frames"
+    assert not folder.exists(), "a fresh install already has the clip: this test would prove nothing"
+    api = to_api(load(ROOT / "workflows" / "sd_turbo_stream_img2img_frames.json"), client.get("/object_info"))
+    loader = next(n for n in api.values() if n["class_type"] == "ADDLoadFrames")
+    assert loader["inputs"]["folder"] == "add_stream_frames"
+    loader["inputs"].update(width=64, height=64, max_frames=3)  # CPU-sized (the template: 512x512, all frames)
+    hist = client.run(api)
+    assert hist["status"]["status_str"] == "success", str(hist["status"])[:3000]
+    saved = [img for out in hist["outputs"].values() for img in out.get("images", []) if img["type"] == "output"]
+    assert len(saved) == 3
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in shipped.iterdir())
+    assert all((folder / p.name).read_bytes() == p.read_bytes() for p in shipped.iterdir())
+
+    # the user's own clip under that name: used as it is, nothing added or replaced
+    from PIL import Image
+
+    for p in folder.iterdir():
+        p.unlink()
+    Image.new("RGB", (40, 40), (0, 90, 200)).save(folder / "mine_1.png")
+    before = (folder / "mine_1.png").read_bytes()
+    loader["inputs"]["max_frames"] = 0
+    hist = client.run(api)
+    assert hist["status"]["status_str"] == "success", str(hist["status"])[:3000]
+    assert [p.name for p in folder.iterdir()] == ["mine_1.png"] and (folder / "mine_1.png").read_bytes() == before

@@ -143,6 +143,39 @@ def test_discriminator_noise_range_norm_and_lr_schedule_reach_the_run(T, sd15, l
               disc_norm="sample", lr_schedule="cosine")
 
 
+def test_preset_sets_the_fields_it_names_and_they_are_saved_with_the_run(T, sd15, loras_dir):
+    from training.presets import preset_fields
+
+    job = wait(start(T, sd15, name="preset_run", max_steps=1, preview_every=0, preset="small_data",
+                     lr_lora=1e-4, lora_rank=4))
+    assert job.state == "done", job.error
+    saved = next(json.loads(p.read_text())["config"] for p in (loras_dir / "preset_run.add-state").rglob("meta.json"))
+    for key, value in preset_fields("small_data").items():
+        assert saved[key] == (list(value) if isinstance(value, tuple) else value), key
+    assert saved["lora_rank"] == 4  # not a preset field: the widget's value
+    with pytest.raises(ValueError, match="preset 'fast'"):
+        start(T, sd15, name="preset_bad", preset="fast")
+
+
+@pytest.mark.parametrize("which", ["encoder", "input+encoder", "all"])
+def test_discriminator_feature_sets_are_real_modules_that_run(T, sd15, plugin, which):
+    adapter = plugin("nodes.train_adapter")
+    network = adapter.frozen_copy(sd15[0], torch.device("cpu"))
+    names = adapter.feature_modules(network, which)
+    encoder = adapter.feature_modules(network, "encoder")
+    if which == "encoder":
+        assert any(".middle_block." in n for n in names) and not any("output_blocks" in n for n in names)
+    else:
+        assert names[0] == "diffusion_model.input_blocks.0.0" and set(encoder) < set(names)
+    assert any("output_blocks" in n for n in names) == (which == "all")
+    from training.discriminator import HookedActivations
+
+    x = torch.randn(2, 4, 8, 8)
+    cond = {"context": torch.randn(2, 77, sd15[0].model.model_config.unet_config["context_dim"])}
+    feats = HookedActivations(network, names)(lambda: adapter.comfy_denoise(network, x, torch.ones(2), cond))
+    assert len(feats) == len(names) and all(f.shape[0] == 2 for f in feats)
+
+
 def test_users_own_lora_is_never_overwritten(T, sd15, loras_dir):
     from safetensors.torch import save_file
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 DISTILL_WEIGHTINGS = ("exponential", "sds")
-DISCRIMINATOR_TYPES = ("teacher", "dinov2")
+DISCRIMINATOR_TYPES = ("teacher", "dinov2", "pixel")
+DISC_FEATURES = ("encoder", "input+encoder", "all")
 TRAINING_MODES = ("lora", "full")
 DISC_NORMS = ("batch_local", "sample")
 LR_SCHEDULES = ("constant", "cosine")
@@ -45,7 +46,11 @@ class ADDConfig:
     disc_timestep_range: tuple[int, int] = (0, 999)  # t-hat for the teacher-feature D (LADD)
 
     # --- discriminator ---
-    discriminator: str = "teacher"  # 'teacher' (LADD features, latent space) | 'dinov2'
+    discriminator: str = "teacher"  # 'teacher' (LADD features, latent space) | 'dinov2' | 'pixel' (sanity baseline)
+    # which teacher activations the heads read: 'encoder' (end of every encoder level + middle block, LADD),
+    # 'input+encoder' (also the input convolution: the latent itself, so pixel noise is visible), 'all'
+    # (input + encoder + middle + the end of every decoder level)
+    disc_features: str = "encoder"
     disc_head_channels: int = 0  # 0 = keep each feature's own width
     disc_norm: str = "batch_local"  # heads' norm: 'batch_local' (StyleGAN-T) | 'sample' (per-sample GroupNorm)
     disc_spectral_norm: bool = True  # spectral norm on the heads' convolutions (StyleGAN-T)
@@ -151,6 +156,7 @@ _RULES: dict[str, tuple[Callable[[Any, ADDConfig], bool], str]] = {
     "teacher_timestep_range": (_t_range, "(lo, hi) ints with 0 <= lo <= hi <= num_train_timesteps-1"),
     "disc_timestep_range": (_t_range, "(lo, hi) ints with 0 <= lo <= hi <= num_train_timesteps-1"),
     "discriminator": (lambda v, c: v in DISCRIMINATOR_TYPES, f"one of {DISCRIMINATOR_TYPES}"),
+    "disc_features": (lambda v, c: v in DISC_FEATURES, f"one of {DISC_FEATURES}"),
     "disc_spectral_norm": (lambda v, c: isinstance(v, bool), "True or False"),
     "disc_norm": (lambda v, c: v in DISC_NORMS, f"one of {DISC_NORMS}"),
     "disc_head_channels": (lambda v, c: _int(v) and 0 <= v <= 4096, "an int in [0, 4096] (0 = feature width)"),

@@ -256,6 +256,25 @@ class TeacherFeatures:
         return list(self.fn(add_noise_ve(x0, sigma, noise), sigma, cond))
 
 
+class PixelFeatures:
+    """A sanity baseline: the latent itself (re-noised to t-hat like the teacher's features) and a 2x
+    average-pooled copy, as two feature maps. No frozen network: the heads see exactly the pixels."""
+
+    def __init__(self, schedule: DiscreteSchedule, t_range: tuple[int, int]) -> None:
+        self.schedule, self.t_range = schedule, t_range
+
+    def __call__(self, x0: Tensor, cond: Any, generator: torch.Generator) -> list[Tensor]:
+        b = x0.shape[0]
+        t_hat = torch.randint(self.t_range[0], self.t_range[1] + 1, (b,), generator=generator, device=generator.device)
+        sigma = self.schedule.sigma(t_hat.cpu(), dtype=x0.dtype, device=x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=x0.dtype).to(x0.device)
+        x = add_noise_ve(x0, sigma, noise) / (1.0 + sigma * sigma).sqrt().reshape(-1, *([1] * (x0.ndim - 1)))
+        feats = [x]
+        if x.ndim == 4 and min(x.shape[-2:]) >= 2:
+            feats.append(F.avg_pool2d(x, 2))
+        return feats
+
+
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -301,17 +320,17 @@ def load_dinov2(weights_path: str | os.PathLike, config: Any = None) -> FrozenMo
 
     ``config`` defaults to ViT-S/14. Keys may carry a ``dinov2.`` or ``model.`` prefix.
     """
-    path = os.fspath(weights_path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"DINOv2 weights not found at {path!r}. Put the ViT-S/14 'model.safetensors' "
-                                "(facebook/dinov2-small layout) there, or use discriminator='teacher'.")
-    if not path.endswith(".safetensors"):
-        raise ValueError(f"DINOv2 weights must be a .safetensors file (no pickle), got {path!r}.")
-    from .files import read_safetensors
+    from .files import ADDError, read_safetensors
 
-    state, _ = read_safetensors(path, f"dinov2_file {os.path.basename(path)}",
-                                "Put an intact DINOv2 ViT-S/14 model.safetensors (facebook/dinov2-small) there, or use "
-                                "discriminator 'teacher'.")
+    path = os.fspath(weights_path)
+    label = f"dinov2_file {os.path.basename(path)}"
+    fix = "Put an intact DINOv2 ViT-S/14 model.safetensors (facebook/dinov2-small) there, or use discriminator 'teacher'."
+    if not os.path.isfile(path):
+        raise ADDError(f"{label} does not exist (looked for {path}). {fix}")
+    if not path.endswith(".safetensors"):
+        raise ADDError(f"{label} is not a .safetensors file (this plugin never loads pickles: .pt/.pth/.bin/.ckpt). "
+                       f"{fix}")
+    state, _ = read_safetensors(path, label, fix)
     try:
         from transformers import Dinov2Model
     except ImportError as exc:
@@ -322,10 +341,16 @@ def load_dinov2(weights_path: str | os.PathLike, config: Any = None) -> FrozenMo
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
     model = Dinov2Model(config if config is not None else dinov2_vits14_config())
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a tensor of the right name with the wrong shape (another ViT size)
+        raise ADDError(f"{label} holds tensors of other shapes than DINOv2 ViT-S/14 "
+                       f"({str(exc).splitlines()[-1].strip()[:200]}). {fix}") from None
     if result.missing_keys:
-        raise ValueError(f"{path!r} does not hold DINOv2 weights matching the config: {len(result.missing_keys)} "
-                         f"missing keys, e.g. {result.missing_keys[:5]}; unexpected e.g. {result.unexpected_keys[:5]}.")
+        expected = len(model.state_dict())
+        raise ADDError(f"{label} does not hold DINOv2 ViT-S/14 weights: {len(result.missing_keys)} of {expected} "
+                       f"tensors are missing (e.g. {result.missing_keys[:3]}; the file has e.g. "
+                       f"{sorted(state)[:3]}). {fix}")
     return FrozenModule(model.float())
 
 

@@ -22,8 +22,8 @@ from torch import Tensor
 
 from .config import ADDConfig
 from .distributed import Dist, local_streams, stream_seed
-from .discriminator import (Discriminator, HookedActivations, TeacherFeatures, check_frozen,
-                                    probe_feature_channels)
+from .discriminator import (Discriminator, HookedActivations, PixelFeatures, TeacherFeatures, check_frozen,
+                            probe_feature_channels)
 from .losses import DistillationLoss, HingeDLoss, HingeGLoss, R1Penalty
 from .schedule import DiscreteSchedule, add_noise_ve, broadcast_like
 from .student import DenoiseFn, FullStudent, LoRAStudent
@@ -49,7 +49,8 @@ def build_models(network: nn.Module, denoise: DenoiseFn, cfg: ADDConfig, schedul
                  *, feature_modules: Sequence[str] | None = None,
                  feature_fn: Callable[[Tensor, Any, torch.Generator], list] | None = None,
                  probe_batch: Batch | None = None, c_dim: int = 0,
-                 target_modules: Sequence[str] | None = None) -> ADDModels:
+                 target_modules: Sequence[str] | None = None,
+                 full_copy: Callable[[nn.Module], nn.Module] | None = None) -> ADDModels:
     """Build student + discriminator around one host network.
 
     - ``denoise(network, x_ve, sigma, cond) -> x0`` runs the network (ComfyUI adapter or toy).
@@ -58,17 +59,22 @@ def build_models(network: nn.Module, denoise: DenoiseFn, cfg: ADDConfig, schedul
     - 'dinov2' (or any custom) discriminator: pass ``feature_fn(x0, cond, generator) -> list``,
       e.g. a :class:`training.discriminator.DinoV2Features`.
     ``probe_batch`` (one batch) is used once to read the feature widths. ``c_dim > 0`` makes the
-    heads projection-conditioned on ``batch['pooled']``.
+    heads projection-conditioned on ``batch['pooled']``. ``full_copy(network)`` builds the trainable
+    copy of ``training_mode='full'`` (default: a deep copy; see FullStudent).
     """
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)  # init-only generator, separate from training's
     if cfg.training_mode == "lora":
         student: LoRAStudent | FullStudent = LoRAStudent(network, denoise, cfg.lora_rank, cfg.lora_alpha, gen,
                                                          target_modules=target_modules)
     else:
-        student = FullStudent(network, denoise)
+        student = FullStudent(network, denoise, make_copy=full_copy)
     check_frozen(student.teacher_params(), "teacher")
     disc = None
     if cfg.adv_weight > 0:
+        head_channels = cfg.disc_head_channels
+        if feature_fn is None and cfg.discriminator == "pixel":
+            feature_fn = PixelFeatures(schedule, cfg.disc_timestep_range)
+            head_channels = head_channels or 64  # a latent has too few channels to be a head's width
         if feature_fn is None:
             if cfg.discriminator != "teacher" or not feature_modules:
                 raise ValueError("build_models: discriminator='teacher' needs feature_modules (submodule names of "
@@ -84,7 +90,7 @@ def build_models(network: nn.Module, denoise: DenoiseFn, cfg: ADDConfig, schedul
             raise ValueError("build_models: pass probe_batch (one batch from your data) to size the heads.")
         probe_gen = torch.Generator(device=_gen_device(probe_batch["x0"])).manual_seed(cfg.seed)
         channels = probe_feature_channels(feature_fn, probe_batch["x0"], probe_batch.get("cond"), probe_gen)
-        disc = Discriminator(feature_fn, channels, c_dim=c_dim, head_channels=cfg.disc_head_channels,
+        disc = Discriminator(feature_fn, channels, c_dim=c_dim, head_channels=head_channels,
                              norm=cfg.disc_norm, spectral=cfg.disc_spectral_norm, generator=gen)
         disc.to(probe_batch["x0"].device)
     return ADDModels(student=student, discriminator=disc, schedule=schedule)
@@ -195,7 +201,24 @@ def step(batch: Batch, models: ADDModels, cfg: ADDConfig, phase: str, *, generat
     total = cfg.adv_weight * adv + cfg.distill_weight * distill
     losses = {"total": total, "adv": adv, "distill": distill}
     logs = {"g_loss": float(total.detach()), "adv": float(adv.detach()), "distill": float(distill.detach())}
+    if fake.requires_grad and torch.is_grad_enabled():
+        _log_gradient_shares(fake, cfg.distill_weight * distill if cfg.distill_weight > 0 else None, logs)
     return losses, logs
+
+
+def _log_gradient_shares(fake: Tensor, weighted_distill: Tensor | None, logs: dict[str, float]) -> None:
+    """How hard each term pulls on x_hat: ``grad_distill`` = ||d(lambda L_distill)/d x_hat|| (cheap: the
+    target is detached) now, and ``grad_adv`` = the rest of the gradient that reaches x_hat in the
+    backward pass (written into ``logs`` by a hook then: the caller reads logs after backward)."""
+    g_d = (torch.autograd.grad(weighted_distill, fake, retain_graph=True)[0]
+           if weighted_distill is not None else torch.zeros_like(fake))
+    logs["grad_distill"] = float(g_d.float().norm())
+    logs["grad_adv"] = 0.0  # until the backward pass reaches x_hat
+
+    def hook(g: Tensor) -> None:
+        logs["grad_adv"] = float((g.float() - g_d.float()).norm())
+
+    fake.register_hook(hook)
 
 
 @contextlib.contextmanager

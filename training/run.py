@@ -38,7 +38,8 @@ from .config import ADDConfig
 from .distributed import Dist, resolve_streams
 from .loop import ADDModels, DataFn, TrainResult, Trainer, build_models
 from .schedule import DiscreteSchedule
-from .student import DenoiseFn, LoRAStudent
+from .lora_extract import ExtractReport
+from .student import DenoiseFn, FullStudent, LoRAStudent
 
 LORA_FORMAT = "comfyui-add-lora"  # value of the 'add.format' metadata key of every LoRA we write
 STATE_SUFFIX = ".add-state"
@@ -172,6 +173,25 @@ def save_lora(student: LoRAStudent, path: str | os.PathLike, metadata: Mapping[s
     atomic_write_bytes(safetensors_bytes(tensors, metadata=dict(metadata)), path)
 
 
+def save_full_as_lora(student: FullStudent, path: str | os.PathLike, cfg: ADDConfig, step: int,
+                      base: Mapping[str, str], prefix: str = "", ema: Any = None,
+                      dtype: torch.dtype = torch.float16) -> ExtractReport:
+    """A full fine-tune exported as a ComfyUI LoRA: student - teacher made rank-``cfg.lora_rank``
+    per layer (truncated SVD, training/lora_extract.py), written atomically; the EMA's weights when
+    ``ema`` is given. The reconstruction error goes into the file's metadata and is returned."""
+    sd, report = student.lora_state_dict(cfg.lora_rank, prefix=prefix, dtype=dtype,
+                                         weights=ema.shadow if ema is not None else None)
+    # Before any update (a stop at step 0) the student equals the teacher: the file then holds no
+    # tensors, which every loader applies as "no change", as the zero-initialised LoRA of lora mode.
+    md = lora_metadata(cfg, step, base)
+    md.update(report.metadata())
+    md.update({"add.training_mode": "full", "add.lora_rank": str(report.rank), "add.lora_alpha": str(report.rank),
+               "ss_network_dim": str(report.rank), "ss_network_alpha": str(report.rank),
+               "add.export": "LoRA extracted from the full fine-tune (student - teacher, truncated SVD per layer)"})
+    atomic_write_bytes(safetensors_bytes(sd, metadata=md), path)
+    return report
+
+
 # --------------------------------------------------------------------------------------------
 # the run
 # --------------------------------------------------------------------------------------------
@@ -200,6 +220,8 @@ class RunSpec:
     # teacher -> data, for data made by the teacher (LADD): it must run with the adapters OFF, so
     # the run builds it with the student's teacher pass once the student exists.
     data_factory: Callable[[Callable[[Tensor, Tensor, Any], Tensor]], DataFn] | None = None
+    # training_mode='full': network -> the trainable copy (None = a deep copy; see FullStudent)
+    full_copy: Callable[[nn.Module], nn.Module] | None = None
 
 
 @dataclass
@@ -229,6 +251,7 @@ class ADDRun:
         self.start_step = 0
         self._t_last: float | None = None
         self._step_time: float | None = None  # smoothed seconds per step, pauses excluded
+        self.export_report: ExtractReport | None = None  # full mode: the last LoRA extraction's errors
 
     def build(self) -> int:
         """Student + discriminator + trainer; resumes the latest state if there is one. -> start step."""
@@ -240,10 +263,10 @@ class ADDRun:
         probe = data(torch.Generator(device=s.device).manual_seed(s.cfg.seed), min(2, s.cfg.batch_size))
         self.models = build_models(s.network, s.denoise, s.cfg, s.schedule, feature_modules=s.feature_modules,
                                    feature_fn=s.feature_fn, probe_batch=probe, c_dim=s.c_dim,
-                                   target_modules=s.target_modules)
+                                   target_modules=s.target_modules, full_copy=s.full_copy)
         if s.data_factory is not None:
             data = s.data_factory(self.models.student.teacher)
-        if s.checkpoint_modules and isinstance(self.models.student, LoRAStudent):
+        if s.checkpoint_modules:  # both student kinds
             self.models.student.enable_gradient_checkpointing(s.checkpoint_modules)
         self.trainer = Trainer(self.models, s.cfg, data, device=s.device, dist=self.dist)
         prev = existing_run(s.lora_path)
@@ -272,8 +295,11 @@ class ADDRun:
         """Export the current adapters (EMA weights when the EMA is on) to the LoRA file."""
         assert self.trainer is not None and self.models is not None
         student = self.models.student
-        if not isinstance(student, LoRAStudent):
-            raise ValueError("write_lora: only the LoRA student exports a LoRA (training_mode='lora').")
+        if isinstance(student, FullStudent):
+            self.export_report = save_full_as_lora(student, self.spec.lora_path, self.spec.cfg, self.trainer.step,
+                                                   self.spec.base_info, prefix=self.spec.lora_prefix,
+                                                   ema=self.trainer.ema)
+            return
         md = lora_metadata(self.spec.cfg, self.trainer.step, self.spec.base_info)
         if self.trainer.ema is not None:
             with self.trainer.ema.swapped_in():

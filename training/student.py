@@ -27,6 +27,8 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from torch import Tensor
 
+from .lora_extract import ExtractReport, extract_lora
+
 DenoiseFn = Callable[[nn.Module, Tensor, Tensor, Any], Tensor]  # (network, x_ve, sigma (B,), cond) -> x0
 
 _LORA_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -209,12 +211,22 @@ class LoRAStudent:
 
 
 class FullStudent:
-    """Full fine-tune: the student is a deep copy of the network; the original is the frozen teacher."""
+    """Full fine-tune (the ADD paper's setting): the student is a copy of the whole network, every
+    weight trained; the original stays the frozen teacher. Memory: the copy plus its gradients and
+    two AdamW moments, on top of the teacher.
 
-    def __init__(self, network: nn.Module, denoise: DenoiseFn) -> None:
+    ``make_copy(network) -> module`` builds the trainable copy (default ``copy.deepcopy``); the
+    node layer passes one that keeps fp32 master weights for a half-precision host, since AdamW
+    steps of ~lr = 1e-6 vanish in fp16/bf16 weights. It exports as a LoRA extracted from
+    student - teacher (:meth:`lora_state_dict`), so every LoRA loader can use it.
+    """
+
+    def __init__(self, network: nn.Module, denoise: DenoiseFn,
+                 make_copy: Callable[[nn.Module], nn.Module] | None = None) -> None:
         self.network = network.eval().requires_grad_(False)
-        self.copy = copy.deepcopy(network).requires_grad_(True)
+        self.copy = (make_copy or copy.deepcopy)(network).requires_grad_(True)
         self.denoise = denoise
+        self._checkpointed: list[tuple[nn.Module, Callable]] = []
 
     def student(self, x: Tensor, sigma: Tensor, cond: Any) -> Tensor:
         return self.denoise(self.copy, x, sigma, cond)
@@ -244,6 +256,58 @@ class FullStudent:
     def model_state_dict(self, prefix: str = "diffusion_model.") -> dict[str, Tensor]:
         """The fine-tuned weights with ``prefix`` (for saving a full checkpoint)."""
         return {f"{prefix}{k}": v.detach().contiguous().cpu() for k, v in self.copy.state_dict().items()}
+
+    def weight_pairs(self, weights: Sequence[Tensor] | None = None) -> Iterator[tuple[str, Tensor, Tensor]]:
+        """(parameter name, student weight, teacher weight) for every parameter, lazily. ``weights``
+        replaces the student's own (e.g. the EMA's tensors), in ``trainable_parameters()`` order."""
+        teacher = dict(self.network.named_parameters())
+        named = list(self.copy.named_parameters())
+        if weights is not None and len(weights) != len(named):
+            raise ValueError(f"weight_pairs: {len(weights)} weights given for {len(named)} parameters.")
+        for i, (name, p) in enumerate(named):
+            yield name, (p if weights is None else weights[i]).detach(), teacher[name].detach()
+
+    def lora_state_dict(self, rank: int, prefix: str = "", dtype: torch.dtype = torch.float16,
+                        weights: Sequence[Tensor] | None = None) -> tuple[dict[str, Tensor], ExtractReport]:
+        """(ComfyUI LoRA state dict, :class:`~training.lora_extract.ExtractReport`): student - teacher
+        made rank-``rank`` per layer by truncated SVD (1-D differences exact); keys ``{prefix}<name>``.
+        One layer at a time: no second copy of the network is made."""
+        pairs = ((prefix + name, s, t) for name, s, t in self.weight_pairs(weights))
+        return extract_lora(pairs, rank, dtype)
+
+    def enable_gradient_checkpointing(self, module_names: Sequence[str]) -> None:
+        """Recompute the named submodules' activations in backward, in the student copy and in the
+        teacher (the teacher-feature discriminator back-propagates through it to its input)."""
+        for network in (self.copy, self.network):
+            self._checkpointed += checkpoint_forwards(network, module_names)
+
+    def remove(self) -> None:
+        """Undo gradient checkpointing (the copy is dropped with the student)."""
+        for module, forward in self._checkpointed:
+            module.forward = forward
+        self._checkpointed = []
+
+
+def checkpoint_forwards(network: nn.Module, module_names: Sequence[str]) -> list[tuple[nn.Module, Callable]]:
+    """Wrap the named submodules' forwards in non-reentrant ``torch.utils.checkpoint`` (activations
+    recomputed in backward); -> the (module, original forward) pairs to restore."""
+    modules = dict(network.named_modules())
+    missing = [n for n in module_names if n not in modules]
+    if missing:
+        raise ValueError(f"gradient checkpointing: no submodule named {missing[:3]} in the network.")
+    done = []
+    for name in module_names:
+        module = modules[name]
+        forward = module.forward
+
+        def checkpointed(*args: Any, _forward=forward, **kwargs: Any) -> Any:
+            if not torch.is_grad_enabled():
+                return _forward(*args, **kwargs)
+            return torch.utils.checkpoint.checkpoint(lambda *a: _forward(*a, **kwargs), *args, use_reentrant=False)
+
+        module.forward = checkpointed
+        done.append((module, forward))
+    return done
 
 
 def _key(module_name: str) -> str:

@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from training_helpers import single_thread, ring_data, tiny_config, tiny_models, tiny_network  # noqa: F401 (autouse)
 from training import loop
+from training.files import ADDError
 from training.discriminator import (Discriminator, DinoV2Features, FrozenModule, HookedActivations, load_dinov2,
                                     probe_feature_channels)
 from training.loop import step, student_input
@@ -225,12 +226,20 @@ def test_dinov2_missing_or_wrong_file_is_a_clear_error(tmp_path):
     from safetensors.torch import save_file
 
     config = _tiny_dino_config()
-    with pytest.raises(FileNotFoundError, match="DINOv2 weights not found"):
+    with pytest.raises(ADDError, match="dinov2_file absent.safetensors does not exist"):
         load_dinov2(tmp_path / "absent.safetensors", config)
     wrong = tmp_path / "wrong.safetensors"
     save_file({"foo.weight": torch.zeros(2)}, str(wrong))
-    with pytest.raises(ValueError, match="missing keys"):
+    with pytest.raises(ADDError, match=r"dinov2_file wrong.safetensors does not hold DINOv2 .* tensors are missing"):
         load_dinov2(wrong, config)
+    shaped = tmp_path / "shaped.safetensors"
+    save_file({"embeddings.cls_token": torch.zeros(1, 1, 3)}, str(shaped))
+    with pytest.raises(ADDError, match="dinov2_file shaped.safetensors holds tensors of other shapes"):
+        load_dinov2(shaped, config)
+    pickle = tmp_path / "weights.pth"
+    pickle.write_bytes(b"\x80\x04")
+    with pytest.raises(ADDError, match="dinov2_file weights.pth is not a .safetensors file"):
+        load_dinov2(pickle, config)
     with pytest.raises(ValueError, match="out of range"):
         # the 4-layer test model has no block 5, 8 or 11
         DinoV2Features(load_dinov2(_save_random(tmp_path, config), config), lambda z: z, blocks=(2, 5, 8, 11))
@@ -243,3 +252,43 @@ def _save_random(tmp_path, config):
     path = tmp_path / "rand.safetensors"
     save_file({k: v.contiguous() for k, v in Dinov2Model(config).state_dict().items()}, str(path))
     return path
+
+
+def test_pixel_discriminator_sees_the_latent_and_trains_like_the_teacher_one():
+    cfg = tiny_config(discriminator="pixel", training_mode="full")
+    models = tiny_models(cfg)
+    gen = torch.Generator().manual_seed(0)
+    d_losses, _ = step(_batch(cfg), models, cfg, "D", generator=gen)
+    d_losses["total"].backward()
+    assert all(p.grad is None for p in models.student.trainable_parameters())
+    assert sum(float(p.grad.abs().sum()) for p in models.discriminator.heads.parameters() if p.grad is not None) > 0
+    for p in models.discriminator.heads.parameters():
+        p.grad = None
+    g_losses, _ = step(_batch(cfg), models, cfg, "G", generator=torch.Generator().manual_seed(1))
+    g_losses["total"].backward()
+    assert sum(float(p.grad.abs().sum()) for p in models.student.trainable_parameters() if p.grad is not None) > 0
+
+
+@pytest.mark.parametrize("adv_weight", [1.0, 0.0])
+def test_gradient_shares_are_logged_and_split_the_gradient_on_x_hat(adv_weight):
+    cfg = tiny_config(training_mode="full", adv_weight=adv_weight, distill_weight=2.5)
+    models = tiny_models(cfg)
+    batch = _batch(cfg)
+    gen = torch.Generator().manual_seed(0)
+    fake = loop.student_forward(batch, models, cfg, gen)
+    seen = {}
+
+    def keep(g):
+        seen["total"] = g.norm().item()
+
+    fake.register_hook(keep)
+    losses, logs = step(batch, models, cfg, "G", generator=gen, fake=fake)
+    assert logs["grad_distill"] > 0 and logs["grad_adv"] == 0.0  # the adversarial share arrives with backward
+    losses["total"].backward()
+    if adv_weight == 0.0:
+        assert logs["grad_adv"] == pytest.approx(0.0, abs=1e-6 * logs["grad_distill"])
+        assert seen["total"] == pytest.approx(logs["grad_distill"], rel=1e-5)
+    else:
+        assert logs["grad_adv"] > 0
+        # the two shares and the total obey the triangle inequality (they are the parts of one gradient)
+        assert seen["total"] <= logs["grad_adv"] + logs["grad_distill"] + 1e-6
