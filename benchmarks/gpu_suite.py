@@ -1,4 +1,4 @@
-"""Every GPU figure of the README from one command that fits a short GPU slot (<= 8 minutes on one H100).
+"""Every GPU figure of the README from one command that fits a short GPU slot (a budget of 8 minutes, one GPU).
 
     python -m benchmarks.gpu_suite                      # on a GPU machine (scripts/gpu_run.sh runs this)
     python -m benchmarks.gpu_suite --dry-run            # the same code at tiny sizes on a CPU (~2 minutes)
