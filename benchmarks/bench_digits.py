@@ -40,12 +40,16 @@ from benchmarks import digits as D  # noqa: E402
 # Issue goals, checked under every metric the evaluator reports (a change counts only if it holds under each).
 DISTANCES = ("fd", "pix_fd")  # lower is better
 QUALITIES = ("precision", "recall", "acc", "acc2")  # higher is better
+
+
 def run(size: D.Size, out_dir: Path, log=D._log, rows_wanted: set[str] | None = None,
-        seeds: tuple[int, ...] = (0,)) -> dict:
+        seeds: tuple[int, ...] = (0,), device: str = "cpu", cache: bool = True) -> dict:
     """Trains (or loads) the teacher and classifier, trains the students, samples and scores every
     row, once per seed (the student runs' seeds and every row's sampling noise; the teacher and the
     evaluator stay fixed). -> {'rows': {name: {metric: (mean, spread) or value, 'evals', 'train_s'}},
-    'test_acc', 'seconds', 'samples': {name: tensor of the first seed}}."""
+    'test_acc', 'seconds', 'teacher_s', 'samples': {name: tensor of the first seed}}.
+    ``device``: where the teacher and the students train (sampling goes through ComfyUI's own device);
+    ``cache`` False trains the teacher and classifier even when ``.cache/digits`` has them."""
     from scripts.comfy_host import import_comfy
 
     import_comfy()
@@ -55,8 +59,20 @@ def run(size: D.Size, out_dir: Path, log=D._log, rows_wanted: set[str] | None = 
     t_start = time.perf_counter()
     x, y, x_test, y_test = D.load_split(size.seed)
     clip = D.ClassEmbeddingCLIP(size.context_dim, seed=size.seed)
-    teacher_sd = D.cached("teacher", size.key(*D.TEACHER_FIELDS), lambda: D.train_teacher(size, x, y, clip, log), log)
-    clf_sd = D.cached("classifier", size.key("clf_epochs", "seed"), lambda: D.train_classifier(size, x, y), log)
+
+    def teacher() -> dict:
+        return D.train_teacher(size, x, y, clip, log, device=device)
+
+    def classifier() -> dict:
+        return D.train_classifier(size, x, y)
+
+    t_teacher = time.perf_counter()
+    if cache:
+        teacher_sd = D.cached("teacher", size.key(*D.TEACHER_FIELDS), teacher, log)
+        clf_sd = D.cached("classifier", size.key("clf_epochs", "seed"), classifier, log)
+    else:
+        teacher_sd, clf_sd = teacher(), classifier()
+    teacher_s = time.perf_counter() - t_teacher
     mp = D.model_patcher(size, teacher_sd)
     ev = D.Evaluator(clf_sd, x_test, y_test, x, y)
     log(f"classifier: {ev.test_acc:.1%} on the test split; second classifier {ev.test_acc2:.1%}")
@@ -90,7 +106,7 @@ def run(size: D.Size, out_dir: Path, log=D._log, rows_wanted: set[str] | None = 
                     continue
                 log(f"training: {label}, seed {seed} ({size.add_steps} steps, batch {size.add_batch})")
                 lora = os.path.join(tmp, f"{label.replace(' ', '_')}-{seed}.safetensors")
-                info = D.train_student(mp, clip, size, lora, log=log, seed=size.seed + seed, **kwargs)
+                info = D.train_student(mp, clip, size, lora, log=log, seed=size.seed + seed, device=device, **kwargs)
                 for steps in step_counts:
                     s, n = D.sample_student(mp, lora, clip, size, steps, noise_seed=seed)
                     score(f"{label} {steps} step{'s' if steps > 1 else ''}", s, n, seed, info["seconds"])
@@ -100,7 +116,7 @@ def run(size: D.Size, out_dir: Path, log=D._log, rows_wanted: set[str] | None = 
         np.savez_compressed(out_dir / (name.replace(" ", "_").replace(".", "") + ".npz"),
                             samples=s.numpy().astype(np.float32), classes=classes.numpy())
     return {"rows": rows, "samples": samples, "test_acc": ev.test_acc, "seeds": tuple(seeds),
-            "per_seed": per_seed, "meta": meta, "seconds": time.perf_counter() - t_start}
+            "per_seed": per_seed, "meta": meta, "seconds": time.perf_counter() - t_start, "teacher_s": teacher_s}
 
 
 def run_parallel(size: D.Size, out_dir: Path, seeds: tuple[int, ...], jobs: int) -> dict:
@@ -127,20 +143,21 @@ def run_parallel(size: D.Size, out_dir: Path, seeds: tuple[int, ...], jobs: int)
                 if p.returncode:
                     raise RuntimeError(f"seed {s} failed (rc {p.returncode}): see {parts[s] / 'log.txt'}")
     per_seed: dict[str, list] = {}
-    meta, seconds, test_acc = {}, 0.0, None
+    meta, seconds, test_acc, teacher_s = {}, 0.0, None, 0.0
     for s in seeds:
         r = json.loads((parts[s] / "result.json").read_text())
         for name, ms in r["per_seed"].items():
             per_seed.setdefault(name, []).extend(ms)
         meta.update(r["meta"])
         seconds, test_acc = max(seconds, r["seconds"]), r["test_acc"]
+        teacher_s = max(teacher_s, r.get("teacher_s", 0.0))
     samples = {}
     for name in per_seed:
         f = parts[seeds[0]] / (name.replace(" ", "_").replace(".", "") + ".npz")
         samples[name] = torch.from_numpy(np.load(f)["samples"])
     rows = {name: {**aggregate(ms), **meta[name]} for name, ms in per_seed.items()}
     return {"rows": rows, "samples": samples, "test_acc": test_acc, "seeds": seeds, "per_seed": per_seed,
-            "meta": meta, "seconds": seconds}
+            "meta": meta, "seconds": seconds, "teacher_s": teacher_s}
 
 
 def aggregate(ms: list[dict]) -> dict:
@@ -257,7 +274,8 @@ def main(argv=None) -> int:
     if args.json:
         import json
 
-        Path(args.json).write_text(json.dumps({k: result[k] for k in ("per_seed", "meta", "test_acc", "seconds")}))
+        Path(args.json).write_text(json.dumps({k: result[k] for k in ("per_seed", "meta", "test_acc", "seconds",
+                                                                      "teacher_s")}))
         return 0
     print()
     print(f"digits, {size.name} sizes: teacher {size.teacher_iters} iterations, ADD {size.add_steps} steps at batch "

@@ -69,74 +69,94 @@ def _load_model(realistic: bool):
     return comfy.sd.load_checkpoint_guess_config(str(build_all()["tiny_sd15"]))[0]
 
 
-def main(argv=None) -> None:
-    a = _parse(argv)
+def measure(model, positive, negative, latent: dict, steps: int, repeats: int, cuda: bool) -> dict:
+    """The three contenders timed in alternating rounds (after one warm-up each), medians in seconds,
+    the ratios and the model rows per image. The bare forward replays the diffusion model's call with
+    exactly the inputs ADD KSampler gave it (latent, timestep, context and, for SDXL, the ADM vector),
+    so any UNet family works. Run under torch.inference_mode."""
+    import comfy.model_management
+    import comfy.samplers
+    from comfy_extras.nodes_custom_sampler import SamplerCustom, SDTurboScheduler
     from scripts.comfy_host import import_comfy, plugin_module
 
-    comfy_nodes = import_comfy(cpu=(a.device == "cpu"))
-    import comfy.model_management
+    comfy_nodes = import_comfy()
+    ns = plugin_module("nodes.sampling")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    unet = model.model.diffusion_model
+
+    def add_ks():
+        return ns.ADDKSampler().sample(model, positive, latent, 0, steps, "add_trailing", "", 1.0)
+
+    seen = {}
+
+    def grab(_module, args, kwargs):
+        if not seen:
+            seen.update(x=args[0].clone(), t=args[1].clone(), context=kwargs.get("context"), y=kwargs.get("y"))
+    h = unet.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        add_ks()
+    finally:
+        h.remove()
+    extra = {"y": seen["y"]} if seen["y"] is not None else {}
+
+    def bare():
+        comfy.model_management.load_models_gpu([model])
+        unet(seen["x"], seen["t"], context=seen["context"], **extra)
+
+    def core_sc():
+        sig = SDTurboScheduler.execute(model, steps, 1.0)
+        sig = (sig.result if hasattr(sig, "result") else sig)[0]
+        SamplerCustom.execute(model, True, 0, 1.0, positive, negative, comfy.samplers.sampler_object("euler_ancestral"),
+                              sig, latent)
+
+    contenders = {"bare forward": bare, "ADD KSampler": add_ks, "core SamplerCustom": core_sc}
+    times = {k: [] for k in contenders}
+    for fn in contenders.values():  # warm-up (allocations, kernel selection)
+        fn()
+    sync()
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+
+    # model rows evaluated per image
+    rows = {"add": [], "core": []}
+    for key, run in (("add", add_ks),
+                     ("core", lambda: comfy_nodes.common_ksampler(model, 0, steps, 7.0, "euler_ancestral", "simple",
+                                                                  positive, negative, latent))):
+        h = unet.register_forward_pre_hook(lambda m, args, k=key: rows[k].append(int(args[0].shape[0])))
+        try:
+            run()
+        finally:
+            h.remove()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"seconds": med, "overhead": med["ADD KSampler"] / (steps * med["bare forward"]),
+            "vs_core": med["ADD KSampler"] / med["core SamplerCustom"], "evals": sum(rows["add"]) / sum(rows["core"]),
+            "rows": rows}
+
+
+def main(argv=None) -> None:
+    a = _parse(argv)
+    from scripts.comfy_host import import_comfy
+
+    import_comfy(cpu=(a.device == "cpu"))
     import comfy.utils
-    from comfy_extras.nodes_custom_sampler import SamplerCustom, SDTurboScheduler
-    import comfy.samplers
 
     comfy.utils.PROGRESS_BAR_ENABLED = False  # console tqdm off for every contender alike
-    ns = plugin_module("nodes.sampling")
-
     model = _load_model(a.realistic)
     lat_side = a.size // 8
     gen = torch.Generator().manual_seed(0)
     positive = [[torch.randn(1, 77, 768, generator=gen) * 0.5, {}]]
     negative = [[torch.zeros(1, 77, 768), {}]]
     latent = {"samples": torch.zeros(1, 4, lat_side, lat_side)}
-    sync = torch.cuda.synchronize if a.device == "cuda" and torch.cuda.is_available() else (lambda: None)
-
-    dev = model.load_device
-    unet = model.model.diffusion_model
-    x_bare = torch.randn(1, 4, lat_side, lat_side, generator=gen).to(dev)
-    t_bare = torch.full((1,), 999.0, device=dev)
-    ctx = positive[0][0].to(dev)
-
-    def bare():
-        comfy.model_management.load_models_gpu([model])
-        unet(x_bare.to(model.model_dtype()), t_bare, context=ctx.to(model.model_dtype()))
-
-    def add_ks():
-        ns.ADDKSampler().sample(model, positive, latent, 0, a.steps, "add_trailing", "", 1.0)
-
-    def core_sc():
-        sig = SDTurboScheduler.execute(model, a.steps, 1.0)
-        sig = (sig.result if hasattr(sig, "result") else sig)[0]
-        SamplerCustom.execute(model, True, 0, 1.0, positive, negative, comfy.samplers.sampler_object("euler_ancestral"), sig, latent)
-
-    contenders = {"bare forward": bare, "ADD KSampler": add_ks, "core SamplerCustom": core_sc}
-    times = {k: [] for k in contenders}
+    cuda = a.device == "cuda" and torch.cuda.is_available()
     with torch.inference_mode():
-        for fn in contenders.values():  # warm-up (allocations, kernel selection)
-            fn()
-        sync()
-        for _ in range(a.repeats):
-            for name, fn in contenders.items():
-                sync()
-                t0 = time.perf_counter()
-                fn()
-                sync()
-                times[name].append(time.perf_counter() - t0)
-
-        # model rows evaluated per image
-        rows = {"add": [], "core": []}
-        for key, run in (("add", add_ks),
-                         ("core", lambda: comfy_nodes.common_ksampler(model, 0, a.steps, 7.0, "euler_ancestral", "simple",
-                                                                      positive, negative, latent))):
-            h = unet.register_forward_pre_hook(lambda m, args, k=key: rows[k].append(int(args[0].shape[0])))
-            try:
-                run()
-            finally:
-                h.remove()
-
-    med = {k: statistics.median(v) for k, v in times.items()}
-    overhead = med["ADD KSampler"] / (a.steps * med["bare forward"])
-    vs_core = med["ADD KSampler"] / med["core SamplerCustom"]
-    evals = sum(rows["add"]) / sum(rows["core"])
+        res = measure(model, positive, negative, latent, a.steps, a.repeats, cuda)
+    med, overhead, vs_core, evals, rows = res["seconds"], res["overhead"], res["vs_core"], res["evals"], res["rows"]
+    dev = model.load_device
     kind = "realistic SD1.5 UNet" if a.realistic else "tiny SD1.5 UNet"
     print(f"\nADD sampling benchmark: {kind}, {a.size}x{a.size} (latent {lat_side}x{lat_side}), batch 1, "
           f"{a.steps} steps, device {dev}, {a.repeats} repeats, medians")

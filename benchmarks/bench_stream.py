@@ -63,6 +63,72 @@ def _clip(frames: int, hw: int, seed: int = 0, drift: float = 0.05) -> torch.Ten
     return base + torch.cumsum(steps, dim=0)
 
 
+def per_frame_run(m, positive, clip: torch.Tensor, sigmas, vae, pixels: torch.Tensor | None = None):
+    """A callable: per-frame ADD sampling of the clip (n sequential model calls per frame), every
+    output TinyVAE-decoded; with ``pixels`` (frames, H, W, 3) each frame is TinyVAE-encoded first
+    (then ``clip`` is ignored). Returns the latents and images."""
+    from scripts.comfy_host import plugin_module
+
+    ns, tv = plugin_module("nodes.sampling"), plugin_module("nodes.tiny_vae")
+    n = clip.shape[0] if pixels is None else pixels.shape[0]
+
+    def run():
+        outs, imgs = [], []
+        for i in range(n):
+            lat = clip[i:i + 1] if pixels is None else tv.tiny_encode(vae, pixels[i:i + 1])
+            outs.append(ns.add_sample(m, positive, {"samples": lat}, 0, sigmas)["samples"])
+            imgs.append(tv.tiny_decode(vae, outs[-1]))
+        return torch.cat(outs), imgs
+    return run
+
+
+def stream_run(m, positive, clip: torch.Tensor, sigmas, vae, fb: int, key: str = "bench",
+               pixels: torch.Tensor | None = None):
+    """A callable: ADD Stream Batch's engine over the clip (mode batch, flushed, ``fb`` new frames per
+    call, fixed noise), every output TinyVAE-decoded; with ``pixels`` every frame is TinyVAE-encoded
+    first, one at a time as frames arrive. Returns the latents and images."""
+    from scripts.comfy_host import plugin_module
+
+    st, tv = plugin_module("nodes.stream"), plugin_module("nodes.tiny_vae")
+    opts = st.StreamOptions(seed=0, noise="fixed", frames_per_call=fb, live=False, batched=True)
+
+    def run():
+        lat = clip if pixels is None else torch.cat([tv.tiny_encode(vae, pixels[i:i + 1])
+                                                     for i in range(pixels.shape[0])])
+        out, _report, _state = st.run_stream(m, positive, {"samples": lat}, sigmas, opts, (key, str(fb), ""))
+        return out["samples"], [tv.tiny_decode(vae, out["samples"][i:i + 1]) for i in range(lat.shape[0])]
+    return run
+
+
+def count_calls(make_run, m) -> int:
+    """Diffusion-model calls one run of ``make_run(model)`` makes (a UNet wrapper counts; untimed)."""
+    counted = m.clone()
+    n = [0]
+
+    def wrapper(apply_model, args):
+        n[0] += 1
+        return apply_model(args["input"], args["timestep"], **args["c"])
+    counted.set_model_unet_function_wrapper(wrapper)
+    make_run(counted)()
+    return n[0]
+
+
+def time_rounds(runs: dict, frames: int, rounds: int, sync) -> dict:
+    """{name: [frames/s per round]}: one warm-up run each (graph capture, compilation), then rounds
+    that alternate the contenders (A B C A B C ...)."""
+    for run in runs.values():
+        run()
+    fps = {k: [] for k in runs}
+    for _ in range(rounds):
+        for k, run in runs.items():
+            sync()
+            t0 = time.perf_counter()
+            run()
+            sync()
+            fps[k].append(frames / (time.perf_counter() - t0))
+    return fps
+
+
 def main(argv=None) -> int:
     a = _parse(argv)
     from scripts.comfy_host import import_comfy, plugin_module
@@ -91,29 +157,10 @@ def main(argv=None) -> int:
         models[" + fast path"] = fp.apply_fast_path(model, "cuda_graph", "default", 4)
 
     def per_frame(m, sigmas):
-        def run():
-            outs = [ns.add_sample(m, positive, {"samples": clip[i:i + 1]}, 0, sigmas)["samples"] for i in range(a.frames)]
-            return [tv.tiny_decode(vae, o) for o in outs]
-        return run
+        return per_frame_run(m, positive, clip, sigmas, vae)
 
     def stream(m, sigmas, fb):
-        opts = st.StreamOptions(seed=0, noise="fixed", frames_per_call=fb, live=False, batched=True)
-
-        def run():
-            out, _report, _state = st.run_stream(m, positive, {"samples": clip}, sigmas, opts, ("bench", str(fb), ""))
-            return [tv.tiny_decode(vae, out["samples"][i:i + 1]) for i in range(a.frames)]
-        return run
-
-    def count_calls(fn, m) -> int:
-        counted = m.clone()
-        n = [0]
-
-        def wrapper(apply_model, args):
-            n[0] += 1
-            return apply_model(args["input"], args["timestep"], **args["c"])
-        counted.set_model_unet_function_wrapper(wrapper)
-        fn(counted)
-        return n[0]
+        return stream_run(m, positive, clip, sigmas, vae, fb)
 
     dev = model.load_device
     print(f"\nADD stream benchmark: {label}, {a.width}x{a.width} img2img, {a.frames} frames per clip + TinyVAE decode "
@@ -135,17 +182,8 @@ def main(argv=None) -> int:
             runs = {k: (f(m, sigmas) if fb is None else f(m, sigmas, fb)) for k, (f, m, fb) in contenders.items()}
             calls = {}
             for k, (f, m, fb) in contenders.items():
-                calls[k] = count_calls(lambda mm: (f(mm, sigmas) if fb is None else f(mm, sigmas, fb))(), m)
-            for run in runs.values():  # warm-up (and graph capture)
-                run()
-            fps = {k: [] for k in runs}
-            for _ in range(a.rounds):
-                for k, run in runs.items():
-                    sync()
-                    t0 = time.perf_counter()
-                    run()
-                    sync()
-                    fps[k].append(a.frames / (time.perf_counter() - t0))
+                calls[k] = count_calls(lambda mm: (f(mm, sigmas) if fb is None else f(mm, sigmas, fb)), m)
+            fps = time_rounds(runs, a.frames, a.rounds, sync)
             base = statistics.median(fps["per-frame"])
             for k in runs:
                 rows = (a.frames * steps) / calls[k]

@@ -14,6 +14,7 @@ torch.cuda.max_memory_allocated minus what was allocated before.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -75,17 +76,23 @@ def _peak_rss() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status: the CPU memory column needs Linux")
 
 
-def _build_kl_vae(device):
-    """comfy.sd.VAE detecting the SD KL VAE from a real-layout state dict (seeded values)."""
-    import comfy.sd
+@functools.lru_cache(maxsize=1)
+def _kl_state_dict() -> dict:
+    """The SD KL VAE's state dict in the real key layout, seeded values (made once per process: the GPU
+    suite measures several batches in one process)."""
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
     from scripts.tiny_models import init_module_
 
     kl = init_module_(AutoencoderKL(ddconfig=SD_VAE_CONFIG, embed_dim=4), seed=7)
-    sd = {k: v.detach().clone() for k, v in kl.state_dict().items()}
-    del kl
-    return comfy.sd.VAE(sd=sd, device=device)
+    return {k: v.detach().clone() for k, v in kl.state_dict().items()}
+
+
+def _build_kl_vae(device):
+    """comfy.sd.VAE detecting the SD KL VAE from a real-layout state dict (seeded values)."""
+    import comfy.sd
+
+    return comfy.sd.VAE(sd=dict(_kl_state_dict()), device=device)
 
 
 def _build_tiny_vae(tiny: dict):
@@ -103,8 +110,8 @@ def _build_tiny_vae(tiny: dict):
     return vae, tv
 
 
-def worker(kind: str, batch: int, size: int, repeats: int, device: str) -> dict:
-    """One (decoder, batch) measurement in this process; returns seconds, peak bytes, params."""
+def worker(kind: str, batch: int, size: int, repeats: int, device: str, op: str = "decode") -> dict:
+    """One (VAE, batch, decode or encode) measurement in this process; returns seconds, peak bytes, params."""
     import torch
 
     from scripts.comfy_host import import_comfy
@@ -118,14 +125,22 @@ def worker(kind: str, batch: int, size: int, repeats: int, device: str) -> dict:
     if kind == "kl":
         vae = _build_kl_vae(dev)
         decode = lambda z: nodes.VAEDecode().decode(vae, {"samples": z})[0]  # noqa: E731
+        encode = lambda px: nodes.VAEEncode().encode(vae, px)[0]["samples"]  # noqa: E731
     else:
         vae, tv = _build_tiny_vae(tiny)
-        node = tv.ADDTinyVAEDecode()
-        decode = lambda z: node.decode({"samples": z}, vae, 8, "auto")[0]  # noqa: E731
+        dec_node, enc_node = tv.ADDTinyVAEDecode(), tv.ADDTinyVAEEncode()
+        decode = lambda z: dec_node.decode({"samples": z}, vae, 8, "auto")[0]  # noqa: E731
+        encode = lambda px: enc_node.encode(px, vae, 8, "auto")[0]["samples"]  # noqa: E731
     params = sum(p.numel() for p in vae.first_stage_model.parameters())
-    z = torch.randn(batch, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    if op == "encode":
+        fn, x, warm = encode, torch.rand(batch, size, size, 3, generator=g), torch.rand(1, 64, 64, 3, generator=g)
+        want = (batch, 4, size // 8, size // 8)
+    else:
+        fn, x, warm = decode, torch.randn(batch, 4, size // 8, size // 8, generator=g), torch.randn(1, 4, 8, 8)
+        want = (batch, size, size, 3)
     with torch.inference_mode():
-        decode(torch.randn(1, 4, 8, 8))  # warm-up: weights onto the device, kernels chosen
+        fn(warm)  # warm-up: weights onto the device, kernels chosen
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -138,11 +153,11 @@ def worker(kind: str, batch: int, size: int, repeats: int, device: str) -> dict:
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            img = decode(z)
+            out = fn(x)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
-        assert img.shape == (batch, size, size, 3), img.shape
+        assert tuple(out.shape) == want, (tuple(out.shape), want)
         peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda" else _peak_rss()) - base
     mm.soft_empty_cache()
     return {"seconds": statistics.median(times), "peak_bytes": max(peak, 0), "params": params}

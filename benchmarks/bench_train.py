@@ -68,16 +68,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_lora import SD15_REAL_CONFIG, _reset_peak_rss, _scratch, _status  # noqa: E402
+from benchmarks.bench_lora import _reset_peak_rss, _scratch, _status  # noqa: E402
 
-SDXL_REAL_CONFIG = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 320,
-    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
-    "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
-    "num_heads": -1, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "use_temporal_attention": False,
-    "use_temporal_resblock": False,
-}
 CASES = ("add_shared", "add_separate", "core")
 CASE_LABEL = {"add_shared": "ADD, LoRA shares teacher", "add_separate": "ADD, separate teacher copy",
               "core": "core TrainLoraNode"}
@@ -89,37 +81,27 @@ PROMPT = "a cinematic photo of a red fox in the snow"
 # ============================================================================================
 def _load(kind: str, dtype_name: str):
     """(ModelPatcher, CLIP or None): the tiny SD1.5 checkpoint, or SD1.5/SDXL-shaped UNets of real width
-    and depth (ComfyUI's own classes, seeded random weights; time and memory do not depend on values).
-    The SD1.5-shaped UNet gets the tiny checkpoint's CLIP (the complete CLIP-L); SDXL gets none."""
+    and depth (``benchmarks.unets``: ComfyUI's own classes, seeded random weights; time and memory do not
+    depend on values), or ``tiny_sd15`` / ``tiny_sdxl`` (those paths at test size). The SD1.5-shaped UNets
+    get the tiny checkpoint's CLIP (the complete CLIP-L); SDXL gets none."""
     import torch
 
-    import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.sd
-    import comfy.supported_models
     from scripts.tiny_models import build_all
 
     tiny = str(build_all()["tiny_sd15"])
     if kind == "tiny":
         model, clip = comfy.sd.load_checkpoint_guess_config(tiny, output_vae=False)[:2]
         return model, clip
+    from benchmarks import unets
+
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
-    cfg = dict(SD15_REAL_CONFIG if kind == "sd15" else SDXL_REAL_CONFIG)
-    mc = (comfy.supported_models.SD15 if kind == "sd15" else comfy.supported_models.SDXL)(cfg)
-    mc.set_inference_dtype(dtype, None)
-    with torch.inference_mode(False):
-        model = mc.get_model({})
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for name, p in model.diffusion_model.named_parameters():
-                if p.ndim >= 2:
-                    p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-                else:
-                    p.fill_(1.0 if "norm" in name else 0.0)
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                               offload_device=mm.unet_offload_device())
+    family, tiny_unet = {"sd15": ("sd15", False), "sdxl": ("sdxl", False), "tiny_sd15": ("sd15", True),
+                         "tiny_sdxl": ("sdxl", True)}[kind]
+    # random values drawn on the GPU when there is one (SDXL's 2.6 G take a minute on a CPU core)
+    patcher = unets.build(family, dtype=dtype, tiny=tiny_unet)
     clip = None
-    if kind == "sd15":
+    if family == "sd15":
         clip = comfy.sd.load_checkpoint_guess_config(tiny, output_vae=False, output_model=False)[1]
     return patcher, clip
 
@@ -494,7 +476,7 @@ def _timed_prompt(client, prompt: dict) -> float:
 JOB_SIZE, JOB_BATCH = 64, 2
 
 
-def _train_prompt(client, name: str, mode: str, data: str = "teacher") -> dict:
+def _train_prompt(client, name: str, mode: str, data: str = "teacher", overrides: dict | None = None) -> dict:
     """API prompt: CheckpointLoaderSimple (-> LoadImage) -> ADD Train with the node's defaults (read from
     /object_info: its prompts, rank, timesteps, teacher-data settings, ...) except small images and batch,
     many steps and the run mode. ``data``: 'teacher' = no dataset, the teacher generates the training
@@ -504,6 +486,7 @@ def _train_prompt(client, name: str, mode: str, data: str = "teacher") -> dict:
               if len(v) > 1 and isinstance(v[1], dict) and "default" in v[1]}
     inputs.update(model=["1", 0], clip=["1", 1], name=name, max_steps=1_000_000, batch_size=JOB_BATCH, width=JOB_SIZE,
                   height=JOB_SIZE, discriminator="teacher", run_mode=mode)
+    inputs.update(overrides or {})
     p = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
          "2": {"class_type": "ADDTrain", "inputs": inputs}}
     if data == "images":
@@ -544,11 +527,12 @@ def part_latency(a) -> None:
           "shares the device with at most the rest of one iteration; alongside: the job never waits.")
 
 
-def _latency_blocks(a, srv, n: int, rounds: int) -> tuple[dict, dict]:
+def _latency_blocks(a, srv, n: int, rounds: int, keys: list[str] | None = None) -> tuple[dict, dict]:
+    """Prompt latencies with no job and with a job per ``keys`` entry ('mode/data'; default by --quick)."""
     from scripts.workflow_api import load, to_api
 
     client = srv.client
-    job_defaults = _train_prompt(client, "x", "polite")["2"]["inputs"]
+    job_defaults = _train_prompt(client, "x", "polite", overrides=getattr(a, "job_inputs", None))["2"]["inputs"]
     print(f"\n## Foreground latency: workflows/sd_turbo_txt2img_1step.json (tiny SD1.5 stand-in, 1-step ADD KSampler, "
           f"{a.fg_size}x{a.fg_size}, TinyVAE decode, Save Image; a new seed each time) while an ADD Train job trains "
           f"the tiny SD1.5 (node defaults but {JOB_SIZE}x{JOB_SIZE}, batch {JOB_BATCH}: rank "
@@ -581,7 +565,7 @@ def _latency_blocks(a, srv, n: int, rounds: int) -> tuple[dict, dict]:
 
     def job_block(mode: str, data: str, k: int) -> tuple[list[float], dict]:
         name = f"bench_{mode}_{data}_{k}"
-        hist = client.run(_train_prompt(client, name, mode, data), timeout=600)
+        hist = client.run(_train_prompt(client, name, mode, data, getattr(a, "job_inputs", None)), timeout=600)
         if hist["status"]["status_str"] != "success":
             raise RuntimeError(f"ADD Train prompt failed: {json.dumps(hist['status'])[:3000]}")
         job_id = next(j["id"] for j in client.get("/add/jobs")["jobs"] if j["name"] == name)
@@ -599,7 +583,8 @@ def _latency_blocks(a, srv, n: int, rounds: int) -> tuple[dict, dict]:
             time.sleep(0.1)
         return times, {"it_s": before["it_s"], "steps": after["step"] - before["step"], "span": span}
 
-    keys = ["polite/teacher", "alongside/teacher"] + ([] if a.quick else ["polite/images"])
+    if keys is None:
+        keys = ["polite/teacher", "alongside/teacher"] + ([] if a.quick else ["polite/images"])
     t: dict[str, list] = {"idle": [], **{k: [] for k in keys}}
     info: dict[str, list] = {k: [] for k in keys}
     prompt()  # warm-up: loads the checkpoint, CLIP and the TinyVAE

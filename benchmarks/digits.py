@@ -219,28 +219,32 @@ def _log(msg: str) -> None:
 
 
 def train_teacher(size: Size, x: torch.Tensor, y: torch.Tensor, clip: ClassEmbeddingCLIP,
-                  log: Callable[[str], None] = _log) -> dict:
+                  log: Callable[[str], None] = _log, device: str | torch.device = "cpu") -> dict:
     """Eps-prediction training of the digit UNet through ComfyUI's ``apply_model`` (SD's discrete
-    schedule, t ~ U{0..999}), classes dropped to the empty prompt with ``class_dropout`` (for CFG).
-    Returns the EMA weights (state dict of ``diffusion_model``)."""
+    schedule, t ~ U{0..999}), classes dropped to the empty prompt with ``class_dropout`` (for CFG),
+    on ``device`` (batches are drawn on the CPU, so the draws do not depend on it).
+    Returns the EMA weights (state dict of ``diffusion_model``, on the CPU)."""
     torch.manual_seed(size.seed)
+    dev = torch.device(device)
     mp = model_patcher(size)
-    base = mp.model
+    base = mp.model.to(dev)
     unet = base.diffusion_model
     unet.train().requires_grad_(True)
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     opt = torch.optim.AdamW(unet.parameters(), lr=size.teacher_lr, weight_decay=0.0)
-    sigmas = base.model_sampling.sigmas.float()
+    sigmas = base.model_sampling.sigmas.float().cpu()
+    context = clip.context.to(dev)
     g = torch.Generator().manual_seed(size.seed)
     t0 = time.perf_counter()
     for it in range(size.teacher_iters):
         idx = torch.randint(0, x.shape[0], (size.teacher_batch,), generator=g)
         x0, cls = x[idx], y[idx].clone()
         cls[torch.rand(cls.shape, generator=g) < size.class_dropout] = CLASSES
-        ctx = clip.context[cls]
+        ctx = context[cls.to(dev)]
         t = torch.randint(0, len(sigmas), (x0.shape[0],), generator=g)
         sigma = sigmas[t]
         eps = torch.randn(x0.shape, generator=g)
+        x0, sigma, eps = x0.to(dev), sigma.to(dev), eps.to(dev)
         xt = x0 + sigma.view(-1, 1, 1, 1) * eps
         x0_hat = base.apply_model(xt, sigma, c_crossattn=ctx, transformer_options={})
         eps_hat = (xt - x0_hat) / sigma.view(-1, 1, 1, 1)
@@ -261,7 +265,7 @@ def train_teacher(size: Size, x: torch.Tensor, y: torch.Tensor, clip: ClassEmbed
                     ema[k].copy_(v)
         if (it + 1) % max(1, size.teacher_iters // 10) == 0:
             log(f"teacher {it + 1}/{size.teacher_iters}: loss {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)")
-    return ema
+    return {k: v.cpu() for k, v in ema.items()}
 
 
 class Classifier(nn.Module):
@@ -558,7 +562,7 @@ def train_student(mp, clip: ClassEmbeddingCLIP, size: Size, lora_path: str, *, d
     tr_run = plugin_module("training.run")
     tr_schedule = plugin_module("training.schedule")
 
-    device = device or torch.device("cpu")
+    device = torch.device(device) if device is not None else torch.device("cpu")
     t_max = len(adapter.schedule_sigmas(mp)) - 1
     cfg = tr_config.ADDConfig(
         student_timesteps=(999, 749, 499, 249), num_train_timesteps=t_max + 1, lora_rank=size.lora_rank,
@@ -595,7 +599,7 @@ def train_student(mp, clip: ClassEmbeddingCLIP, size: Size, lora_path: str, *, d
         cond, pooled = bank.encode([PROMPTS[int(c)] for c in y_tr], device)
 
         def data_factory(_teacher):
-            return tr_data.LatentDataset(x_tr.clone(), cond=cond, pooled=pooled, uncond=bank.uncond_on(device))
+            return tr_data.LatentDataset(x_tr.to(device), cond=cond, pooled=pooled, uncond=bank.uncond_on(device))
     else:
         raise ValueError(f"data must be 'teacher', 'teacher_live' or 'real', got {data!r}")
     spec = tr_run.RunSpec(
