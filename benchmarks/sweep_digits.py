@@ -287,6 +287,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reduced", action="store_true", help="the reduced sizes (teacher, samples per class)")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--report", action="store_true", help="only write the CSV, plot and tables of what has run")
     ap.add_argument("--worker", nargs=3, metavar=("NAME", "OVERRIDES_JSON", "SEED"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     out = Path(args.out) / args.sweep
@@ -321,7 +322,7 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     jobs = args.jobs or (4 if args.device.startswith("cuda") else 2)
     todo = [(c, o, s) for c, o in configs.items() for s in seeds
-            if not (out / "runs" / f"{c}-s{s}.done").is_file()]
+            if not (out / "runs" / f"{c}-s{s}.done").is_file()] if not args.report else []
     out.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 2) // jobs) if not args.device.startswith("cuda") else 2
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
