@@ -188,26 +188,11 @@ class LoRAStudent:
         adapters OFF; recomputing it with them on would give wrong gradients). Forward hooks on
         the named modules themselves (feature capture) are not re-run.
         """
-        modules = dict(self.network.named_modules())
-        missing = [n for n in module_names if n not in modules]
-        if missing:
-            raise ValueError(f"gradient checkpointing: no submodule named {missing[:3]} in the network.")
-        for name in module_names:
-            module = modules[name]
-            forward = module.forward
+        def around() -> Callable[[], Any]:
+            flag = self._enabled  # as in the original forward
+            return lambda: self.adapters_enabled(flag)
 
-            def checkpointed(*args: Any, _forward=forward, **kwargs: Any) -> Any:
-                if not torch.is_grad_enabled():
-                    return _forward(*args, **kwargs)
-                flag = self._enabled
-
-                def run(*a: Any) -> Any:
-                    with self.adapters_enabled(flag):
-                        return _forward(*a, **kwargs)
-                return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
-
-            module.forward = checkpointed
-            self._checkpointed.append((module, forward))
+        self._checkpointed += checkpoint_forwards(self.network, module_names, around=around)
 
 
 class FullStudent:
@@ -288,9 +273,14 @@ class FullStudent:
         self._checkpointed = []
 
 
-def checkpoint_forwards(network: nn.Module, module_names: Sequence[str]) -> list[tuple[nn.Module, Callable]]:
+def checkpoint_forwards(network: nn.Module, module_names: Sequence[str],
+                        around: Callable[[], Any] | None = None) -> list[tuple[nn.Module, Callable]]:
     """Wrap the named submodules' forwards in non-reentrant ``torch.utils.checkpoint`` (activations
-    recomputed in backward); -> the (module, original forward) pairs to restore."""
+    recomputed in backward); -> the (module, original forward) pairs to restore.
+
+    ``around()`` is called at forward time and returns a maker of the context manager that the
+    forward and its recomputation each run inside (the LoRA student: the adapters switched as they
+    were in the original forward)."""
     modules = dict(network.named_modules())
     missing = [n for n in module_names if n not in modules]
     if missing:
@@ -303,7 +293,12 @@ def checkpoint_forwards(network: nn.Module, module_names: Sequence[str]) -> list
         def checkpointed(*args: Any, _forward=forward, **kwargs: Any) -> Any:
             if not torch.is_grad_enabled():
                 return _forward(*args, **kwargs)
-            return torch.utils.checkpoint.checkpoint(lambda *a: _forward(*a, **kwargs), *args, use_reentrant=False)
+            make = around() if around is not None else contextlib.nullcontext
+
+            def run(*a: Any) -> Any:
+                with make():
+                    return _forward(*a, **kwargs)
+            return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
 
         module.forward = checkpointed
         done.append((module, forward))
