@@ -22,7 +22,7 @@ the headless trainer and the digits proof all build their runs through it:
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 

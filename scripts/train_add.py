@@ -336,7 +336,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(settings: dict, dist_env, device, plugin_module) -> int:
-    import torch
     import comfy.sd
 
     T = plugin_module("nodes.train")
