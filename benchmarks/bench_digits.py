@@ -119,7 +119,7 @@ def run(size: D.Size, out_dir: Path, log=D._log, rows_wanted: set[str] | None = 
             "per_seed": per_seed, "meta": meta, "seconds": time.perf_counter() - t_start, "teacher_s": teacher_s}
 
 
-def run_parallel(size: D.Size, out_dir: Path, seeds: tuple[int, ...], jobs: int) -> dict:
+def run_parallel(size: D.Size, out_dir: Path, seeds: tuple[int, ...], jobs: int, sets: list[str] = ()) -> dict:
     """:func:`run` once per seed in ``jobs`` processes at a time (one thread each), merged as one result."""
     import json
     import subprocess
@@ -132,6 +132,7 @@ def run_parallel(size: D.Size, out_dir: Path, seeds: tuple[int, ...], jobs: int)
             s = pending.pop(0)
             cmd = [sys.executable, "-m", "benchmarks.bench_digits", "--seeds", str(s), "--out", str(parts[s]),
                    "--json", str(parts[s] / "result.json")] + (["--reduced"] if size.name == "reduced" else [])
+            cmd += [x for a in sets for x in ("--set", a)]
             parts[s].mkdir(parents=True, exist_ok=True)
             log = open(parts[s] / "log.txt", "w", encoding="utf-8")
             procs.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), s, log))
@@ -264,11 +265,19 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0,1", help="student / sampling seeds; every figure is their mean ± half spread")
     ap.add_argument("--jobs", type=int, default=1, help="seeds run in this many processes at once (one thread each)")
     ap.add_argument("--json", default="", help=argparse.SUPPRESS)  # a seed's raw metrics, for --jobs
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                    help="change a field of the size, e.g. --set adv_grad_balance=1 (the teacher's fields keep the cache)")
     args = ap.parse_args(argv)
     size = D.REDUCED if args.reduced else D.FULL
+    if args.set:
+        import dataclasses
+        import json
+
+        changes = {k: json.loads(v) for k, _, v in (a.partition("=") for a in args.set)}
+        size = dataclasses.replace(size, **changes)
     seeds = tuple(int(s) for s in args.seeds.split(","))
     if args.jobs > 1 and len(seeds) > 1:
-        result = run_parallel(size, Path(args.out), seeds, args.jobs)
+        result = run_parallel(size, Path(args.out), seeds, args.jobs, args.set)
     else:
         result = run(size, Path(args.out), seeds=seeds)
     if args.json:

@@ -76,6 +76,7 @@ class Size:
     ema_decay: float | None = 0.99  # the student's EMA (sweeps: the largest single gain at 1 step)
     disc_norm: str = "sample"
     disc_features: str = "input+encoder"  # ADDConfig.disc_features: the input convolution lets D see pixel noise
+    adv_grad_balance: float = 0.0  # ADDConfig.adv_grad_balance (0 = off)
     lr_schedule: str = "cosine"  # ADDConfig.lr_schedule: 'constant' | 'cosine' (to 0 at the last step)
     distill_cfg: float = 1.0  # CFG of the teacher's distillation target (ADD Train's distill_cfg default)
     per_class: int = 100  # samples per class per row
@@ -572,7 +573,7 @@ def train_student(mp, clip: ClassEmbeddingCLIP, size: Size, lora_path: str, *, d
         max_steps=int(steps or size.add_steps), save_every=save_every, preview_every=0,
         teacher_timestep_range=(1, t_max), disc_timestep_range=(0, size.disc_t_hi),
         disc_spectral_norm=size.spectral_norm, ema_decay=size.ema_decay, disc_norm=size.disc_norm,
-        disc_features=size.disc_features,
+        disc_features=size.disc_features, adv_grad_balance=size.adv_grad_balance,
         training_mode=size.training_mode, lr_full=size.lr_full)
     if overrides:
         cfg = cfg.replace(**overrides)
