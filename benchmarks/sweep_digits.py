@@ -40,14 +40,15 @@ OUT = ROOT / "out" / "sweeps"
 # --------------------------------------------------------------------------------------------
 # the configurations tried (README_digits.md records what each showed)
 # --------------------------------------------------------------------------------------------
-BASE: dict[str, Any] = {}  # benchmarks.digits.FULL as it is
+BASE: dict[str, Any] = {}  # benchmarks.digits.FULL as it is (since the 'critic' sweep: EMA + input features)
 
 SWEEPS: dict[str, dict[str, dict[str, Any]]] = {
-    # Does longer training help or hurt, and is the adversarial part the cause?
+    # Does longer training help or hurt, and is the adversarial part the cause? (--steps 1000 or more)
     "length": {
         "add": {},
         "distill_only": {"adv_weight": 0.0},
         "adv_only": {"distill_weight": 0.0},
+        "balance1": {"adv_grad_balance": 1.0},
     },
     # One seed each, 300 steps: what the discriminator sees, its regularisation, the student's EMA.
     "scan": {
