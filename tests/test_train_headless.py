@@ -122,6 +122,22 @@ def test_bad_configs_fail_before_training_naming_the_key_or_file(tiny, comfy, tm
     assert time.time() - t0 < 60  # no model was loaded
 
 
+def test_preset_fills_the_fields_it_names_and_the_files_own_keys_win(tiny, comfy, tmp_path):
+    from scripts.train_add import ConfigError, check_config
+    from training.presets import preset_fields
+
+    out = tmp_path / "p"
+    settings = check_config(json.loads(config(tiny, tmp_path / "p.json", out, preset="small_data",
+                                              lr_lora=5e-4).read_text()))
+    small = preset_fields("small_data")
+    assert settings["train"]["ema_decay"] == small["ema_decay"]
+    assert settings["train"]["disc_features"] == small["disc_features"]
+    assert small["lr_lora"] == 1e-3 and settings["train"]["lr_lora"] == 5e-4  # the file's own key wins
+    assert settings["train"]["lora_rank"] == 4
+    with pytest.raises(ConfigError, match=r"preset 'fast' is not known"):
+        check_config(json.loads(config(tiny, tmp_path / "q.json", out, preset="fast").read_text()))
+
+
 def test_two_ranks_equal_one_process_and_resume_across_world_sizes(tiny, comfy, plugin, loras_dir, tmp_path):
     # A: torchrun, 2 ranks x batch 2; B: one process running the same 2 data streams
     a, b = loras_dir / "ddp_a.safetensors", loras_dir / "ddp_b.safetensors"
