@@ -234,7 +234,9 @@ class ADDTrain:
             "student_timesteps": ("STRING", _tip("Timesteps the student learns to denoise from in one step; sample the "
                                                  "trained LoRA with the same ones (ADD Scheduler 'custom'). Default: the "
                                                  "paper's 4 steps.", default="999,749,499,249")),
-            "lora_rank": ("INT", _tip("LoRA rank (capacity and file size).", default=16, min=1, max=256)),
+            "lora_rank": ("INT", _tip("LoRA rank (capacity and file size). With training_mode full: the rank the "
+                                      "fine-tune is exported at (higher = closer to the student).", default=16,
+                                      min=1, max=1024)),
             "lora_alpha": ("FLOAT", _tip("LoRA alpha (scale = alpha / rank); usually equal to the rank.", default=16.0,
                                          min=0.01, max=1024.0, step=0.01)),
             "lr_lora": ("FLOAT", _tip("Student (LoRA) learning rate (AdamW).", default=1e-4, min=1e-7, max=1e-1,

@@ -121,7 +121,7 @@ def test_node_trains_full_reports_the_export_and_refuses_a_mode_change_on_resume
 
     T = plugin("nodes.train")
     model, clip, vae = sd15
-    assert list(T.ADDTrain.INPUT_TYPES()["optional"])[-2:] == ["training_mode", "lr_full"]  # appended last
+    assert list(T.ADDTrain.INPUT_TYPES()["optional"])[-3:] == ["training_mode", "lr_full", "preset"]  # appended last
     run = settings(name="full_node", training_mode="full", lr_full=1e-3, lora_rank=8, lora_alpha=8.0, max_steps=2,
                    save_every=1, preview_every=1)
     job = wait(T.start_training(model=model, clip=clip, vae=vae, **run))
@@ -153,7 +153,7 @@ def test_node_trains_full_reports_the_export_and_refuses_a_mode_change_on_resume
 def test_bad_training_mode_is_named(plugin, sd15, loras_dir):
     T = plugin("nodes.train")
     model, clip, vae = sd15
-    with pytest.raises(ValueError, match=r"training_mode='partial' is invalid: expected one of \('lora', 'full'\)"):
+    with pytest.raises(ValueError, match=r"training_mode is 'partial': expected one of \('lora', 'full'\)"):
         T.start_training(model=model, clip=clip, vae=vae, **settings(name="bad_mode", training_mode="partial"))
 
 

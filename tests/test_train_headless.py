@@ -110,7 +110,7 @@ def test_bad_configs_fail_before_training_naming_the_key_or_file(tiny, comfy, tm
                                 .read_text()))
     with pytest.raises(ConfigError, match=r"'prompts' is empty"):
         check_config(json.loads(config(tiny, tmp_path / "p.json", out, prompts=["", "# comment"]).read_text()))
-    with pytest.raises(ConfigError, match=r"lora_rank is 0: type a whole number from 1 to 256"):
+    with pytest.raises(ConfigError, match=r"lora_rank is 0: type a whole number from 1 to 1024"):
         check_config(json.loads(config(tiny, tmp_path / "r.json", out, lora_rank=0).read_text()))
     # launched on 2 ranks: the first rank to refuse (before ComfyUI is imported or a process group
     # exists) ends the launch; torchrun stops the other

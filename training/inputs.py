@@ -24,7 +24,7 @@ RULES: dict[str, tuple[type, float, float, int, str]] = {
     "data_cfg": (float, 1.0, 30.0, 0, "the teacher's CFG scale for training images; 7 is typical"),
     "data_steps": (int, 1, 200, 1, "teacher sampling steps per training image; 25 is typical"),
     "teacher_cfg_scale": (float, 0.0, 30.0, 0, "CFG of the distillation target; 1 = no CFG"),
-    "lora_rank": (int, 1, 256, 1, "16 is typical"),
+    "lora_rank": (int, 1, 1024, 1, "16 is typical; full mode exports at this rank"),
     "lora_alpha": (float, 0.01, 1024.0, 0, "usually equal to the rank"),
     "lr_lora": (float, 1e-7, 0.1, 0, "1e-4 is typical"),
     "lr_disc": (float, 1e-7, 0.1, 0, "1e-4 is typical"),
