@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     fp = plugin_module("nodes.fast_path")
     ns = plugin_module("nodes.sampling")
     tv = plugin_module("nodes.tiny_vae")
-    files = plugin_module("training.files")
+    files = plugin_module("core.files")
 
     cuda = a.device == "cuda" and torch.cuda.is_available()
     model, label = _load_model(a.model, realistic=cuda, files=files)

@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     ns = plugin_module("nodes.sampling")
     tv = plugin_module("nodes.tiny_vae")
     fp = plugin_module("nodes.fast_path")
-    files = plugin_module("training.files")
+    files = plugin_module("core.files")
 
     cuda = a.device == "cuda" and torch.cuda.is_available()
     model, label = _load_model(a.model, realistic=cuda, files=files)

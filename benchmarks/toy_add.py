@@ -35,7 +35,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from training.toy import run_suite  # noqa: E402
+from scripts.plugin_package import load  # noqa: E402
+
+load()
+from comfyui_add.training.toy import run_suite  # noqa: E402
 
 
 def main() -> None:

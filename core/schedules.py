@@ -35,6 +35,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from .errors import ScheduleError
+
 NUM_TRAIN_TIMESTEPS = 1000
 MIN_STEPS, MAX_STEPS = 1, 4
 LCM_NUM_INFERENCE_STEPS = 50  # StreamDiffusion's default num_inference_steps
@@ -42,11 +44,6 @@ LCM_NUM_INFERENCE_STEPS = 50  # StreamDiffusion's default num_inference_steps
 PRESETS = ("add_trailing", "sdturbo_grid", "custom", "stream_t_index")
 
 
-class ScheduleError(ValueError):
-    """A schedule input that cannot be used; the message names the field and the fix."""
-
-
-ScheduleError.__module__ = "comfyui_add"  # what ComfyUI shows users: not the server's folder
 
 
 # ------------------------------------------------------------------------------------------

@@ -35,6 +35,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .errors import StreamError
+
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x rows, sigma rows) -> x0 rows
 NoiseFn = Callable[[int, int], torch.Tensor]  # (frame, step) -> (1, C, ...) noise for one frame
 Renoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (sigma, noise, x0) -> x
@@ -44,11 +46,6 @@ NOISE_MODES = ("fixed", "per_frame")
 _MASK64 = (1 << 64) - 1
 
 
-class StreamError(ValueError):
-    """A stream setting that cannot be used; the message names the input and the fix."""
-
-
-StreamError.__module__ = "comfyui_add"
 
 
 # ------------------------------------------------------------------------------------------

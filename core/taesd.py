@@ -23,6 +23,8 @@ from typing import Mapping
 
 import torch
 
+from .errors import TAESDError
+
 __all__ = [
     "TAESDError", "Variant", "VARIANTS", "TAESDWeights", "expected_shapes", "split_state_dict",
     "variant_from_name", "resolve_variant", "comfy_state_dict", "pair_files", "check_fits",
@@ -30,11 +32,6 @@ __all__ = [
 ]
 
 
-class TAESDError(ValueError):
-    """A TAESD file or latent that cannot be used, with what to do about it in the message."""
-
-
-TAESDError.__module__ = "comfyui_add"  # what ComfyUI shows users: not the server's folder
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from comfy.patcher_extension import CallbacksMP, WrappersMP
 
 from ..core import fast_path as core
-from ..training import files
+from ..core.errors import ADDError
 
 KEY = "comfyui_add.fast_path"
 MODES = ("off", "cuda_graph", "torch_compile")
@@ -45,25 +45,25 @@ _told_cpu: set[str] = set()
 
 def _check(mode: str, compile_mode: str, cache_size) -> int:
     if mode not in MODES:
-        raise files.ADDError(f"mode is {str(mode)[:60]!r}: pick one of {', '.join(MODES)}.")
+        raise ADDError(f"mode is {str(mode)[:60]!r}: pick one of {', '.join(MODES)}.")
     if compile_mode not in COMPILE_MODES:
-        raise files.ADDError(f"compile_mode is {str(compile_mode)[:60]!r}: pick one of {', '.join(COMPILE_MODES)}.")
+        raise ADDError(f"compile_mode is {str(compile_mode)[:60]!r}: pick one of {', '.join(COMPILE_MODES)}.")
     try:
         size = int(cache_size)
     except (TypeError, ValueError):
         size = 0
     if isinstance(cache_size, bool) or size != cache_size or not 1 <= size <= MAX_CACHE:
-        raise files.ADDError(f"cache_size is {cache_size!r}: type a whole number from 1 to {MAX_CACHE}.")
+        raise ADDError(f"cache_size is {cache_size!r}: type a whole number from 1 to {MAX_CACHE}.")
     return size
 
 
 def _check_model(model) -> None:
     if not hasattr(model, "add_wrapper_with_key") or not hasattr(model, "get_model_object"):
-        raise files.ADDError(f"model is a {type(model).__name__}, not a ComfyUI MODEL: connect a checkpoint loader's "
+        raise ADDError(f"model is a {type(model).__name__}, not a ComfyUI MODEL: connect a checkpoint loader's "
                              "MODEL output.")
     unet = model.get_model_object("diffusion_model")
     if not isinstance(unet, UNetModel):
-        raise files.ADDError(
+        raise ADDError(
             f"model is a {type(unet).__name__} model; the ADD fast path supports UNet models (SD1.x, SD2.x, SDXL, "
             "SD-Turbo, SDXL-Turbo). Remove the node or set mode to off for this model.")
 

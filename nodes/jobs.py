@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..training.files import ADDError
+from ..core.errors import ADDError
 
 log = logging.getLogger("comfyui-add")
 

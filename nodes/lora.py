@@ -29,7 +29,9 @@ import comfy.utils
 import folder_paths
 
 from ..core import lora_keys
-from ..training import files, lora_extract
+from ..core import files
+from ..core.errors import ADDError
+from ..training import lora_extract
 from . import saving
 
 log = logging.getLogger(__name__)
@@ -227,7 +229,7 @@ class LoraMatch:
                 f"({self.info.family_reason}), format {self.info.format}. ")
         name = f"loras/{self.filename}"
         if not self.matched_unet and not self.matched_clip:
-            raise files.ADDError(
+            raise ADDError(
                 f"{name}: No key of this LoRA matches the model ({self.info.n_modules} modules, e.g. {_examples(self.unmatched)}). "
                 + hint + f"Expected module names like: {', '.join(expected)}. "
                 "Load a LoRA made for this model family (or connect the CLIP if it only holds text-encoder keys).")
@@ -237,7 +239,7 @@ class LoraMatch:
                    and a.weights[0].ndim >= 2 and a.weights[1].ndim >= 1
                    and int(a.weights[0].flatten(1).shape[1]) != int(a.weights[1].shape[0])]
         if corrupt:
-            raise files.ADDError(
+            raise ADDError(
                 f"{name} is corrupt: in {len(corrupt)} modules the up and down matrices disagree on the rank, e.g. "
                 f"{corrupt[0]} (up's second size must equal down's first). Re-download the file or use an intact copy.")
         bad = []
@@ -254,7 +256,7 @@ class LoraMatch:
                 if problem is not None:
                     bad.append(f"{key}: model weight {shapes[key]} vs LoRA {problem}")
         if bad:
-            raise files.ADDError(
+            raise ADDError(
                 f"{name}: {len(bad)} LoRA weights do not fit the model's shapes, e.g. {bad[0]}"
                 + (f"; {bad[1]}" if len(bad) > 1 else "") + ". " + hint
                 + f"Expected module names like: {', '.join(expected)}. "
@@ -321,7 +323,7 @@ def read_lora(lora_name: str) -> tuple[dict, dict]:
     """(tensors, metadata) of a file in models/loras, through the plugin's one checked reader."""
     path = folder_paths.get_full_path("loras", lora_name)
     if path is None:
-        raise files.ADDError(f"lora_name {str(lora_name)[:120]!r} is not a file in models/loras: put the LoRA there "
+        raise ADDError(f"lora_name {str(lora_name)[:120]!r} is not a file in models/loras: put the LoRA there "
                              "(press 'r' in the browser to refresh the list) and select it.")
     return files.read_safetensors(path, f"loras/{lora_name}",
                                   "Re-download the LoRA (or copy it again) as an intact .safetensors file into models/loras.")
@@ -331,7 +333,7 @@ def check_lora_values(lora_sd: dict, lora_name: str) -> None:
     """NaN / inf anywhere in the file would make every fused weight, and every image, NaN."""
     bad = files.nonfinite_keys(lora_sd)
     if bad:
-        raise files.ADDError(f"loras/{lora_name} holds NaN or infinite values in {len(bad)} tensors, e.g. "
+        raise ADDError(f"loras/{lora_name} holds NaN or infinite values in {len(bad)} tensors, e.g. "
                              f"{_examples(bad, 2)}: the file is broken (a diverged training run or a bad conversion). "
                              "Use an intact copy, or retrain it.")
 
@@ -340,7 +342,7 @@ def check_strength(value, label: str, limit: float = 10.0) -> float:
     """A finite strength within +-limit (ComfyUI's min/max check lets a typed NaN through)."""
     v = float(value)
     if not math.isfinite(v) or abs(v) > limit:
-        raise files.ADDError(f"{label} is {value!r}: type a number from {-limit:g} to {limit:g} (1 = the LoRA as trained).")
+        raise ADDError(f"{label} is {value!r}: type a number from {-limit:g} to {limit:g} (1 = the LoRA as trained).")
     return v
 
 
@@ -391,7 +393,7 @@ class ADDLoraMerge:
 def fuse_lora(model, clip, lora_sd, metadata, lora_name, strength_model, strength_clip, sampling="auto"):
     """(new model, new clip or the input clip, report). Pure ComfyUI objects in and out."""
     if sampling not in SAMPLING_MODES:
-        raise files.ADDError(f"sampling {sampling!r} is not one of {SAMPLING_MODES}")
+        raise ADDError(f"sampling {sampling!r} is not one of {SAMPLING_MODES}")
     strength_model = check_strength(strength_model, "strength_model")
     strength_clip = check_strength(strength_clip, "strength_clip")
     check_lora_values(lora_sd, lora_name)
@@ -536,7 +538,7 @@ def checkpoint_state_dict(model, clip, vae, extra_keys: dict) -> dict:
     sd.update(extra_keys)
     nonfinite = files.nonfinite_keys(sd)
     if nonfinite:
-        raise files.ADDError(f"the model to save holds NaN or infinite weights in {len(nonfinite)} tensors, e.g. "
+        raise ADDError(f"the model to save holds NaN or infinite weights in {len(nonfinite)} tensors, e.g. "
                              f"{_examples(nonfinite, 2)}: saving it would write a broken checkpoint. Check the LoRAs and "
                              "strengths merged into it.")
     return sd
@@ -561,12 +563,12 @@ def check_same_architecture(turbo, base, prefix="diffusion_model.") -> None:
     if only_t or only_b:
         side = (f"turbo_model has {len(only_t)} weights the base lacks (e.g. {_examples(only_t, 2)})" if only_t else
                 f"base_model has {len(only_b)} weights the turbo model lacks (e.g. {_examples(only_b, 2)})")
-        raise files.ADDError(f"{side}: the two models differ in architecture, so a LoRA between them would be "
+        raise ADDError(f"{side}: the two models differ in architecture, so a LoRA between them would be "
                              "meaningless. Connect the base checkpoint this turbo model was made from.")
     for k in sorted(kt):
         st, sb = tuple(kt[k][0][0].shape), tuple(kb[k][0][0].shape)
         if st != sb:
-            raise files.ADDError(f"{k}: turbo_model {st} vs base_model {sb}: the two models differ in architecture. "
+            raise ADDError(f"{k}: turbo_model {st} vs base_model {sb}: the two models differ in architecture. "
                                  "Connect the base checkpoint this turbo model was made from.")
 
 
@@ -614,12 +616,12 @@ class ADDExtractLoRA:
     def extract(self, turbo_model, base_model, rank, filename_prefix, exact_name_overwrite):
         fam_t, fam_b = _model_family(turbo_model), _model_family(base_model)
         if fam_t != fam_b:
-            raise files.ADDError(f"turbo_model is {fam_t[1]} but base_model is {fam_b[1]}: connect the base of the same family")
+            raise ADDError(f"turbo_model is {fam_t[1]} but base_model is {fam_b[1]}: connect the base of the same family")
         loras = folder_paths.get_folder_paths("loras")[0]  # the first loras folder: where LoraLoader looks
         saving.check_prefix(filename_prefix, loras, exact_name_overwrite)  # before the SVD: minutes lost on a typo
         sd, errs, overall = extract_lora_sd(turbo_model, base_model, rank)
         if not sd:
-            raise files.ADDError("the two models have identical weights: nothing to extract (connect the turbo model and its base)")
+            raise ADDError("the two models have identical weights: nothing to extract (connect the turbo model and its base)")
         worst = sorted(errs.items(), key=lambda kv: -kv[1])[:3]
         record = turbo_model.model_options.get(MERGE_INFO_KEY) or {}
         # The rank actually stored: a layer narrower than the requested rank keeps its full width.

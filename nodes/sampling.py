@@ -16,7 +16,7 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
-from ..training import files
+from ..core.errors import ADDError
 from ..core import sampling as add_sampling
 from ..core import schedules
 from ..core import stream as core_stream
@@ -77,7 +77,7 @@ def _sample_add_comfy(model, x, sigmas, extra_args=None, callback=None, disable=
 
 def make_sampler(noise_strength: float = 1.0) -> comfy.samplers.KSAMPLER:
     if not 0.0 <= float(noise_strength) <= 1.0:  # also NaN, which ComfyUI's min/max check lets through
-        raise files.ADDError(f"noise_strength is {noise_strength!r}: type a number from 0 to 1 (1 = ADD/LCM).")
+        raise ADDError(f"noise_strength is {noise_strength!r}: type a number from 0 to 1 (1 = ADD/LCM).")
     return comfy.samplers.KSAMPLER(_sample_add_comfy, extra_options={"noise_strength": float(noise_strength)})
 
 
@@ -139,9 +139,9 @@ def check_rcfg(cfg_type: str, guidance_scale: float, delta: float, negative) -> 
     try:
         rcfg = core_stream.RCFG(cfg_type, float(guidance_scale), float(delta))
     except (core_stream.StreamError, TypeError, ValueError) as e:
-        raise files.ADDError(str(e)) from None
+        raise ADDError(str(e)) from None
     if rcfg.needs_negative and negative is None:
-        raise files.ADDError(f"cfg_type={cfg_type} evaluates a negative prompt, but 'negative' is not connected: "
+        raise ADDError(f"cfg_type={cfg_type} evaluates a negative prompt, but 'negative' is not connected: "
                              "connect a CONDITIONING (e.g. CLIP Text Encode of an empty prompt), or use cfg_type self "
                              "(no negative needed).")
     return rcfg
@@ -152,21 +152,21 @@ def check_latent(model, latent, label: str = "latent_image") -> torch.Tensor:
     video formats), batch >= 1, finite, with the model's channel count."""
     samples = latent.get("samples") if isinstance(latent, dict) else None
     if not isinstance(samples, torch.Tensor):
-        raise files.ADDError(f"{label} holds no latent tensor: connect a LATENT (Empty Latent Image or VAE Encode).")
+        raise ADDError(f"{label} holds no latent tensor: connect a LATENT (Empty Latent Image or VAE Encode).")
     if getattr(samples, "is_nested", False):
         return samples
     fmt = model.get_model_object("latent_format")
     want_ndim = 2 + int(getattr(fmt, "latent_dimensions", 2))
     if samples.ndim != want_ndim:
-        raise files.ADDError(
+        raise ADDError(
             f"{label} has shape {tuple(samples.shape)} ({samples.ndim}-D) but this model takes {want_ndim}-D latents "
             "(batch, channels, height, width): connect a latent made for an image model (Empty Latent Image, or VAE "
             "Encode with this checkpoint's VAE).")
     if samples.shape[0] == 0 or any(int(s) == 0 for s in samples.shape[2:]):
-        raise files.ADDError(f"{label} is empty (shape {tuple(samples.shape)}): set batch_size (and width/height) to at "
+        raise ADDError(f"{label} is empty (shape {tuple(samples.shape)}): set batch_size (and width/height) to at "
                              "least 1 in the node that made it.")
     if samples.is_floating_point() and not bool(torch.isfinite(samples).all()):
-        raise files.ADDError(f"{label} holds NaN or infinite values, which would give NaN images: the node that made it "
+        raise ADDError(f"{label} holds NaN or infinite values, which would give NaN images: the node that made it "
                              "failed (e.g. a VAE Encode that overflowed in fp16). Re-encode the image (fp32 VAE) or use a "
                              "fresh Empty Latent Image.")
     check_latent_channels(model, samples, label)
@@ -180,7 +180,7 @@ def check_latent_channels(model, samples: torch.Tensor, label: str = "latent_ima
     fmt = model.get_model_object("latent_format")
     want, got = int(fmt.latent_channels), int(samples.shape[1])
     if got != want and torch.count_nonzero(samples) > 0:
-        raise ValueError(
+        raise ADDError(
             f"{label} has {got} channels but this model ({type(model.model).__name__}, latent format "
             f"{type(fmt).__name__}) expects {want}. The latent was made by another model family's VAE: encode the "
             f"image with this checkpoint's VAE (VAE Encode with the same checkpoint's VAE output), or load a "
@@ -206,7 +206,7 @@ def add_sample(model, positive, latent: dict, seed: int, sigmas: torch.Tensor, n
         guider.set_cfg(rcfg.guidance_scale)
     elif cfg_type in ("self", "initialize"):
         if latent.get("noise_mask", None) is not None:
-            raise files.ADDError(f"cfg_type={cfg_type} does not support a latent with a noise mask (inpainting): use "
+            raise ADDError(f"cfg_type={cfg_type} does not support a latent with a noise mask (inpainting): use "
                                  "cfg_type none or full, or remove Set Latent Noise Mask.")
         guider = RCFGGuider(model)
         guider.set_conds(positive, negative if rcfg.needs_negative else None)

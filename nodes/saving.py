@@ -21,7 +21,8 @@ import torch
 
 import folder_paths
 
-from ..training import files
+from ..core import files
+from ..core.errors import ADDError
 
 EXT = ".safetensors"
 
@@ -67,10 +68,10 @@ def save_safetensors(folder: str, prefix, exact: bool, tensors: Mapping[str, tor
     # A symlinked sub-folder must not lead out of the folder (ComfyUI's own check is lexical).
     real_root, real_dir = os.path.realpath(root), os.path.realpath(out_dir)
     if os.path.commonpath([real_root, real_dir]) != real_root:
-        raise files.ADDError(f"filename_prefix {str(prefix)[:80]!r} resolves outside {real_root} (through a symlinked "
+        raise ADDError(f"filename_prefix {str(prefix)[:80]!r} resolves outside {real_root} (through a symlinked "
                              "folder); choose another name.")
     if not filename:
-        raise files.ADDError(f"filename_prefix {str(prefix)[:80]!r} has no file name after its variables are "
+        raise ADDError(f"filename_prefix {str(prefix)[:80]!r} has no file name after its variables are "
                              "filled in: type a name, e.g. my_turbo_model.")
     write = lambda f: files.write_safetensors_to(f, tensors, metadata)  # noqa: E731
     if exact:

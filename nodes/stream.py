@@ -36,7 +36,7 @@ import folder_paths
 import latent_preview
 
 from ..core import stream as core
-from ..training import files
+from ..core.errors import ADDError
 from ..training import image_folder as image_files
 from . import sampling as add_nodes
 
@@ -222,13 +222,13 @@ def run_stream(model, positive, latent: dict, sigmas: torch.Tensor, opts: Stream
     """Frames in (LATENT batch) -> frames out, in order; returns (LATENT, report, state)."""
     samples = add_nodes.check_latent(model, latent, "latent_image")
     if getattr(samples, "is_nested", False) or samples.ndim != 4:
-        raise files.ADDError(f"latent_image has shape {tuple(samples.shape)}: the stream takes image latents "
+        raise ADDError(f"latent_image has shape {tuple(samples.shape)}: the stream takes image latents "
                              "(frames, channels, height, width), e.g. from VAE Encode / ADD TinyVAE Encode of the frames.")
     if latent.get("noise_mask", None) is not None:
-        raise files.ADDError("latent_image carries a noise mask (inpainting), which the stream does not apply: remove "
+        raise ADDError("latent_image carries a noise mask (inpainting), which the stream does not apply: remove "
                              "Set Latent Noise Mask before ADD Stream Batch.")
     if opts.rcfg.needs_negative and negative is None:
-        raise files.ADDError(f"cfg_type={opts.rcfg.cfg_type} evaluates a negative prompt, but 'negative' is not "
+        raise ADDError(f"cfg_type={opts.rcfg.cfg_type} evaluates a negative prompt, but 'negative' is not "
                              "connected: connect a CONDITIONING, or use cfg_type self.")
     samples = comfy.sample.fix_empty_latent_channels(model, samples)
     n_frames = samples.shape[0]
@@ -384,7 +384,7 @@ class ADDStreamBatch:
                denoising_batch, cfg_type, guidance_scale, delta, similarity_filter, similarity_threshold, max_skip_frames,
                stream_id, negative=None, unique_id=None, prompt=None, extra_pnginfo=None):
         if mode not in MODES:
-            raise files.ADDError(f"mode={mode!r} is unknown; choose batch or live.")
+            raise ADDError(f"mode={mode!r} is unknown; choose batch or live.")
         rcfg = add_nodes.check_rcfg(cfg_type, guidance_scale, delta, negative)
         try:
             opts = StreamOptions(int(seed), noise, int(frame_buffer_size), mode == "live", bool(denoising_batch), rcfg,
@@ -392,7 +392,7 @@ class ADDStreamBatch:
             core.frame_noise(0, 0, 0, (1,), opts.noise)
             core.SimilarityFilter(opts.similarity_threshold, opts.max_skip_frames)
         except core.StreamError as e:
-            raise files.ADDError(str(e)) from None
+            raise ADDError(str(e)) from None
         sigmas = add_nodes.build_sigmas(model, schedule, steps, denoise, custom)
         key = (workflow_key(prompt, extra_pnginfo), str(unique_id), str(stream_id))
         latent, report, _ = run_stream(model, positive, latent_image, sigmas, opts, key, negative)
@@ -423,13 +423,13 @@ def frame_files(folder: str, start: int = 0, every_nth: int = 1, max_frames: int
                                        "below.")
     names = image_files.list_images(root, f"folder {name!r}")
     if not names:
-        raise files.ADDError(f"folder {name!r} ({root}) holds no image files ({', '.join(image_files.IMAGE_EXTS)}): put the "
+        raise ADDError(f"folder {name!r} ({root}) holds no image files ({', '.join(image_files.IMAGE_EXTS)}): put the "
                              "frames there, named so that they sort in order (frame_0001.png, frame_0002.png, ...).")
     chosen = names[int(start)::int(every_nth)]
     if max_frames:
         chosen = chosen[:int(max_frames)]
     if not chosen:
-        raise files.ADDError(f"start={start} is past the last of the {len(names)} frames in {name!r}: lower start.")
+        raise ADDError(f"start={start} is past the last of the {len(names)} frames in {name!r}: lower start.")
     return root, chosen
 
 
@@ -474,7 +474,7 @@ class ADDLoadFrames:
     def IS_CHANGED(cls, folder, start=0, every_nth=1, max_frames=0, **_):
         try:
             root, names = frame_files(folder, start, every_nth, max_frames)
-        except files.ADDError:
+        except ADDError:
             return ""  # load() raises the error with its message
         h = hashlib.sha256()
         for n in names:
@@ -484,7 +484,7 @@ class ADDLoadFrames:
 
     def load(self, folder, start, every_nth, max_frames, width, height):
         if bool(width) != bool(height):
-            raise files.ADDError(f"width={width}, height={height}: set both to resize the frames, or both to 0 to keep their size.")
+            raise ADDError(f"width={width}, height={height}: set both to resize the frames, or both to 0 to keep their size.")
         root, names = frame_files(folder, start, every_nth, max_frames, place_examples=True)
         free = int(mm.get_free_memory(torch.device("cpu")))  # system memory, as ComfyUI's model management sees it
         frames = load_frames(root, names, width, height, label=f"folder {str(folder).strip()!r}", available=free)

@@ -18,7 +18,7 @@ import comfy.utils
 import folder_paths
 from comfy.taesd.taesd import TAESD
 
-from ..training import files
+from ..core import files
 from ..core import taesd as core
 
 FOLDER = "vae_approx"

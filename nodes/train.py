@@ -28,7 +28,8 @@ import latent_preview
 from ..training.config import ADDConfig, DISC_NORMS, DISCRIMINATOR_TYPES, LR_SCHEDULES, TRAINING_MODES
 from ..training.data import SyntheticTeacherData, LatentDataset
 from ..training.presets import PRESET_NAMES, apply_preset, preset_fields
-from ..training import files
+from ..core import files
+from ..core.errors import ADDError
 from ..training import image_folder as image_files
 from ..training.inputs import check_run_inputs, memory_error
 from ..training.run import STATE_SUFFIX, ADDRun, RunHooks, RunSpec, check_start, existing_run, state_dir_for
@@ -62,7 +63,7 @@ def parse_timesteps(text: str, t_max: int = 999) -> tuple[int, ...]:
     except ValueError:
         ts = ()
     if not ts or len(ts) > 8 or len(set(ts)) != len(ts) or any(not 0 <= t <= t_max for t in ts):
-        raise files.ADDError(f"student_timesteps {str(text)[:60]!r} is not valid: type 1-8 distinct whole numbers from 0 to "
+        raise ADDError(f"student_timesteps {str(text)[:60]!r} is not valid: type 1-8 distinct whole numbers from 0 to "
                          f"{t_max}, separated by commas, e.g. 999,749,499,249 (the ADD paper's 4 steps) or 999 (1 step).")
     return tuple(sorted(ts, reverse=True))
 
@@ -81,16 +82,16 @@ def describe_change(name: str, old, new, then: str = "saved") -> str:
     return f"{_WIDGET_OF_FIELD.get(name, name)}: {then} {_shown(name, old)}, now {_shown(name, new)}"
 
 
-def config_error(exc: ValueError) -> files.ADDError:
+def config_error(exc: ValueError) -> ADDError:
     """ADDConfig's 'ADDConfig.teacher_cfg_scale=nan is invalid: expected ...' in the node's words."""
     text = str(exc)
     m = re.match(r"ADDConfig\.(\w+)=(.*?) is invalid: expected (.*?)\.?$", text, re.S)
     if m is None:
-        return files.ADDError(f"ADD Train: {text}")
+        return ADDError(f"ADD Train: {text}")
     name, value, expected = m.groups()
     if name == "disc_timestep_range":
-        return files.ADDError(f"disc_max_timestep is {value}: type a whole number from 0 to the model's last timestep.")
-    return files.ADDError(f"ADD Train: {_WIDGET_OF_FIELD.get(name, name)} is {value}: expected {expected}.")
+        return ADDError(f"disc_max_timestep is {value}: type a whole number from 0 to the model's last timestep.")
+    return ADDError(f"ADD Train: {_WIDGET_OF_FIELD.get(name, name)} is {value}: expected {expected}.")
 
 
 def run_summary(width: int, height: int, prompt_list: list[str], data_cfg: float, data_steps: int,
@@ -144,18 +145,18 @@ def _fit_images(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
 def _dinov2_path(name: str) -> str:
     rel = str(name).strip()
     if not rel:
-        raise files.ADDError("discriminator is 'dinov2' but dinov2_file is empty: put DINOv2 ViT-S/14 weights "
+        raise ADDError("discriminator is 'dinov2' but dinov2_file is empty: put DINOv2 ViT-S/14 weights "
                          "(model.safetensors of facebook/dinov2-small) under ComfyUI's models/ folder and type its "
                          "path relative to models/, e.g. dinov2/dinov2_vits14.safetensors; or use discriminator 'teacher'.")
     root = os.path.abspath(folder_paths.models_dir)
     if "\0" in rel or any(ord(ch) < 32 for ch in rel):
-        raise files.ADDError(f"dinov2_file {rel!r} contains a NUL or control character: type the file's path relative to "
+        raise ADDError(f"dinov2_file {rel!r} contains a NUL or control character: type the file's path relative to "
                              f"{root}, e.g. dinov2/dinov2_vits14.safetensors.")
     path = os.path.normpath(os.path.join(root, rel.replace("\\", "/")))
     if not image_files.inside(root, path) or path == root:
-        raise files.ADDError(f"dinov2_file {rel!r} must be a path relative to {root} without '..'.")
+        raise ADDError(f"dinov2_file {rel!r} must be a path relative to {root} without '..'.")
     if not os.path.isfile(path):
-        raise files.ADDError(f"dinov2_file {rel!r}: no such file in {root}. Put the DINOv2 ViT-S/14 .safetensors file there, "
+        raise ADDError(f"dinov2_file {rel!r}: no such file in {root}. Put the DINOv2 ViT-S/14 .safetensors file there, "
                          "or use discriminator 'teacher' (needs no file).")
     return path
 
@@ -363,7 +364,7 @@ def start_training(model, clip, name, prompts, max_steps, batch_size, width, hei
                       "max_steps": max_steps, "save_every": save_every, "preview_every": preview_every},
                      names=_WIDGET_OF_FIELD)
     if run_mode not in RUN_MODES:
-        raise files.ADDError(f"run_mode {run_mode!r}: choose one of {RUN_MODES}.")
+        raise ADDError(f"run_mode {run_mode!r}: choose one of {RUN_MODES}.")
     t_max = len(adapter.schedule_sigmas(model)) - 1
     timesteps = parse_timesteps(student_timesteps, t_max)
     try:
@@ -371,7 +372,7 @@ def start_training(model, clip, name, prompts, max_steps, batch_size, width, hei
     except (TypeError, ValueError):
         disc_hi = -1
     if not 0 <= disc_hi <= 999:
-        raise files.ADDError(f"disc_max_timestep is {disc_max_timestep!r}: type a whole number from 0 to 999 (999 = the "
+        raise ADDError(f"disc_max_timestep is {disc_max_timestep!r}: type a whole number from 0 to 999 (999 = the "
                              "full range; 50 for small data).")
     disc_hi = min(disc_hi, t_max)
     prompt_list = parse_prompts(prompts)
@@ -379,19 +380,19 @@ def start_training(model, clip, name, prompts, max_steps, batch_size, width, hei
     if str(image_folder).strip():
         folder_images, folder_captions = load_image_folder(image_folder, int(width), int(height))
     if images is not None and int(images.shape[0]) == 0:  # an empty batch is a mistake upstream, not "no images"
-        raise files.ADDError(f"images is an empty batch (shape {tuple(images.shape)}): the node connected to 'images' "
+        raise ADDError(f"images is an empty batch (shape {tuple(images.shape)}): the node connected to 'images' "
                              "produced no image. Fix that node (e.g. its folder, index or length), or disconnect "
                              "'images' to train on images the teacher generates from the prompts.")
     if not prompt_list and images is None and folder_images is None:
-        raise files.ADDError("prompts is empty and no images are connected: type at least one prompt per line (the teacher "
+        raise ADDError("prompts is empty and no images are connected: type at least one prompt per line (the teacher "
                          "then generates the training images), or connect images / set image_folder.")
     if (images is not None or folder_images is not None) and vae is None:
-        raise files.ADDError("images / image_folder need the VAE to encode them: connect the checkpoint's VAE to 'vae'.")
+        raise ADDError("images / image_folder need the VAE to encode them: connect the checkpoint's VAE to 'vae'.")
     dino_path = _dinov2_path(dinov2_file) if discriminator == "dinov2" else None
     if dino_path is not None and vae is None:
-        raise files.ADDError("discriminator 'dinov2' judges decoded images: connect the checkpoint's VAE to 'vae'.")
+        raise ADDError("discriminator 'dinov2' judges decoded images: connect the checkpoint's VAE to 'vae'.")
     if preset not in PRESET_NAMES:
-        raise files.ADDError(f"preset {preset!r}: choose one of {PRESET_NAMES}.")
+        raise ADDError(f"preset {preset!r}: choose one of {PRESET_NAMES}.")
     fields = dict(student_timesteps=timesteps, lora_rank=int(lora_rank), lora_alpha=float(lora_alpha),
                   lr_lora=float(lr_lora), lr_disc=float(lr_disc), distill_weight=float(distill_weight),
                   discriminator=discriminator, teacher_cfg_scale=float(distill_cfg), batch_size=int(batch_size),
@@ -416,7 +417,7 @@ def start_training(model, clip, name, prompts, max_steps, batch_size, width, hei
         changed = [describe_change(k, running.settings.get(k), v, then="running") for k, v in settings.items()
                    if running.settings.get(k) != v]
         if changed:
-            raise files.ADDError(
+            raise ADDError(
                 f"ADD Train: the run {name!r} is training now (job {running.id}, step {running.step}/{running.max_steps}) "
                 f"with other settings: {'; '.join(changed)}. A running job keeps its settings: cancel it (ADD Training "
                 "panel) and queue again to continue with these, set them back to watch it, or choose a new name.")
@@ -639,7 +640,7 @@ class ADDTrainingStatus:
     def status(self, job_id):
         job = REGISTRY.get(str(job_id).strip())
         if job is None:
-            raise files.ADDError(f"job_id {str(job_id)[:40]!r}: no ADD training job with this id in this ComfyUI session (jobs "
+            raise ADDError(f"job_id {str(job_id)[:40]!r}: no ADD training job with this id in this ComfyUI session (jobs "
                              "live until ComfyUI restarts). Connect ADD Train's job_id output; to continue a run after a "
                              "restart, queue ADD Train with the same name.")
         img = job.preview_image if job.preview_image is not None else torch.zeros(1, 64, 64, 3)
@@ -723,13 +724,13 @@ class ADDCompare:
                 student_steps, width, height):
         prompt_list = parse_prompts(prompts)
         if not prompt_list:
-            raise files.ADDError("prompts is empty: type at least one prompt (one per line).")
+            raise ADDError("prompts is empty: type at least one prompt (one per line).")
         if not (math.isfinite(float(teacher_cfg)) and 1.0 <= float(teacher_cfg) <= 30.0):  # NaN passes min/max
-            raise files.ADDError(f"teacher_cfg is {teacher_cfg!r}: type a number from 1 to 30 (7 is typical).")
+            raise ADDError(f"teacher_cfg is {teacher_cfg!r}: type a number from 1 to 30 (7 is typical).")
         name = check_name(lora_name, "lora_name") + ".safetensors"
         for label, v in (("width", width), ("height", height)):
             if int(v) % 8 or int(v) < 64:
-                raise files.ADDError(f"{label} {v} must be a multiple of 8 and at least 64; try {max(64, round(int(v) / 8) * 8)}.")
+                raise ADDError(f"{label} {v} must be a multiple of 8 and at least 64; try {max(64, round(int(v) / 8) * 8)}.")
         path = folder_paths.get_full_path("loras", name)
         student, trained = None, [999]
         if path is not None:
@@ -738,7 +739,7 @@ class ADDCompare:
             try:
                 trained = [int(t) for t in json.loads(md.get("add.student_timesteps", "[999, 749, 499, 249]"))]
             except (ValueError, TypeError):
-                raise files.ADDError(f"loras/{name}: its add.student_timesteps metadata is not a list of whole "
+                raise ADDError(f"loras/{name}: its add.student_timesteps metadata is not a list of whole "
                                      "numbers; the file was edited or is not from ADD Train.") from None
             student, _ = comfy.sd.load_lora_for_models(model, None, sd, 1.0, 0.0)
         ts = pick_timesteps(trained, int(student_steps))

@@ -28,7 +28,7 @@ import torch
 
 import comfy.model_management as mm
 
-from ..training.files import ADDError
+from ..core.errors import ADDError
 from ..training.inputs import estimate_memory as estimate_run_memory
 from . import lora as lora_nodes
 
@@ -45,7 +45,7 @@ def check_trainable(model) -> str:
     kind = type(base).__name__
     config = type(getattr(base, "model_config", None)).__name__
     if kind not in _TRAINABLE or not isinstance(getattr(base, "diffusion_model", None), UNetModel):
-        raise ValueError(
+        raise ADDError(
             f"ADD training cannot train this model: it is a {kind} ({config}); supported are UNet models of the "
             f"families {', '.join(_TRAINABLE.values())} (e.g. SD 1.5, SD 2.1, SDXL and their fine-tunes). "
             "Load one of those with Load Checkpoint.")
@@ -69,7 +69,7 @@ def _check_plain_weights(unet, config: str) -> None:
                      and any(True for _ in m.parameters(recurse=False)))
                  or any(type(p) not in (torch.Tensor, torch.nn.Parameter) for p in m.parameters(recurse=False)))
         if quant:
-            raise ValueError(
+            raise ADDError(
                 f"ADD training cannot train quantized weights ({config}: layer {name} is stored as {cls.__name__}, "
                 "fp8/scaled or packed). Load an fp16/bf16/fp32 version of the checkpoint (Load Checkpoint with a "
                 "regular .safetensors, or Load Diffusion Model with weight_dtype 'default').")
@@ -89,7 +89,7 @@ def plain_torch_modules_(module: torch.nn.Module) -> torch.nn.Module:
             base = _torch_base(cls)
             if base is None:
                 if any(True for _ in m.parameters(recurse=False)):
-                    raise ValueError(f"{cls.__name__} layers cannot run outside ComfyUI's ops; "
+                    raise ADDError(f"{cls.__name__} layers cannot run outside ComfyUI's ops; "
                                      "load the model unquantized to train it.")
                 continue
             m.__class__ = base
@@ -260,7 +260,7 @@ class PromptBank:
 
     def __init__(self, clip, prompts: Sequence[str], network, width: int, height: int) -> None:
         if clip is None:
-            raise ValueError("ADD training needs the CLIP of the checkpoint to encode the prompts: connect "
+            raise ADDError("ADD training needs the CLIP of the checkpoint to encode the prompts: connect "
                              "Load Checkpoint's CLIP output to the 'clip' input.")
         self.prompts = list(prompts)
         enc = [self._encode(clip, p, network, width, height) for p in self.prompts + [""]]
@@ -285,7 +285,7 @@ class PromptBank:
         y = None
         if getattr(network, "adm_channels", 0):
             if pooled is None:
-                raise ValueError("This model needs a pooled text embedding (SDXL): use the checkpoint's own CLIP.")
+                raise ADDError("This model needs a pooled text embedding (SDXL): use the checkpoint's own CLIP.")
             y = network.encode_adm(pooled_output=pooled, width=width, height=height, crop_w=0, crop_h=0,
                                    target_width=width, target_height=height, prompt_type="positive")
             y = y.detach().float().cpu()

@@ -20,6 +20,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
+from scripts.plugin_package import load as _load_package  # noqa: E402
+
+_load_package()  # core/ and training/ as the package 'comfyui_add', without ComfyUI (scripts/plugin_package.py)
+
 # tests/ has no __init__.py (the repo root is the plugin package, which imports ComfyUI):
 # pytest puts tests/ on sys.path, so the harness is a top-level module here.
 pytest_plugins = ["server_harness"]

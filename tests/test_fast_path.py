@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from core import fast_path as fp
+from comfyui_add.core import fast_path as fp
 
 H = W = 8  # latent side (64x64 images)
 NO_CUDA = not torch.cuda.is_available()
@@ -418,7 +418,7 @@ def test_off_removes_a_fast_path_and_reapplying_replaces_it(F, CF, sd15):
     (("cuda_graph", "default", 2.5), "cache_size"),
 ])
 def test_bad_widgets_name_the_input(F, plugin, sd15, args, field):
-    with pytest.raises(plugin("training.files").ADDError, match=field):
+    with pytest.raises(plugin("core.errors").ADDError, match=field):
         F.apply_fast_path(sd15[0], *args)
 
 
@@ -430,9 +430,9 @@ def test_non_unet_model_is_refused_with_the_fix(F, plugin):
         def get_model_object(self, name):
             return torch.nn.Linear(2, 2)
 
-    with pytest.raises(plugin("training.files").ADDError, match="supports UNet models.*mode to off"):
+    with pytest.raises(plugin("core.errors").ADDError, match="supports UNet models.*mode to off"):
         F.apply_fast_path(NotAUNetPatcher(), "cuda_graph")
-    with pytest.raises(plugin("training.files").ADDError, match="not a ComfyUI MODEL"):
+    with pytest.raises(plugin("core.errors").ADDError, match="not a ComfyUI MODEL"):
         F.apply_fast_path(object(), "cuda_graph")
 
 

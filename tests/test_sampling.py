@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core import schedules as pure_schedules
+from comfyui_add.core import schedules as pure_schedules
 from model_probes import count_unet_calls
 
 H = W = 8  # latent size (64x64 images)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core import sampling as core_sampling
-from core import stream as st
+from comfyui_add.core import sampling as core_sampling
+from comfyui_add.core import stream as st
 from model_probes import count_unet_calls
 
 SIG3 = torch.tensor([14.6146, 2.5, 0.6, 0.0])  # 3 steps, sigma space, last 0

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core import taesd as pure
+from comfyui_add.core import taesd as pure
 
 
 # --------------------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ def torchrun(nproc: int, cfg: Path, wait: bool = True, timeout: float = 400):
 def in_process(cfg: Path, plugin) -> int:
     """One process, as ``python scripts/train_add.py cfg`` minus the interpreter start and ComfyUI import."""
     from scripts import train_add
-    from training.distributed import Dist
+    from comfyui_add.training.distributed import Dist
 
     settings = train_add.check_config(train_add.read_config(cfg))
     return train_add._train(settings, Dist(), torch.device("cpu"), plugin)
@@ -124,7 +124,7 @@ def test_bad_configs_fail_before_training_naming_the_key_or_file(tiny, comfy, tm
 
 def test_preset_fills_the_fields_it_names_and_the_files_own_keys_win(tiny, comfy, tmp_path):
     from scripts.train_add import ConfigError, check_config
-    from training.presets import preset_fields
+    from comfyui_add.training.presets import preset_fields
 
     out = tmp_path / "p"
     settings = check_config(json.loads(config(tiny, tmp_path / "p.json", out, preset="small_data",

@@ -144,7 +144,7 @@ def test_discriminator_noise_range_norm_and_lr_schedule_reach_the_run(T, sd15, l
 
 
 def test_preset_sets_the_fields_it_names_and_they_are_saved_with_the_run(T, sd15, loras_dir):
-    from training.presets import preset_fields
+    from comfyui_add.training.presets import preset_fields
 
     job = wait(start(T, sd15, name="preset_run", max_steps=1, preview_every=0, preset="small_data",
                      lr_lora=1e-4, lora_rank=4))
@@ -168,7 +168,7 @@ def test_discriminator_feature_sets_are_real_modules_that_run(T, sd15, plugin, w
     else:
         assert names[0] == "diffusion_model.input_blocks.0.0" and set(encoder) < set(names)
     assert any("output_blocks" in n for n in names) == (which == "all")
-    from training.discriminator import HookedActivations
+    from comfyui_add.training.discriminator import HookedActivations
 
     x = torch.randn(2, 4, 8, 8)
     cond = {"context": torch.randn(2, 77, sd15[0].model.model_config.unet_config["context_dim"])}

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from .files import (ADDError, atomic_write_bytes, atomic_write_json, read_safetensors, safetensors_header,
+from ..core.errors import ADDError
+from ..core.files import (atomic_write_bytes, atomic_write_json, read_safetensors, safetensors_header,
                     write_safetensors_to)
 from .config import ADDConfig
 
@@ -296,7 +297,7 @@ def load_checkpoint(trainer: Any, path: str | os.PathLike, restore_global_rng: b
     current = trainer.cfg.to_dict()
     diff = sorted(k for k in saved if saved[k] != current[k] and k not in _RESUMABLE_CHANGES)
     if diff:
-        raise ValueError(f"Checkpoint {ckpt!r} was trained with a different config ({diff}: saved "
+        raise ADDError(f"Checkpoint {ckpt!r} was trained with a different config ({diff}: saved "
                          f"{[saved[k] for k in diff]}, now {[current[k] for k in diff]}). Resume with the saved "
                          "values, or start a new run.")
     tensors, _ = read_safetensors(os.path.join(ckpt, STATE_FILE), f"the training state {os.path.join(ckpt, STATE_FILE)}",

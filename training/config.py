@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from ..core.errors import ADDError
+
 DISTILL_WEIGHTINGS = ("exponential", "sds")
 DISCRIMINATOR_TYPES = ("teacher", "dinov2", "pixel")
 DISC_FEATURES = ("encoder", "input+encoder", "all")
@@ -94,7 +96,7 @@ class ADDConfig:
             except (TypeError, ValueError):
                 ok = False
             if not ok:
-                raise ValueError(f"ADDConfig.{name}={value!r} is invalid: expected {allowed}.")
+                raise ADDError(f"ADDConfig.{name}={value!r} is invalid: expected {allowed}.")
 
     @property
     def lr_student(self) -> float:
@@ -115,7 +117,7 @@ class ADDConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"ADDConfig.from_dict: unknown keys {unknown}; known keys are {sorted(known)}.")
+            raise ADDError(f"ADDConfig.from_dict: unknown keys {unknown}; known keys are {sorted(known)}.")
         return cls(**dict(data))
 
     def replace(self, **changes: Any) -> "ADDConfig":

@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from ..core.errors import ADDError
 from .schedule import DiscreteSchedule, add_noise_ve
 
 Encoder = Callable[[list], tuple[Any, Tensor | None]]  # prompts -> (cond, pooled (B, c) or None)
@@ -104,7 +105,7 @@ class SyntheticTeacherData:
                  latent_shape: Sequence[int], schedule: DiscreteSchedule, steps: int = 25, cfg_scale: float = 7.0,
                  uncond: Any = None, device: str | torch.device = "cpu") -> None:
         if not prompts:
-            raise ValueError("SyntheticTeacherData: the prompt list is empty; give at least one prompt.")
+            raise ADDError("SyntheticTeacherData: the prompt list is empty; give at least one prompt.")
         self.teacher, self.prompts, self.encode = teacher, list(prompts), encode
         self.latent_shape, self.schedule, self.steps = tuple(latent_shape), schedule, steps
         self.cfg_scale, self.uncond, self.device = cfg_scale, uncond, device

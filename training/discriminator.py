@@ -320,7 +320,8 @@ def load_dinov2(weights_path: str | os.PathLike, config: Any = None) -> FrozenMo
 
     ``config`` defaults to ViT-S/14. Keys may carry a ``dinov2.`` or ``model.`` prefix.
     """
-    from .files import ADDError, read_safetensors
+    from ..core.errors import ADDError
+    from ..core.files import read_safetensors
 
     path = os.fspath(weights_path)
     label = f"dinov2_file {os.path.basename(path)}"

@@ -9,7 +9,7 @@ One extension list, one order (natural: ``frame_2`` before ``frame_10``), one ru
   point, as ComfyUI's own loaders do: whoever can place a link there already owns the machine's
   files, and a link is the usual way to use a dataset kept on another disk. A link whose target
   is missing is an error naming it (never a silently skipped image).
-- Every error is an :class:`~.files.ADDError` naming the input and the file: unreadable images,
+- Every error is an :class:`~..core.errors.ADDError` naming the input and the file: unreadable images,
   images too large to open safely (Pillow's decompression-bomb limit), captions that are not
   UTF-8, and batches that would not fit in memory (estimated from the image headers before any
   pixel is decoded).
@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .files import ADDError
+from ..core.errors import ADDError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 _FLOAT_RGB = 3 * 4  # bytes per pixel of an IMAGE batch (float32 RGB)

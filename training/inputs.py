@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Mapping
 
-from .files import ADDError
+from ..core.errors import ADDError
 
 # name -> (type, lowest, highest, multiple of (ints), hint). Names are the headless config keys (ADDConfig
 # fields and run keys); the node shows its widget names instead (``names`` of check_run_inputs).

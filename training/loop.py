@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..core.errors import NonFiniteTrainingError
 from .config import ADDConfig
 from .distributed import Dist, local_streams, stream_seed
 from .discriminator import (Discriminator, HookedActivations, PixelFeatures, TeacherFeatures, check_frozen,
@@ -31,9 +32,6 @@ from .student import DenoiseFn, FullStudent, LoRAStudent
 Batch = Mapping[str, Any]  # {"x0": (B, ...) latents, "cond": any, "uncond": any?, "pooled": (B, c)?}
 DataFn = Callable[[torch.Generator, int], Batch]  # (generator, batch_size) -> batch; deterministic
 
-
-class NonFiniteTrainingError(RuntimeError):
-    """Raised after ``max_nonfinite_steps`` consecutive iterations with a non-finite loss or gradient."""
 
 
 @dataclass

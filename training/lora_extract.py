@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor
 
-
+from ..core.errors import ADDError
 @dataclass
 class ExtractReport:
     """What an extraction kept and lost. Errors are relative Frobenius errors (0 = exact)."""
@@ -83,7 +83,7 @@ def extract_lora(pairs: Iterable[tuple[str, Tensor, Tensor]], rank: int, dtype: 
     per pair (progress, cancellation).
     """
     if rank < 1:
-        raise ValueError(f"extract_lora: rank must be >= 1, got {rank}.")
+        raise ADDError(f"extract_lora: rank must be >= 1, got {rank}.")
     out: dict[str, Tensor] = {}
     report = ExtractReport(requested_rank=rank)
     num = den = 0.0

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from ..core.errors import ADDError
+
 PRESET_NAMES = ("none", "paper", "small_data")
 
 _PRESETS: dict[str, dict[str, Any]] = {
@@ -31,7 +33,7 @@ def preset_fields(name: str, t_max: int = 999) -> dict[str, Any]:
     """The ADDConfig fields preset ``name`` sets, with timestep ranges clipped to a schedule whose last
     index is ``t_max``. Unknown names raise ValueError listing the known ones."""
     if name not in _PRESETS:
-        raise ValueError(f"preset {name!r} is not known; choose one of {PRESET_NAMES}.")
+        raise ADDError(f"preset {name!r} is not known; choose one of {PRESET_NAMES}.")
     out = dict(_PRESETS[name])
     for key in ("disc_timestep_range", "teacher_timestep_range"):
         if key in out:

@@ -31,7 +31,8 @@ import torch.nn as nn
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
-from .files import ADDError, nonfinite_keys, read_safetensors, safetensors_metadata
+from ..core.errors import ADDError, ResumeConflict, TrainingFailed
+from ..core.files import nonfinite_keys, read_safetensors, safetensors_metadata
 from .checkpoint import (_RESUMABLE_CHANGES, atomic_write_bytes, atomic_write_json, checkpoint_problem,
                          find_checkpoint, list_checkpoints, load_checkpoint, plugin_version, read_meta)
 from .config import ADDConfig
@@ -44,12 +45,6 @@ from .student import DenoiseFn, FullStudent, LoRAStudent
 LORA_FORMAT = "comfyui-add-lora"  # value of the 'add.format' metadata key of every LoRA we write
 STATE_SUFFIX = ".add-state"
 
-
-class ResumeConflict(ADDError):
-    """A run of this name exists and the new settings cannot continue it."""
-
-
-ResumeConflict.__module__ = ADDError.__module__  # what ComfyUI shows users: not the server's folder
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,12 +200,6 @@ def check_start(lora_path: str | os.PathLike, cfg: ADDConfig, base_fingerprint: 
             + ". Set them back to continue it, or choose a new name to start another run.")
     return prev["step"]
 
-
-class TrainingFailed(ADDError):
-    """A run ended without a usable LoRA (non-finite steps at the end, or a file that does not check out)."""
-
-
-TrainingFailed.__module__ = ADDError.__module__
 
 
 def verify_lora(path: str | os.PathLike) -> None:

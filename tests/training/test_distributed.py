@@ -11,10 +11,10 @@ import torch
 import torch.multiprocessing as mp
 
 from training_helpers import ring_data, single_thread, tiny_config, tiny_models  # noqa: F401 (autouse)
-from training.checkpoint import load_checkpoint, read_meta
-from training.config import ADDConfig
-from training.distributed import Dist, local_streams, resolve_streams, stream_seed
-from training.loop import Trainer
+from comfyui_add.training.checkpoint import load_checkpoint, read_meta
+from comfyui_add.training.config import ADDConfig
+from comfyui_add.training.distributed import Dist, local_streams, resolve_streams, stream_seed
+from comfyui_add.training.loop import Trainer
 
 # Two ranks average their gradients in one all_reduce; one process accumulates the same two
 # sub-batches with weights 1/2. The sums differ only in float rounding order; after Adam steps

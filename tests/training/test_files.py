@@ -13,8 +13,8 @@ import safetensors.torch
 import torch
 
 from training_helpers import ROOT, single_thread  # noqa: F401  (repo root on sys.path; autouse fixture)
-from training import checkpoint
-from training import files
+from comfyui_add.training import checkpoint
+from comfyui_add.core import files
 
 
 def _good(tmp_path, name="good.safetensors"):
@@ -142,7 +142,7 @@ def test_checkpoint_reexports_the_one_writer():
 def test_kill_during_write_keeps_old_file_and_next_write_cleans_up(tmp_path):
     path = tmp_path / "model.safetensors"
     path.write_bytes(b"old model")
-    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from training import files; "
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from scripts.plugin_package import load; load(); from comfyui_add.core import files; "
             "files.atomic_write(sys.argv[2], lambda f: (f.write(b'x' * 4096), f.flush(), time.sleep(60)))")
     proc = subprocess.Popen([sys.executable, "-c", code, ROOT, str(path)])
     try:

@@ -13,10 +13,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from training_helpers import single_thread, ring_data, tiny_config, tiny_network  # noqa: F401 (autouse)
-from training.lora_extract import extract_lora
-from training.run import ADDRun, RunHooks, RunSpec
-from training.schedule import DiscreteSchedule
-from training.toy import TOY_FEATURES, toy_denoise
+from comfyui_add.training.lora_extract import extract_lora
+from comfyui_add.training.run import ADDRun, RunHooks, RunSpec
+from comfyui_add.training.schedule import DiscreteSchedule
+from comfyui_add.training.toy import TOY_FEATURES, toy_denoise
 
 
 def spec(tmp_path, name="full", **cfg_over) -> RunSpec:

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from training.files import ADDError
-from training.image_folder import (input_subfolder, list_images, load_images, place_example, read_captioned_folder,
+from comfyui_add.core.errors import ADDError
+from comfyui_add.training.image_folder import (input_subfolder, list_images, load_images, place_example, read_captioned_folder,
                                    read_caption)
 
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from training_helpers import single_thread, ring_data, tiny_config, tiny_models  # noqa: F401 (autouse)
-from training import checkpoint as ckpt_mod
-from training.checkpoint import list_checkpoints, load_checkpoint, read_meta, save_checkpoint
-from training.loop import NonFiniteTrainingError, Trainer
-from training.toy import toy_denoise
+from comfyui_add.core.errors import ADDError
+from comfyui_add.training import checkpoint as ckpt_mod
+from comfyui_add.training.checkpoint import list_checkpoints, load_checkpoint, read_meta, save_checkpoint
+from comfyui_add.training.loop import NonFiniteTrainingError, Trainer
+from comfyui_add.training.toy import toy_denoise
 
 
 def _snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -112,7 +113,7 @@ def test_persistent_nan_stops_with_clear_error_and_keeps_last_good_checkpoint(tm
     with pytest.raises(NonFiniteTrainingError, match="3 consecutive steps") as err:
         trainer.run(progress=progress, checkpoint_dir=str(tmp_path))
     assert "step_00000002" in str(err.value)
-    assert isinstance(err.value, RuntimeError)
+    assert isinstance(err.value, ADDError)  # the user-facing type (its message says what to change)
     assert list_checkpoints(tmp_path) == ["step_00000002"]
     fresh = Trainer(tiny_models(cfg), cfg, ring_data)
     load_checkpoint(fresh, tmp_path)
@@ -178,7 +179,7 @@ def test_interrupted_write_leaves_previous_checkpoint_intact(tmp_path, monkeypat
 def test_extra_critic_updates_train_only_the_heads_and_resume_exactly(tmp_path):
     """disc_updates = 3: two more discriminator updates per step (fresh batches), the student still one;
     a resumed run equals a straight one."""
-    from training.checkpoint import load_checkpoint
+    from comfyui_add.training.checkpoint import load_checkpoint
 
     cfg = tiny_config(disc_updates=3, max_steps=4)
     models = tiny_models(cfg)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from training_helpers import single_thread  # noqa: F401  (repo root on sys.path; autouse fixture)
-from training.losses import DistillationLoss, HingeDLoss, HingeGLoss, R1Penalty
-from training.schedule import DiscreteSchedule
+from comfyui_add.training.losses import DistillationLoss, HingeDLoss, HingeGLoss, R1Penalty
+from comfyui_add.training.schedule import DiscreteSchedule
 
 
 def test_hinge_d_at_known_logits():

@@ -7,14 +7,14 @@ import torch
 import torch.nn as nn
 
 from training_helpers import single_thread, ring_data, tiny_config, tiny_models, tiny_network  # noqa: F401 (autouse)
-from training import loop
-from training.files import ADDError
-from training.discriminator import (Discriminator, DinoV2Features, FrozenModule, HookedActivations, load_dinov2,
+from comfyui_add.training import loop
+from comfyui_add.core.errors import ADDError
+from comfyui_add.training.discriminator import (Discriminator, DinoV2Features, FrozenModule, HookedActivations, load_dinov2,
                                     probe_feature_channels)
-from training.loop import step, student_input
-from training.schedule import DiscreteSchedule
-from training.student import LoRAStudent
-from training.toy import toy_denoise
+from comfyui_add.training.loop import step, student_input
+from comfyui_add.training.schedule import DiscreteSchedule
+from comfyui_add.training.student import LoRAStudent
+from comfyui_add.training.toy import toy_denoise
 
 
 def _batch(cfg, seed=1):

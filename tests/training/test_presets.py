@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from training_helpers import single_thread  # noqa: F401 (autouse)
-from training.config import ADDConfig
-from training.presets import PRESET_NAMES, apply_preset, preset_fields
+from comfyui_add.training.config import ADDConfig
+from comfyui_add.training.presets import PRESET_NAMES, apply_preset, preset_fields
 
 
 @pytest.mark.parametrize("name", PRESET_NAMES)

@@ -14,11 +14,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from training_helpers import ROOT, single_thread, ring_data, tiny_config, tiny_network  # noqa: F401 (autouse)
-from training import checkpoint as ckpt_mod
-from training import run as run_mod
-from training.run import ADDRun, ResumeConflict, RunHooks, RunSpec, check_start, state_dir_for
-from training.schedule import DiscreteSchedule
-from training.toy import TOY_FEATURES, toy_denoise
+from comfyui_add.training import checkpoint as ckpt_mod
+from comfyui_add.training import run as run_mod
+from comfyui_add.training.run import ADDRun, ResumeConflict, RunHooks, RunSpec, check_start, state_dir_for
+from comfyui_add.training.schedule import DiscreteSchedule
+from comfyui_add.training.toy import TOY_FEATURES, toy_denoise
 
 
 def spec(tmp_path, name="toy", **cfg_over) -> RunSpec:

@@ -6,7 +6,7 @@ this budget the two tie within a few percent, so that comparison carries a 10% t
 from __future__ import annotations
 
 from training_helpers import single_thread  # noqa: F401  (repo root on sys.path; autouse fixture)
-from training.toy import run_suite
+from comfyui_add.training.toy import run_suite
 
 
 def test_toy_ordering_full_beats_teacher_one_step_and_ablations():

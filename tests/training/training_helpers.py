@@ -16,11 +16,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:  # the repo root is the plugin package; tests import `training.*` from it
     sys.path.insert(0, ROOT)
 
-from training.config import ADDConfig  # noqa: E402
-from training.discriminator import init_from_generator_  # noqa: E402
-from training.loop import build_models  # noqa: E402
-from training.schedule import DiscreteSchedule  # noqa: E402
-from training.toy import TOY_FEATURES, ToyEpsMLP, sample_ring, toy_denoise  # noqa: E402
+from scripts.plugin_package import load as _load_package  # noqa: E402
+
+_load_package()  # the package 'comfyui_add' (core/, training/) without ComfyUI
+
+from comfyui_add.training.config import ADDConfig  # noqa: E402
+from comfyui_add.training.discriminator import init_from_generator_  # noqa: E402
+from comfyui_add.training.loop import build_models  # noqa: E402
+from comfyui_add.training.schedule import DiscreteSchedule  # noqa: E402
+from comfyui_add.training.toy import TOY_FEATURES, ToyEpsMLP, sample_ring, toy_denoise  # noqa: E402
 
 
 

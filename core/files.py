@@ -12,8 +12,8 @@
 - Names: :func:`check_name` / :func:`safe_path` refuse '..', absolute paths, drive letters, NUL and
   control characters, separators where none are allowed, and names the file system cannot hold.
 
-Pure Python + torch + safetensors: no ComfyUI import (see ARCHITECTURE.md). It lives in training/ because
-the training core writes checkpoints through it and imports nothing outside its package.
+Pure Python + torch + safetensors: no ComfyUI import. It lives in core/ because every layer reads and
+writes files through it (the training core's checkpoints, the nodes' saves, the headless trainer).
 """
 from __future__ import annotations
 
@@ -27,19 +27,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 
-class ADDError(ValueError):
-    """An error the user can fix; its message names the file or input and says what to do.
-
-    ComfyUI shows an exception's ``module.class`` to the user; this class reports a short fixed
-    module name instead of the path-derived name ComfyUI gives the plugin's package.
-    """
-
-
-class ADDFileExistsError(FileExistsError):
-    """A save would replace an existing file the user did not ask to replace."""
-
-
-ADDError.__module__ = ADDFileExistsError.__module__ = "comfyui_add"
+from .errors import ADDError, ADDFileExistsError
 
 # --------------------------------------------------------------------------------------------
 # reading safetensors
