@@ -114,7 +114,7 @@ def _conditioning(model, clip, rows: int, size: int, device):
 
     from scripts.comfy_host import plugin_module
 
-    adapter = plugin_module("nodes.train_adapter")
+    adapter = plugin_module("adapters.model")
     with torch.inference_mode():  # as on the prompt thread
         if clip is not None:
             bank = adapter.PromptBank(clip, [PROMPT], model.model, size, size)
@@ -167,7 +167,7 @@ def _separate_teacher_student(model, device, loop_mod):
 
     from scripts.comfy_host import plugin_module
 
-    adapter = plugin_module("nodes.train_adapter")
+    adapter = plugin_module("adapters.model")
 
     class SeparateTeacherLoRAStudent(loop_mod.LoRAStudent):
         def __init__(self, network, denoise, rank, alpha, generator, target_modules=None):
@@ -206,7 +206,7 @@ def _add_case(case, model, cond, pooled, uncond, c_dim, lat, a, device, mem, rss
 
     from scripts.comfy_host import plugin_module
 
-    adapter = plugin_module("nodes.train_adapter")
+    adapter = plugin_module("adapters.model")
     ADDConfig = plugin_module("training.config").ADDConfig
     LatentDataset = plugin_module("training.data").LatentDataset
     loop_mod = plugin_module("training.loop")

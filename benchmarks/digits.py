@@ -484,10 +484,10 @@ def sample_student(mp, lora_path: str, clip: ClassEmbeddingCLIP, size: Size, ste
     from scripts.comfy_host import plugin_module
 
     sampling = plugin_module("nodes.sampling")
-    train = plugin_module("nodes.train")
+    compare = plugin_module("nodes.compare")
     sd, md = comfy.utils.load_torch_file(lora_path, safe_load=True, return_metadata=True)
     student, _ = comfy.sd.load_lora_for_models(mp, None, sd, 1.0, 0.0)
-    ts = train.pick_timesteps(json.loads(md["add.student_timesteps"]), steps)
+    ts = compare.pick_timesteps(json.loads(md["add.student_timesteps"]), steps)
     counted, counter = _count_evals(student)
     sigmas = sampling.build_sigmas(counted, "custom", len(ts), 1.0, ",".join(map(str, ts)))
     out = []
@@ -501,7 +501,7 @@ def sample_student(mp, lora_path: str, clip: ClassEmbeddingCLIP, size: Size, ste
 def _count_evals(mp):
     from scripts.comfy_host import plugin_module
 
-    return plugin_module("nodes.train")._count_evals(mp)
+    return plugin_module("nodes.compare")._count_evals(mp)
 
 
 def prompted_classes(size: Size) -> torch.Tensor:
@@ -518,7 +518,7 @@ def teacher_pool(mp, clip: ClassEmbeddingCLIP, size: Size, log: Callable[[str], 
     ``teacher_cfg``), cached in ``.cache/digits/``."""
     from scripts.comfy_host import plugin_module
 
-    adapter = plugin_module("nodes.train_adapter")
+    adapter = plugin_module("adapters.model")
     tr_data = plugin_module("training.data")
     tr_schedule = plugin_module("training.schedule")
 
@@ -557,7 +557,7 @@ def train_student(mp, clip: ClassEmbeddingCLIP, size: Size, lora_path: str, *, d
     ``overrides`` replaces ``ADDConfig`` fields (the sweeps)."""
     from scripts.comfy_host import plugin_module
 
-    adapter = plugin_module("nodes.train_adapter")
+    adapter = plugin_module("adapters.model")
     tr_config = plugin_module("training.config")
     tr_data = plugin_module("training.data")
     tr_run = plugin_module("training.run")

@@ -32,7 +32,7 @@ from .errors import ADDError, ADDFileExistsError
 # --------------------------------------------------------------------------------------------
 # reading safetensors
 # --------------------------------------------------------------------------------------------
-_DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
                 "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
 PICKLE_EXTS = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
@@ -94,7 +94,7 @@ def safetensors_header(path: str | os.PathLike, label: str | None = None, fix: s
             numel = 1
             for s in shape:
                 numel *= int(s)
-            ok = dtype in _DTYPE_SIZES and 0 <= begin <= stop and stop - begin == numel * _DTYPE_SIZES[dtype]
+            ok = dtype in DTYPE_SIZES and 0 <= begin <= stop and stop - begin == numel * DTYPE_SIZES[dtype]
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:

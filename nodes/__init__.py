@@ -8,6 +8,7 @@ _MODULES: tuple[str, ...] = (
     "sampling",
     "stream",
     "train",
+    "compare",
     "fast_path",
 )
 

@@ -7,7 +7,8 @@
 
 The config (TOML or JSON) holds the run's files and data (RUN_KEYS below) and any ADDConfig field
 (training/config.py) at the top level. The checkpoint is loaded with ComfyUI's own loader; the run
-is assembled by the node's own ``build_run_spec`` and trained by ``training.run.ADDRun``, so it
+is described as a ``training.setup.RunRequest`` and assembled by ``adapters/run_setup.py`` (the ADD
+Train node's own path), and trained by ``training.run.ADDRun``, so it
 writes the same ``<output>.safetensors`` LoRA and ``<output>.add-state/`` folder as the node: a
 run started here resumes in the node and the other way round (same model, same settings). Running
 the same command again resumes the run. Also written into the state folder: ``train_log.jsonl``
@@ -34,6 +35,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # appended: ComfyUI's root must win for its top-level ``nodes``
+
+from scripts.plugin_package import load as _load_package  # noqa: E402
+
+_load_package()  # the plugin's core/, training/ and adapters/ as the package 'comfyui_add', imported once
+from comfyui_add.core.errors import ADDError  # noqa: E402  (pure Python: no torch, no ComfyUI)
 
 # key -> (default, what it is); everything else in a config must be an ADDConfig field
 RUN_KEYS: dict[str, tuple[object, str]] = {
@@ -63,7 +69,7 @@ _ALIASES = {"learning_rate": "lr_lora", "lr": "lr_lora", "unet_lr": "lr_lora", "
             "checkpoint": "model", "pretrained_model": "model", "output_name": "output"}
 
 
-class ConfigError(ValueError):
+class ConfigError(ADDError):
     """The config file is unusable; the message names the file and the key."""
 
 
@@ -93,10 +99,11 @@ def check_config(data: dict, source: str = "config") -> dict:
     """Validate a config dict -> settings (run keys with defaults + ``train``: the ADDConfig fields given).
 
     Raises ConfigError naming the key (unknown keys get a suggestion) or the missing file."""
-    from training.config import ADDConfig  # pure torch; the plugin's own copy is used once ComfyUI is up
-    from training.files import ADDError, check_name
-    from training.inputs import check_run_inputs
     import dataclasses
+
+    from comfyui_add.core.files import check_name
+    from comfyui_add.training.config import ADDConfig
+    from comfyui_add.training.setup import RunRequest, parse_prompts
 
     fields = {f.name for f in dataclasses.fields(ADDConfig)} - {"num_train_timesteps"}
     known = set(RUN_KEYS) | fields
@@ -132,11 +139,9 @@ def check_config(data: dict, source: str = "config") -> dict:
         raise ConfigError(str(exc)) from None
     out["output"] = output
     prompts = out["prompts"]
-    if isinstance(prompts, str):
-        prompts = prompts.splitlines()
-    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+    if not (isinstance(prompts, str) or (isinstance(prompts, list) and all(isinstance(p, str) for p in prompts))):
         raise ConfigError(f"{source}: 'prompts' must be a list of strings (or one string, a prompt per line).")
-    out["prompts"] = [p.strip() for p in prompts if p.strip() and not p.strip().startswith("#")]
+    out["prompts"] = parse_prompts(prompts)
     folder = str(out["image_folder"] or "").strip()
     if "\0" in folder:
         raise ConfigError(f"{source}: image_folder {folder!r} contains a NUL character: give the folder's path.")
@@ -145,38 +150,32 @@ def check_config(data: dict, source: str = "config") -> dict:
         if not os.path.isdir(folder):
             raise ConfigError(f"{source}: image_folder {folder!r} does not exist.")
     out["image_folder"] = folder
-    if not out["prompts"] and not folder:
-        raise ConfigError(f"{source}: 'prompts' is empty and no image_folder is set: give at least one prompt (the "
-                          "teacher then generates the training images) or an image_folder.")
-    try:  # the ADD Train node's ranges (training/inputs.py), for run keys and ADDConfig fields alike
-        check_run_inputs({**{k: out[k] for k in ("width", "height", "data_cfg", "data_steps")}, **train},
-                         where=f"{source}: ")
-    except ADDError as exc:
-        raise ConfigError(str(exc)) from None
     for key, kind in (("data_cfg", (int, float)), ("data_steps", int), ("data_streams", int),
                       ("dist_timeout_s", (int, float)), ("gradient_checkpointing", bool)):
         if not isinstance(out[key], kind) or (kind is not bool and isinstance(out[key], bool)):
             raise ConfigError(f"{source}: {key} {out[key]!r} has the wrong type ({RUN_KEYS[key][1]}).")
-    if out["data_steps"] < 1 or out["data_streams"] < 0 or out["dist_timeout_s"] <= 0:
-        raise ConfigError(f"{source}: data_steps must be >= 1, data_streams >= 0, dist_timeout_s > 0.")
+    if out["data_streams"] < 0 or out["dist_timeout_s"] <= 0:
+        raise ConfigError(f"{source}: data_streams must be >= 0, dist_timeout_s > 0.")
     if out["device"] not in ("auto", "cuda", "cpu"):
         raise ConfigError(f"{source}: device {out['device']!r}: use 'auto', 'cuda' or 'cpu'.")
+    dino = None
     if train.get("discriminator") == "dinov2":
         dino = os.path.abspath(os.path.expanduser(str(out["dinov2_file"] or "")))
         if not out["dinov2_file"] or not os.path.isfile(dino):
             raise ConfigError(f"{source}: discriminator 'dinov2' needs dinov2_file, an existing DINOv2 ViT-S/14 "
                               f".safetensors file (got {out['dinov2_file']!r}).")
-        out["dinov2_file"] = dino
-    from training.presets import PRESET_NAMES, apply_preset
-
-    if out["preset"] not in PRESET_NAMES:
-        raise ConfigError(f"{source}: preset {out['preset']!r} is not known; use one of {PRESET_NAMES}.")
-    train, _ = apply_preset(out["preset"], train, explicit=set(train))
-    try:  # every ADDConfig rule, with the schedule length of SD-class models (re-checked with the model's)
-        ADDConfig(**train)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{source}: {exc}") from exc
-    out["train"] = train
+    # The ADD Train node's rules (training/setup.py), with the schedule length of SD-class models
+    # (checked again with the model's own once it is loaded).
+    request = RunRequest(lora_path=output, prompts=tuple(out["prompts"]), width=out["width"], height=out["height"],
+                         data_cfg=out["data_cfg"], data_steps=out["data_steps"],
+                         gradient_checkpointing=out["gradient_checkpointing"], train=train, preset=str(out["preset"]),
+                         explicit=frozenset(train), dinov2_path=dino, where=f"{source}: ")
+    try:
+        request.check(has_images=bool(folder))
+        request.config()
+    except ADDError as exc:
+        raise ConfigError(str(exc)) from None
+    out["request"] = request
     out["source"] = source
     return out
 
@@ -187,7 +186,7 @@ UNET_PREFIX = "model.diffusion_model."
 def check_model_file(path: str, source: str = "config") -> dict:
     """The checkpoint's safetensors header, read by the plugin's checked reader (whole file, not a
     pickle, valid header), and holding a UNet; ConfigError naming the file otherwise."""
-    from training.files import ADDError, safetensors_header
+    from comfyui_add.core.files import safetensors_header
 
     label = f"{source}: model file {path}"
     try:
@@ -204,23 +203,22 @@ def check_model_file(path: str, source: str = "config") -> dict:
 def check_memory_estimate(settings: dict, device_kind: str, free: int) -> None:
     """ConfigError with the numbers when the run would not fit ``free`` bytes (the node's estimate, from the
     checkpoint's header: no weights are loaded)."""
-    from training.files import _DTYPE_SIZES
-    from training.inputs import estimate_memory, memory_error
+    from comfyui_add.core.files import DTYPE_SIZES
+    from comfyui_add.training.inputs import estimate_memory, memory_error
 
-    header, train = settings["model_header"], settings["train"]
+    header, cfg = settings["model_header"], settings["request"].config()
     shapes = []
     for key, info in header.items():
         if key.startswith(UNET_PREFIX) and isinstance(info, dict) and info.get("shape"):
-            size = _DTYPE_SIZES.get(info["dtype"], 4)
+            size = DTYPE_SIZES.get(info["dtype"], 4)
             shapes.append((tuple(info["shape"]), 4 if device_kind == "cpu" else size))  # CPU computes in fp32
     first = header.get(UNET_PREFIX + "input_blocks.0.0.weight", {}).get("shape") or [320]
-    need = estimate_memory(shapes, int(first[0]), int(train.get("batch_size", 4)),
-                           (settings["height"] // 8, settings["width"] // 8), int(train.get("lora_rank", 16)),
-                           bool(settings["gradient_checkpointing"]), str(train.get("training_mode", "lora")),
-                           train.get("ema_decay") is not None)
+    need = estimate_memory(shapes, int(first[0]), cfg.batch_size, (settings["height"] // 8, settings["width"] // 8),
+                           cfg.lora_rank, bool(settings["gradient_checkpointing"]), cfg.training_mode,
+                           cfg.ema_decay is not None)
     if need["total"] > free:
         raise ConfigError(str(memory_error(need, free, device_kind, where=f"{settings['source']}: ",
-                                           training_mode=str(train.get("training_mode", "lora")))))
+                                           training_mode=cfg.training_mode)))
 
 
 def free_bytes(device_kind: str, index: int = 0) -> int:
@@ -297,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
-    from training.distributed import from_env
+    from comfyui_add.core.errors import TrainingFailed
+    from comfyui_add.training.distributed import from_env
 
     dist = from_env()
     want = settings["device"]
@@ -319,75 +318,46 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before ComfyUI is imported: its model management uses the current device
 
-    from scripts.comfy_host import import_comfy, plugin_module
+    from scripts.comfy_host import import_comfy
 
-    import_comfy(load_plugin=True, cpu=device.type == "cpu", extra_nodes=False)
-    F = plugin_module("training.files")
-    L = plugin_module("training.loop")
-    R = plugin_module("training.run")
+    import_comfy(load_plugin=False, cpu=device.type == "cpu")  # ComfyUI's loader and model management only
     try:
-        return _train(settings, dist, device, plugin_module)
-    except (R.TrainingFailed, L.NonFiniteTrainingError) as exc:  # the run ended without a usable LoRA
+        return _train(settings, dist, device)
+    except TrainingFailed as exc:  # the run ended without a usable LoRA
         print(f"failed: {exc}", file=sys.stderr)
         return 1
-    except (F.ADDError, FileExistsError) as exc:  # refused before training: the input is named
+    except ADDError as exc:  # refused before training: the input is named
         print(f"error: config {args.config!r}: {exc}", file=sys.stderr)
         return 2
 
 
-def _train(settings: dict, dist_env, device, plugin_module) -> int:
-    import comfy.sd
+def _train(settings: dict, dist, device) -> int:
+    """Load the model, assemble the run as the node does (adapters/run_setup.py), train; -> exit code."""
+    from comfyui_add.adapters import run_setup
+    from comfyui_add.training import distributed
+    from comfyui_add.training.checkpoint import atomic_write_bytes
+    from comfyui_add.training.run import ADDRun, check_start, existing_run
 
-    T = plugin_module("nodes.train")
-    adapter = plugin_module("nodes.train_adapter")
-    R = plugin_module("training.run")
-    D = plugin_module("training.distributed")
-    C = plugin_module("training.checkpoint")
-    dist = D.Dist(rank=dist_env.rank, world_size=dist_env.world_size, local_rank=dist_env.local_rank)
-    lora_path = settings["output"]
-    main_rank = dist.is_main
-
-    F = plugin_module("training.files")
-    try:
-        model, clip, vae = comfy.sd.load_checkpoint_guess_config(settings["model"], output_vae=True,
-                                                                 output_clip=True)[:3]
-    except RuntimeError as exc:  # ComfyUI's detection found no model family it knows
-        raise F.ADDError(f"model file {settings['model']}: ComfyUI cannot load it as a checkpoint "
-                         f"({str(exc).splitlines()[0][:200]}). Set 'model' to an SD1.x/SD2.x/SDXL checkpoint.") from None
-    if model is None or clip is None:
-        raise F.ADDError(f"model file {settings['model']}: ComfyUI found no " + ("UNet" if model is None else "text encoder")
-                         + " it can load in it. Set 'model' to a full SD1.x/SD2.x/SDXL checkpoint (UNet, CLIP and VAE).")
-    family = adapter.check_trainable(model)
-    t_max = len(adapter.schedule_sigmas(model)) - 1
-    train = dict(settings["train"])
-    if "student_timesteps" in train:
-        train["student_timesteps"] = T.parse_timesteps(",".join(map(str, train["student_timesteps"])), t_max)
-    cfg = T.config_for_model(t_max, **train)
-    folder_images, folder_captions = None, []
+    request, lora_path, main_rank = settings["request"], settings["output"], dist.is_main
+    model, clip, vae = run_setup.load_checkpoint(settings["model"], "model file")
+    images, captions = None, None
     if settings["image_folder"]:
-        folder_images, folder_captions = T.read_image_folder(settings["image_folder"], settings["width"],
-                                                             settings["height"],
-                                                             label=f"image_folder {settings['image_folder']!r}")
-    fingerprint = adapter.base_fingerprint(model)
-    n_images = int(folder_images.shape[0]) if folder_images is not None else None
-    run_info = T.run_summary(settings["width"], settings["height"], settings["prompts"], settings["data_cfg"],
-                             settings["data_steps"], n_images)
+        images, captions = run_setup.read_image_folder(settings["image_folder"], settings["width"], settings["height"],
+                                                       label=f"image_folder {settings['image_folder']!r}")
+    plan = run_setup.plan_run(model, request, int(images.shape[0]) if images is not None else None)
+    cfg = plan.cfg
     # conflicts, foreign files and unreadable state fail on every rank
-    start_step = R.check_start(lora_path, cfg, fingerprint, run_info)
+    start_step = check_start(lora_path, cfg, plan.fingerprint, plan.run_info)
     if start_step >= cfg.max_steps:
         if main_rank:
             _say(dist, f"{os.path.basename(lora_path)} is already trained to step {start_step}; raise max_steps to "
                        "train further.")
         return 0
 
-    D.init_process_group(dist, device, settings["dist_timeout_s"])
-    spec, decode_preview = T.build_run_spec(
-        model, clip, vae, cfg, lora_path, family=family, fingerprint=fingerprint, prompt_list=settings["prompts"],
-        width=settings["width"], height=settings["height"], data_cfg=settings["data_cfg"],
-        data_steps=settings["data_steps"], gradient_checkpointing=settings["gradient_checkpointing"],
-        folder_images=folder_images, folder_captions=folder_captions,
-        dino_path=settings["dinov2_file"] if cfg.discriminator == "dinov2" else None, device=device)
-    run = R.ADDRun(spec, dist=dist, data_streams=settings["data_streams"] or None)
+    distributed.init_process_group(dist, device, settings["dist_timeout_s"])
+    spec, decode_preview = run_setup.build_run_spec(model, clip, vae, request, plan, lora_path, device=device,
+                                                    images=images, folder_captions=captions)
+    run = ADDRun(spec, dist=dist, data_streams=settings["data_streams"] or None)
 
     def on_term(signum, _frame):
         raise _Stopped(128 + signum)
@@ -401,28 +371,28 @@ def _train(settings: dict, dist_env, device, plugin_module) -> int:
             for note in (run.resume_note, run.stream_note):
                 if note:
                     _say(dist, "note: " + note)
-            trim_log(state_dir, start_step, C.atomic_write_bytes)
-            _say(dist, f"{'resuming at step ' + str(start_step) if start_step else 'starting'}: {family}, "
+            trim_log(state_dir, start_step, atomic_write_bytes)
+            _say(dist, f"{'resuming at step ' + str(start_step) if start_step else 'starting'}: {plan.family}, "
                        f"{dist.world_size} rank(s) on {device.type}, {streams} data stream(s) x batch {cfg.batch_size} "
                        f"= global batch {streams * cfg.batch_size}; training_mode {cfg.training_mode}; LoRA -> {lora_path}")
         hooks = _hooks(run, dist, cfg, decode_preview, vae, model, state_dir, start_step) if main_rank else None
         result = run.train(hooks=hooks)
     except _Stopped as exc:
         _say(dist, f"stopped by the launcher (another rank failed or the run was interrupted); "
-                   f"{_last_saved(R.existing_run, lora_path)}. Run the same command again to resume.")
+                   f"{_last_saved(existing_run, lora_path)}. Run the same command again to resume.")
         return exc.code
     except (RuntimeError, TimeoutError) as exc:
         if not dist.active or not _is_comm_error(exc):
             raise
         _say(dist, f"training stopped: another rank died or lost its connection ({type(exc).__name__}: "
-                   f"{str(exc).splitlines()[0][:200]}); {_last_saved(R.existing_run, lora_path)}. Run the same "
+                   f"{str(exc).splitlines()[0][:200]}); {_last_saved(existing_run, lora_path)}. Run the same "
                    "command again to resume.")
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
     if main_rank:
         _say(dist, f"done: {os.path.basename(lora_path)} trained to step {result.step}.")
-    D.destroy_process_group()
+    distributed.destroy_process_group()
     return 0
 
 
@@ -440,7 +410,9 @@ def _hooks(run, dist, cfg, decode_preview, vae, model, state_dir: str, start_ste
     import torch
     from tqdm import tqdm
 
-    R = sys.modules[type(run).__module__]
+    from comfyui_add.core.files import atomic_write_bytes
+    from comfyui_add.training.run import RunHooks
+
     bar = tqdm(total=cfg.max_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr)
     global_batch = run.trainer.data_streams * cfg.batch_size
     log = open(_log_path(state_dir), "a", encoding="utf-8")
@@ -466,15 +438,14 @@ def _hooks(run, dist, cfg, decode_preview, vae, model, state_dir: str, start_ste
         except (RuntimeError, ValueError):
             img = decode_preview(lat)
         os.makedirs(samples, exist_ok=True)
-        plugin_ckpt = sys.modules[R.__name__.rsplit(".", 1)[0] + ".checkpoint"]
-        plugin_ckpt.atomic_write_bytes(image_grid_png(img), os.path.join(samples, f"step_{step:08d}.png"))
+        atomic_write_bytes(image_grid_png(img), os.path.join(samples, f"step_{step:08d}.png"))
 
     def saved(step: int, path: str) -> None:
         bar.write(f"step {step}: saved {os.path.basename(path)} and the resumable state")
         if run.export_report is not None:  # training_mode 'full': the LoRA is extracted from the full student
             bar.write(f"step {step}: exported the full fine-tune as a {run.export_report.summary()}")
 
-    return R.RunHooks(progress=progress, preview=preview if run.spec.preview_shape else None, saved=saved)
+    return RunHooks(progress=progress, preview=preview if run.spec.preview_shape else None, saved=saved)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,6 @@
 """core.schedules and core.sampling without ComfyUI: presets, denoise mapping, errors, sigma math."""
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import pytest
 import torch

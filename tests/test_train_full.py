@@ -45,7 +45,7 @@ def test_headless_full_run_saves_resumes_and_exports_a_comfy_lora(tiny, comfy, p
     import comfy.lora
     import comfy.sd
 
-    adapter = plugin("nodes.train_adapter")
+    adapter = plugin("adapters.model")
     lora = tmp_path / "full_cli.safetensors"
     over = dict(training_mode="full", lr_full=1e-3, lora_rank=1024, lora_alpha=1024.0, max_steps=2, save_every=2)
     assert in_process(config(tiny, tmp_path / "f.json", lora, **over), plugin) == 0
@@ -136,7 +136,7 @@ def test_node_trains_full_reports_the_export_and_refuses_a_mode_change_on_resume
     assert float(md["add.relative_error"]) == pytest.approx(float(job.message.split("overall ")[1].split(",")[0]),
                                                             rel=2e-3)
     # the file is an ordinary LoRA for ComfyUI: it loads and changes the model's output
-    adapter = plugin("nodes.train_adapter")
+    adapter = plugin("adapters.model")
     patched = comfy.sd.load_lora_for_models(model, None, load_file(str(path)), 1.0, 0.0)[0]
     base_out, lora_out = outputs(adapter, [adapter.frozen_copy(model, torch.device("cpu")),
                                            adapter.frozen_copy(patched, torch.device("cpu"))])
@@ -159,7 +159,7 @@ def test_bad_training_mode_is_named(plugin, sd15, loras_dir):
 
 def test_memory_estimate_counts_the_full_copy_and_its_optimiser(plugin, sd15, loras_dir, monkeypatch):
     T = plugin("nodes.train")
-    adapter = plugin("nodes.train_adapter")
+    adapter = plugin("adapters.model")
     net = sd15[0].model
     n = sum(p.numel() for p in net.parameters())
     lora = adapter.estimate_memory(net, 2, (8, 8), 4, False)
@@ -177,7 +177,7 @@ def test_memory_estimate_counts_the_full_copy_and_its_optimiser(plugin, sd15, lo
 def test_the_full_student_of_a_half_precision_model_trains_fp32_master_weights(plugin, sd15):
     """On GPUs the job's network is fp16/bf16; AdamW steps of lr 1e-6 would vanish in such weights,
     so the full student is an fp32 copy that runs in fp32."""
-    adapter = plugin("nodes.train_adapter")
+    adapter = plugin("adapters.model")
     net = adapter.frozen_copy(sd15[0], torch.device("cpu"))
     half = copy.deepcopy(net).to(torch.bfloat16)
     half.diffusion_model.dtype = torch.bfloat16  # as frozen_copy leaves a bf16 model

@@ -70,7 +70,7 @@ def in_process(cfg: Path, plugin) -> int:
     from comfyui_add.training.distributed import Dist
 
     settings = train_add.check_config(train_add.read_config(cfg))
-    return train_add._train(settings, Dist(), torch.device("cpu"), plugin)
+    return train_add._train(settings, Dist(), torch.device("cpu"))
 
 
 def state(lora: Path) -> dict[str, torch.Tensor]:
@@ -108,7 +108,7 @@ def test_bad_configs_fail_before_training_naming_the_key_or_file(tiny, comfy, tm
     with pytest.raises(ConfigError, match=r"model file '.*missing\.safetensors' does not exist"):
         check_config(json.loads(config(tiny, tmp_path / "m.json", out, model=str(tmp_path / "missing.safetensors"))
                                 .read_text()))
-    with pytest.raises(ConfigError, match=r"'prompts' is empty"):
+    with pytest.raises(ConfigError, match=r"prompts is empty and no images"):
         check_config(json.loads(config(tiny, tmp_path / "p.json", out, prompts=["", "# comment"]).read_text()))
     with pytest.raises(ConfigError, match=r"lora_rank is 0: type a whole number from 1 to 1024"):
         check_config(json.loads(config(tiny, tmp_path / "r.json", out, lora_rank=0).read_text()))
@@ -130,10 +130,11 @@ def test_preset_fills_the_fields_it_names_and_the_files_own_keys_win(tiny, comfy
     settings = check_config(json.loads(config(tiny, tmp_path / "p.json", out, preset="small_data",
                                               lr_lora=5e-4).read_text()))
     small = preset_fields("small_data")
-    assert settings["train"]["ema_decay"] == small["ema_decay"]
-    assert settings["train"]["disc_features"] == small["disc_features"]
-    assert small["lr_lora"] == 1e-3 and settings["train"]["lr_lora"] == 5e-4  # the file's own key wins
-    assert settings["train"]["lora_rank"] == 4
+    cfg = settings["request"].config()  # what the run trains with (the model's schedule: 1000 steps)
+    assert cfg.ema_decay == small["ema_decay"]
+    assert cfg.disc_features == small["disc_features"]
+    assert small["lr_lora"] == 1e-3 and cfg.lr_lora == 5e-4  # the file's own key wins
+    assert cfg.lora_rank == 4
     with pytest.raises(ConfigError, match=r"preset 'fast' is not known"):
         check_config(json.loads(config(tiny, tmp_path / "q.json", out, preset="fast").read_text()))
 

@@ -96,7 +96,7 @@ def test_job_trains_in_background_and_writes_a_comfy_lora(T, sd15, loras_dir, pl
 def test_input_model_is_untouched_and_copy_is_trainable(T, sd15, plugin):
     model = sd15[0]
     before = {k: v.clone() for k, v in list(model.model.state_dict().items())[:20]}
-    adapter = plugin("nodes.train_adapter")
+    adapter = plugin("adapters.model")
     with torch.inference_mode():  # as node execution runs
         net = adapter.frozen_copy(model, torch.device("cpu"))
     w = next(net.parameters())
@@ -159,7 +159,7 @@ def test_preset_sets_the_fields_it_names_and_they_are_saved_with_the_run(T, sd15
 
 @pytest.mark.parametrize("which", ["encoder", "input+encoder", "all"])
 def test_discriminator_feature_sets_are_real_modules_that_run(T, sd15, plugin, which):
-    adapter = plugin("nodes.train_adapter")
+    adapter = plugin("adapters.model")
     network = adapter.frozen_copy(sd15[0], torch.device("cpu"))
     names = adapter.feature_modules(network, which)
     encoder = adapter.feature_modules(network, "encoder")
@@ -244,17 +244,18 @@ def test_gradient_checkpointing_gives_the_same_first_step(T, sd15, loras_dir):
     assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-3) for k in sa)
 
 
-def test_status_and_compare_nodes(T, sd15, loras_dir):
+def test_status_and_compare_nodes(T, plugin, sd15, loras_dir):
     job = wait(start(T, sd15, name="compare_run", max_steps=2, preview_every=1))
     text, img = T.ADDTrainingStatus().status(job.id)["result"]
     assert "compare_run" in text and "done" in text and img.shape[-1] == 3
     with pytest.raises(ValueError, match="no ADD training job with this id"):
         T.ADDTrainingStatus().status("0123456789ab")
     model, clip, vae = sd15
-    (grid,) = T.ADDCompare().compare(model, clip, vae, "compare_run", "a red fox\na blue car", 0, 2, 3.0, "euler",
+    compare = plugin("nodes.compare")
+    (grid,) = compare.ADDCompare().compare(model, clip, vae, "compare_run", "a red fox\na blue car", 0, 2, 3.0, "euler",
                                      2, 64, 64)
     assert grid.shape[0] == 1 and grid.shape[2] == 128 and grid.shape[1] == 28 + 2 * 64
-    assert T.pick_timesteps([999, 749, 499, 249], 2) == [999, 499]
+    assert compare.pick_timesteps([999, 749, 499, 249], 2) == [999, 499]
 
 
 def test_job_never_touches_comfyuis_interrupt_flag(T, sd15, loras_dir):
@@ -293,8 +294,8 @@ def test_polite_job_pauses_while_the_queue_is_busy(T, sd15, loras_dir, monkeypat
     assert wait(job).state == "cancelled"
 
 
-def test_memory_estimate_refuses_with_numbers_and_what_to_lower(T, sd15, loras_dir, monkeypatch):
-    adapter = T.adapter
+def test_memory_estimate_refuses_with_numbers_and_what_to_lower(T, plugin, sd15, loras_dir, monkeypatch):
+    adapter = plugin("adapters.model")
     monkeypatch.setattr(adapter, "free_memory_bytes", lambda device: 10 * 2**20)
     with pytest.raises(ValueError, match=r"needs about .* GB on cpu .* but about 0\.0 GB is free\. Lower batch_size"):
         start(T, sd15, name="too_big")
@@ -431,7 +432,7 @@ def test_a_unet_without_any_encoder_feature_is_refused_in_words(T, plugin):
     """The teacher discriminator reads encoder features; a UNet with none is refused before a job starts."""
     from types import SimpleNamespace
 
-    adapter = plugin("nodes.train_adapter")
+    adapter = plugin("adapters.model")
     bare = SimpleNamespace(diffusion_model=SimpleNamespace(input_blocks=[[torch.nn.Conv2d(4, 8, 3)]], middle_block=None))
     with pytest.raises(ValueError, match=r"cannot use discriminator 'teacher' on this UNet.*Use discriminator 'dinov2'"):
         adapter.feature_modules(bare)

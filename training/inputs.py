@@ -28,6 +28,7 @@ RULES: dict[str, tuple[type, float, float, int, str]] = {
     "lora_alpha": (float, 0.01, 1024.0, 0, "usually equal to the rank"),
     "lr_lora": (float, 1e-7, 0.1, 0, "1e-4 is typical"),
     "lr_disc": (float, 1e-7, 0.1, 0, "1e-4 is typical"),
+    "lr_full": (float, 1e-9, 0.1, 0, "1e-6 is typical (the whole network)"),
     "distill_weight": (float, 0.0, 100.0, 0, "the paper's 2.5"),
     "max_steps": (int, 1, 1_000_000, 1, "training iterations"),
     "save_every": (int, 0, 1_000_000, 1, "0 = only at the end"),

@@ -30,7 +30,7 @@ import comfy.model_management as mm
 
 from ..core.errors import ADDError
 from ..training.inputs import estimate_memory as estimate_run_memory
-from . import lora as lora_nodes
+from ..nodes import lora as lora_nodes  # TODO(move): fused copy + fingerprint move below nodes/
 
 # Families a run can train: BaseModel subclasses whose diffusion model is ComfyUI's UNetModel
 # and whose conditioning we can build (cross-attention context, plus SDXL's ADM vector).
