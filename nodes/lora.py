@@ -30,6 +30,7 @@ import folder_paths
 
 from ..core import lora_keys
 from ..core import files
+from ..core import schedules
 from ..core.errors import ADDError
 from ..training import lora_extract
 from . import saving
@@ -438,6 +439,15 @@ def fuse_lora(model, clip, lora_sd, metadata, lora_name, strength_model, strengt
 _MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
 
 
+def recommended_timesteps(steps: int, lcm: bool) -> list[int]:
+    """The timesteps a saved checkpoint recommends, from ``core.schedules``: LCM-LoRA merges ->
+    diffusers' LCMScheduler (50 original steps; 4 steps -> 999, 759, 499, 259); ADD / turbo -> the
+    ADD Scheduler's ``add_trailing`` spacing (3 steps -> 999, 666, 332), also past its 1-4 steps."""
+    if lcm:
+        return list(schedules.lcm_timesteps(steps))
+    return schedules.trailing_timesteps(steps)
+
+
 def turbo_metadata(model, title: str, steps: int, cfg: float, base_model_name: str) -> tuple[dict, dict]:
     """(safetensors metadata, extra keys) in the modelspec convention CheckpointSave writes."""
     import comfy.model_base
@@ -461,15 +471,8 @@ def turbo_metadata(model, title: str, steps: int, cfg: float, base_model_name: s
     merged = [base_model_name or f"unknown {record.get('base_class', type(model.model.model_config).__name__)} checkpoint"]
     merged += [f"{l['name']} @ {l['strength_model']:g}" for l in loras]
     md["modelspec.merged_from"] = ", ".join(merged)
-    # Recommended schedule: LCM-LoRA -> diffusers LCMScheduler timesteps (50 original steps);
-    # ADD/turbo -> trailing spacing t_i = 999 - i*1000/steps (arXiv 2311.17042 uses 1-4 steps).
-    if lcm:
-        origin = [999 - 20 * i for i in range(50)]
-        timesteps = [origin[int(i * 50 / steps)] for i in range(steps)]
-        sampler, scheduler = "lcm", "sgm_uniform"
-    else:
-        timesteps = [int(999 - i * 1000 / steps) for i in range(steps)]
-        sampler, scheduler = "euler_ancestral", "sgm_uniform"
+    timesteps = recommended_timesteps(steps, lcm)
+    sampler, scheduler = ("lcm" if lcm else "euler_ancestral"), "sgm_uniform"
     md["modelspec.usage_hint"] = (f"{steps} steps, cfg {cfg:g}, sampler {sampler}, scheduler {scheduler}"
                                   + (", ModelSamplingDiscrete 'lcm'" if lcm else ""))
     md.update({

@@ -1,6 +1,7 @@
 """LoRA merge / save / extract nodes against ComfyUI's own lazy LoRA path (tiny SD1.5, CPU)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -296,6 +297,24 @@ def test_save_reload_same_output_and_metadata(L, sd15, loras_dir, comfy):
     reloaded = comfy.sd.load_checkpoint_guess_config(path)[0]
     assert _close(run(reloaded), run(fused), 1e-5)
     assert not [f for f in os.listdir(os.path.dirname(path)) if f.endswith(".partial")]
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4])
+def test_saved_timesteps_are_what_add_scheduler_samples(L, plugin, sd15, comfy, steps):
+    """The turbo checkpoint recommends the ADD Scheduler's own timesteps (core.schedules), e.g.
+    999, 666, 332 for 3 steps (a re-derived int(999 - i * 1000 / 3) gave 999, 665, 332)."""
+    import folder_paths
+
+    model, clip, vae = sd15
+    L.ADDSaveTurboCheckpoint().save(model, clip, vae, f"lora_steps/turbo_{steps}", True, steps, 1.0, "")
+    path = os.path.join(folder_paths.get_output_directory(), "lora_steps", f"turbo_{steps}.safetensors")
+    md = safe_open(path, "pt").metadata()
+    assert md["add.sampling"] == "eps" and md["add.recommended_steps"] == str(steps)
+    sigmas = plugin("nodes.sampling").ADDScheduler().get_sigmas(model, steps, "add_trailing", "", 1.0)[0]
+    sampled = [int(round(float(t))) for t in model.get_model_object("model_sampling").timestep(sigmas[:-1])]
+    assert json.loads(md["add.recommended_timesteps"]) == sampled
+    if steps == 3:
+        assert sampled == [999, 666, 332]
 
 
 def _state(path):
