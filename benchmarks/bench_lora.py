@@ -154,7 +154,7 @@ def worker(model_kind: str, dtype_name: str, method: str, device: str, repeats: 
     _time_calls(patcher, 1, size)  # warm-up: kernels chosen, weights resident
     comfy.model_management.unload_all_models()
     gc.collect()
-    nodes_lora = comfy_host.plugin_module("nodes.lora")
+    lora_merge = comfy_host.plugin_module("nodes.lora_merge")
     _reset_peak_rss()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -162,7 +162,7 @@ def worker(model_kind: str, dtype_name: str, method: str, device: str, repeats: 
     rss0 = _status("VmRSS")
     t = time.perf_counter()
     if method == "fuse":
-        out, _, report = nodes_lora.fuse_lora(patcher, None, lora, {}, "bench_lcm_lora.safetensors", 1.0, 1.0, "none")
+        out, _, report = lora_merge.fuse_lora(patcher, None, lora, {}, "bench_lcm_lora.safetensors", 1.0, 1.0, "none")
         assert "WARNING" not in report, report
     else:
         out = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0.0)[0]

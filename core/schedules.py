@@ -69,6 +69,14 @@ def check_denoise(denoise: float, field: str = "denoise") -> float:
 def add_trailing_timesteps(steps: int, denoise: float = 1.0, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[int]:
     """diffusers "trailing" spacing over [0, denoise * T): 4 steps -> [999, 749, 499, 249]."""
     check_steps(steps)
+    return trailing_timesteps(steps, denoise, num_train_timesteps)
+
+
+def trailing_timesteps(steps: int, denoise: float = 1.0, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[int]:
+    """The ``add_trailing`` formula without the 1-4 step limit (any steps in 1..T), e.g. for the
+    schedule a saved checkpoint recommends: 3 steps -> [999, 666, 332]."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_train_timesteps:
+        raise ScheduleError(f"steps={steps!r} must be an integer from 1 to {num_train_timesteps}.")
     span = check_denoise(denoise) * num_train_timesteps
     out = [int(round(span * (1.0 - i / steps))) - 1 for i in range(steps)]
     return validate_timesteps(out, field="denoise", t_max=num_train_timesteps - 1)

@@ -3,7 +3,9 @@ from importlib import import_module
 
 # One entry per node module; each exports NODE_CLASS_MAPPINGS and NODE_DISPLAY_NAME_MAPPINGS.
 _MODULES: tuple[str, ...] = (
-    "lora",
+    "lora_merge",
+    "turbo_checkpoint",
+    "lora_extract",
     "tiny_vae",
     "sampling",
     "stream",

@@ -1,6 +1,7 @@
 """LoRA merge / save / extract nodes against ComfyUI's own lazy LoRA path (tiny SD1.5, CPU)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -13,8 +14,18 @@ from safetensors import safe_open
 # helpers
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def L(plugin):
-    return plugin("nodes.lora")
+def lora_merge(plugin):
+    return plugin("nodes.lora_merge")
+
+
+@pytest.fixture(scope="module")
+def turbo_ckpt(plugin):
+    return plugin("nodes.turbo_checkpoint")
+
+
+@pytest.fixture(scope="module")
+def lora_extract(plugin):
+    return plugin("nodes.lora_extract")
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +83,8 @@ def unet_weights(patcher):
     return out
 
 
-def merge(L, model, name, strength=1.0, sampling="none", clip=None, strength_clip=1.0):
-    res = L.ADDLoraMerge().merge(model, name, strength, strength_clip, sampling, clip=clip)
+def merge(lora_merge, model, name, strength=1.0, sampling="none", clip=None, strength_clip=1.0):
+    res = lora_merge.ADDLoraMerge().merge(model, name, strength, strength_clip, sampling, clip=clip)
     assert res["ui"]["text"][0] == res["result"][2]
     return res["result"]
 
@@ -111,10 +122,10 @@ def test_formats_detected(plugin, tiny):
 # merge == lazily patched
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["tiny_sd15_kohya", "tiny_sd15_comfy", "tiny_lcm_lora_sd15"])
-def test_fused_equals_lazy(L, sd15, loras_dir, name):
+def test_fused_equals_lazy(lora_merge, sd15, loras_dir, name):
     model = sd15[0]
     before = run(model)
-    fused, _, report = merge(L, model, name + ".safetensors", strength=0.8)
+    fused, _, report = merge(lora_merge, model, name + ".safetensors", strength=0.8)
     ref = lazy(model, _load(loras_dir / f"{name}.safetensors"), 0.8)
     assert fused.model is not model.model and not fused.patches
     out_f, out_l = run(fused), run(ref)
@@ -127,9 +138,9 @@ def test_fused_equals_lazy(L, sd15, loras_dir, name):
     assert not orig & {t.data_ptr() for t in fused.model.state_dict().values()}
 
 
-def test_peft_fused_matches_direct_math_and_core_partial_load_is_reported(L, sd15, loras_dir, plugin):
+def test_peft_fused_matches_direct_math_and_core_partial_load_is_reported(lora_merge, sd15, loras_dir, plugin):
     model = sd15[0]
-    fused, _, report = merge(L, model, "tiny_sd15_peft.safetensors")
+    fused, _, report = merge(lora_merge, model, "tiny_sd15_peft.safetensors")
     peft = _load(loras_dir / "tiny_sd15_peft.safetensors")
     to_diff = __import__("scripts.tiny_models", fromlist=["x"]).sd15_ldm_to_diffusers_names()
     base, got = unet_weights(model), unet_weights(fused)
@@ -153,51 +164,51 @@ def test_peft_fused_matches_direct_math_and_core_partial_load_is_reported(L, sd1
     assert not _close(run(core), run(fused), 1e-4)
 
 
-def test_strength_is_linear_and_merges_add(L, sd15, loras_dir):
+def test_strength_is_linear_and_merges_add(lora_merge, sd15, loras_dir):
     model = sd15[0]
     w0 = unet_weights(model)
-    half = unet_weights(merge(L, model, "tiny_sd15_kohya.safetensors", 0.5)[0])
-    full = unet_weights(merge(L, model, "tiny_sd15_kohya.safetensors", 1.0)[0])
+    half = unet_weights(merge(lora_merge, model, "tiny_sd15_kohya.safetensors", 0.5)[0])
+    full = unet_weights(merge(lora_merge, model, "tiny_sd15_kohya.safetensors", 1.0)[0])
     changed = [k for k in w0 if not torch.equal(w0[k], full[k])]
     assert len(changed) == 63
     for k in changed:
         d = full[k] - w0[k]
         assert _close(half[k] - w0[k], 0.5 * d, 1e-5)
     # two merges in a row == both LoRAs lazily applied
-    a = merge(L, model, "tiny_sd15_kohya.safetensors", 1.0)[0]
-    ab, _, _ = merge(L, a, "tiny_lcm_lora_sd15.safetensors", 0.5)
+    a = merge(lora_merge, model, "tiny_sd15_kohya.safetensors", 1.0)[0]
+    ab, _, _ = merge(lora_merge, a, "tiny_lcm_lora_sd15.safetensors", 0.5)
     ref = lazy(lazy(model, _load(loras_dir / "tiny_sd15_kohya.safetensors"), 1.0),
                _load(loras_dir / "tiny_lcm_lora_sd15.safetensors"), 0.5)
     assert _close(run(ab), run(ref))
-    loras = ab.model_options[L.MERGE_INFO_KEY]["loras"]
+    loras = ab.model_options[lora_merge.MERGE_INFO_KEY]["loras"]
     assert [l["name"] for l in loras] == ["tiny_sd15_kohya.safetensors", "tiny_lcm_lora_sd15.safetensors"]
 
 
-def test_merge_into_lazily_patched_model_fuses_its_patches(L, sd15, loras_dir):
+def test_merge_into_lazily_patched_model_fuses_its_patches(lora_merge, sd15, loras_dir):
     """A model already carrying lazy patches (e.g. core LoraLoader) keeps them, now fused."""
     model = sd15[0]
     pre = lazy(model, _load(loras_dir / "tiny_sd15_comfy.safetensors"), 0.3)
     run(pre)  # leaves the shared module patched in place: the merge must read the originals
-    fused = merge(L, pre, "tiny_sd15_kohya.safetensors", 0.7)[0]
+    fused = merge(lora_merge, pre, "tiny_sd15_kohya.safetensors", 0.7)[0]
     ref = lazy(pre, _load(loras_dir / "tiny_sd15_kohya.safetensors"), 0.7)
     assert _close(run(fused), run(ref))
 
 
-def test_lcm_sampling_auto_and_override(L, sd15, loras_dir):
+def test_lcm_sampling_auto_and_override(lora_merge, sd15, loras_dir):
     model = sd15[0]
-    auto = merge(L, model, "tiny_lcm_lora_sd15.safetensors", sampling="auto")
+    auto = merge(lora_merge, model, "tiny_lcm_lora_sd15.safetensors", sampling="auto")
     assert "LCM: yes" in auto[2]
     ms = auto[0].get_model_object("model_sampling")
     assert type(ms).__mro__[1].__name__ == "ModelSamplingDiscreteDistilled"
-    none = merge(L, model, "tiny_lcm_lora_sd15.safetensors", sampling="none")[0]
+    none = merge(lora_merge, model, "tiny_lcm_lora_sd15.safetensors", sampling="none")[0]
     assert type(none.get_model_object("model_sampling")) is type(model.get_model_object("model_sampling"))
-    k = merge(L, model, "tiny_sd15_kohya.safetensors", sampling="auto")[0]
+    k = merge(lora_merge, model, "tiny_sd15_kohya.safetensors", sampling="auto")[0]
     assert type(k.get_model_object("model_sampling")) is type(model.get_model_object("model_sampling"))
-    forced = merge(L, model, "tiny_sd15_kohya.safetensors", sampling="lcm")[0]
+    forced = merge(lora_merge, model, "tiny_sd15_kohya.safetensors", sampling="lcm")[0]
     assert type(forced.get_model_object("model_sampling")).__mro__[1].__name__ == "ModelSamplingDiscreteDistilled"
 
 
-def test_clip_part_is_fused_into_a_new_clip(L, sd15, loras_dir, comfy):
+def test_clip_part_is_fused_into_a_new_clip(lora_merge, sd15, loras_dir, comfy):
     import comfy.sd
 
     model, clip, _ = sd15
@@ -213,7 +224,7 @@ def test_clip_part_is_fused_into_a_new_clip(L, sd15, loras_dir, comfy):
     save_file({k: v.contiguous() for k, v in ksd.items()}, str(loras_dir / "tiny_te.safetensors"))
     tokens = clip.tokenize("a photo of a cat")
     before = clip.encode_from_tokens(tokens)
-    fm, fc, report = merge(L, model, "tiny_te.safetensors", 1.0, clip=clip, strength_clip=0.7)
+    fm, fc, report = merge(lora_merge, model, "tiny_te.safetensors", 1.0, clip=clip, strength_clip=0.7)
     assert "clip: 4/4" in report and "unet: 63/63" in report
     _, ref_clip = comfy.sd.load_lora_for_models(model, clip, ksd, 1.0, 0.7)
     got, want = fc.encode_from_tokens(tokens), ref_clip.encode_from_tokens(tokens)
@@ -233,7 +244,7 @@ def _save_lora(loras_dir, name, sd):
     return name
 
 
-def test_sdxl_lora_on_sd15_is_a_clear_error(L, sd15, sdxl, loras_dir):
+def test_sdxl_lora_on_sd15_is_a_clear_error(lora_merge, sd15, sdxl, loras_dir):
     g = torch.Generator().manual_seed(0)
     sd = {}
     for k, v in sdxl.model.diffusion_model.state_dict().items():
@@ -243,30 +254,30 @@ def test_sdxl_lora_on_sd15_is_a_clear_error(L, sd15, sdxl, loras_dir):
             sd[base + ".lora_up.weight"] = torch.randn((v.shape[0], 4), generator=g)
     name = _save_lora(loras_dir, "tiny_sdxl_lora.safetensors", sd)
     with pytest.raises(ValueError) as e:
-        merge(L, sd15[0], name)
+        merge(lora_merge, sd15[0], name)
     msg = str(e.value)
     assert "SDXL" in msg and "SD1.x" in msg
     assert "Expected module names like: lora_unet_" in msg
 
 
-def test_partial_match_warns_and_no_match_errors(L, sd15, loras_dir):
+def test_partial_match_warns_and_no_match_errors(lora_merge, sd15, loras_dir):
     sd = _load(loras_dir / "tiny_sd15_kohya.safetensors")
     sd["lora_unet_not_a_block_0.lora_down.weight"] = torch.zeros((8, 320))
     sd["lora_unet_not_a_block_0.lora_up.weight"] = torch.zeros((320, 8))
-    _, _, report = merge(L, sd15[0], _save_lora(loras_dir, "tiny_partial.safetensors", sd))
+    _, _, report = merge(lora_merge, sd15[0], _save_lora(loras_dir, "tiny_partial.safetensors", sd))
     assert "WARNING: partial match: 1 " in report and "lora_unet_not_a_block_0" in report
     bogus = {"lora_unet_nothing_here.lora_down.weight": torch.zeros((8, 320)),
              "lora_unet_nothing_here.lora_up.weight": torch.zeros((320, 8))}
     with pytest.raises(ValueError, match="No key of this LoRA matches"):
-        merge(L, sd15[0], _save_lora(loras_dir, "tiny_nomatch.safetensors", bogus))
+        merge(lora_merge, sd15[0], _save_lora(loras_dir, "tiny_nomatch.safetensors", bogus))
 
 
-def test_shape_mismatch_names_key_and_shapes(L, sd15, loras_dir):
+def test_shape_mismatch_names_key_and_shapes(lora_merge, sd15, loras_dir):
     sd = _load(loras_dir / "tiny_sd15_kohya.safetensors")
     k = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_up.weight"
     sd[k] = torch.zeros((640, 8))
     with pytest.raises(ValueError) as e:
-        merge(L, sd15[0], _save_lora(loras_dir, "tiny_badshape.safetensors", sd))
+        merge(lora_merge, sd15[0], _save_lora(loras_dir, "tiny_badshape.safetensors", sd))
     msg = str(e.value)
     assert "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight" in msg
     assert "(320, 320)" in msg and "(640, 8)" in msg
@@ -275,13 +286,13 @@ def test_shape_mismatch_names_key_and_shapes(L, sd15, loras_dir):
 # --------------------------------------------------------------------------------------------
 # save turbo checkpoint
 # --------------------------------------------------------------------------------------------
-def test_save_reload_same_output_and_metadata(L, sd15, loras_dir, comfy):
+def test_save_reload_same_output_and_metadata(lora_merge, turbo_ckpt, sd15, loras_dir, comfy):
     import comfy.sd
     import folder_paths
 
     model, clip, vae = sd15
-    fused = merge(L, model, "tiny_lcm_lora_sd15.safetensors", 0.9, sampling="none")[0]
-    rep = L.ADDSaveTurboCheckpoint().save(fused, clip, vae, "lora_test/turbo_a", True, 4, 1.0,
+    fused = merge(lora_merge, model, "tiny_lcm_lora_sd15.safetensors", 0.9, sampling="none")[0]
+    rep = turbo_ckpt.ADDSaveTurboCheckpoint().save(fused, clip, vae, "lora_test/turbo_a", True, 4, 1.0,
                                           "v1-5-pruned-emaonly.safetensors")["result"][0]
     path = os.path.join(folder_paths.get_output_directory(), "lora_test", "turbo_a.safetensors")
     assert rep.startswith(f"saved {path}")
@@ -298,6 +309,24 @@ def test_save_reload_same_output_and_metadata(L, sd15, loras_dir, comfy):
     assert not [f for f in os.listdir(os.path.dirname(path)) if f.endswith(".partial")]
 
 
+@pytest.mark.parametrize("steps", [1, 2, 3, 4])
+def test_saved_timesteps_are_what_add_scheduler_samples(turbo_ckpt, plugin, sd15, comfy, steps):
+    """The turbo checkpoint recommends the ADD Scheduler's own timesteps (core.schedules), e.g.
+    999, 666, 332 for 3 steps (a re-derived int(999 - i * 1000 / 3) gave 999, 665, 332)."""
+    import folder_paths
+
+    model, clip, vae = sd15
+    turbo_ckpt.ADDSaveTurboCheckpoint().save(model, clip, vae, f"lora_steps/turbo_{steps}", True, steps, 1.0, "")
+    path = os.path.join(folder_paths.get_output_directory(), "lora_steps", f"turbo_{steps}.safetensors")
+    md = safe_open(path, "pt").metadata()
+    assert md["add.sampling"] == "eps" and md["add.recommended_steps"] == str(steps)
+    sigmas = plugin("nodes.sampling").ADDScheduler().get_sigmas(model, steps, "add_trailing", "", 1.0)[0]
+    sampled = [int(round(float(t))) for t in model.get_model_object("model_sampling").timestep(sigmas[:-1])]
+    assert json.loads(md["add.recommended_timesteps"]) == sampled
+    if steps == 3:
+        assert sampled == [999, 666, 332]
+
+
 def _state(path):
     """(content, inode, mtime) of a file: any rewrite or replacement changes one of them."""
     st = os.stat(path)
@@ -305,7 +334,7 @@ def _state(path):
         return f.read(), st.st_ino, st.st_mtime_ns
 
 
-def test_save_numbers_files_and_never_overwrites(L, sd15, comfy):
+def test_save_numbers_files_and_never_overwrites(turbo_ckpt, sd15, comfy):
     """Queued twice (the default): _00001_ then _00002_, nothing replaced, a same-name file left alone."""
     import folder_paths
 
@@ -315,7 +344,7 @@ def test_save_numbers_files_and_never_overwrites(L, sd15, comfy):
     user_file = os.path.join(folder, "turbo.safetensors")
     with open(user_file, "wb") as f:
         f.write(b"the user's own file")
-    node = L.ADDSaveTurboCheckpoint()
+    node = turbo_ckpt.ADDSaveTurboCheckpoint()
     first = node.save(model, clip, vae, "lora_numbered/turbo", False, 4, 1.0, "")["result"][0]
     p1 = os.path.join(folder, "turbo_00001_.safetensors")
     assert first.startswith(f"saved {p1}\n")
@@ -328,7 +357,7 @@ def test_save_numbers_files_and_never_overwrites(L, sd15, comfy):
     assert safe_open(p2, "pt").metadata()["modelspec.title"] == "turbo"
 
 
-def test_save_takes_the_next_number_when_one_is_taken_meanwhile(L, sd15, monkeypatch, comfy):
+def test_save_takes_the_next_number_when_one_is_taken_meanwhile(turbo_ckpt, sd15, monkeypatch, comfy):
     """ComfyUI's counter is read before the weights are gathered; a file that appears under that
     number meanwhile (another save) is skipped, not replaced."""
     import folder_paths
@@ -342,13 +371,13 @@ def test_save_takes_the_next_number_when_one_is_taken_meanwhile(L, sd15, monkeyp
         with open(os.path.join(got[0], f"{got[1]}_{got[2]:05}_.safetensors"), "wb") as f:
             f.write(b"written by another save")
         return got
-    monkeypatch.setattr(L.saving.folder_paths, "get_save_image_path", stale_counter)
-    rep = L.ADDSaveTurboCheckpoint().save(model, clip, vae, "lora_race/m", False, 4, 1.0, "")["result"][0]
+    monkeypatch.setattr(turbo_ckpt.saving.folder_paths, "get_save_image_path", stale_counter)
+    rep = turbo_ckpt.ADDSaveTurboCheckpoint().save(model, clip, vae, "lora_race/m", False, 4, 1.0, "")["result"][0]
     assert rep.startswith(f"saved {os.path.join(folder, 'm_00002_.safetensors')}\n")
     assert open(os.path.join(folder, "m_00001_.safetensors"), "rb").read() == b"written by another save"
 
 
-def test_exact_name_overwrite_replaces_atomically(L, sd15, monkeypatch, comfy):
+def test_exact_name_overwrite_replaces_atomically(turbo_ckpt, sd15, monkeypatch, comfy):
     import comfy.sd
     import folder_paths
 
@@ -358,21 +387,21 @@ def test_exact_name_overwrite_replaces_atomically(L, sd15, monkeypatch, comfy):
     path = os.path.join(folder, "keep.safetensors")
     with open(path, "wb") as f:
         f.write(b"old file")
-    node = L.ADDSaveTurboCheckpoint()
-    real_writer = L.files.write_safetensors_to
+    node = turbo_ckpt.ADDSaveTurboCheckpoint()
+    real_writer = turbo_ckpt.files.write_safetensors_to
 
     def broken_writer(f, tensors, metadata=None):
         f.write(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(L.files, "write_safetensors_to", broken_writer)
+    monkeypatch.setattr(turbo_ckpt.files, "write_safetensors_to", broken_writer)
     with pytest.raises(OSError, match="disk full"):
         node.save(model, clip, vae, "lora_atomic/keep", True, 4, 1.0, "")
     with pytest.raises(OSError, match="disk full"):
         node.save(model, clip, vae, "lora_atomic/new_one", False, 4, 1.0, "")
     assert open(path, "rb").read() == b"old file"
     assert sorted(os.listdir(folder)) == ["keep.safetensors"]  # no temporary, no numbered half file
-    monkeypatch.setattr(L.files, "write_safetensors_to", real_writer)
+    monkeypatch.setattr(turbo_ckpt.files, "write_safetensors_to", real_writer)
     rep = node.save(model, clip, vae, "lora_atomic/keep", True, 4, 1.0, "")["result"][0]
     assert rep.startswith(f"saved {path}\n") and sorted(os.listdir(folder)) == ["keep.safetensors"]
     assert comfy.sd.load_checkpoint_guess_config(path)[0] is not None  # the old bytes are gone, a checkpoint is there
@@ -380,13 +409,13 @@ def test_exact_name_overwrite_replaces_atomically(L, sd15, monkeypatch, comfy):
 
 @pytest.mark.parametrize("bad", ["../escape", "/tmp/abs", "a/../../b", "bad|name", "", "sub/./x", "c:evil", "a\\b"])
 @pytest.mark.parametrize("exact", [False, True])
-def test_save_rejects_path_escapes(L, sd15, bad, exact):
+def test_save_rejects_path_escapes(turbo_ckpt, sd15, bad, exact):
     model, clip, vae = sd15
     with pytest.raises(ValueError, match="filename_prefix .*file name"):
-        L.ADDSaveTurboCheckpoint().save(model, clip, vae, bad, exact, 4, 1.0, "")
+        turbo_ckpt.ADDSaveTurboCheckpoint().save(model, clip, vae, bad, exact, 4, 1.0, "")
 
 
-def test_save_refuses_a_symlinked_folder_leading_out(L, sd15, tmp_path, comfy):
+def test_save_refuses_a_symlinked_folder_leading_out(turbo_ckpt, sd15, tmp_path, comfy):
     import folder_paths
 
     model, clip, vae = sd15
@@ -394,27 +423,27 @@ def test_save_refuses_a_symlinked_folder_leading_out(L, sd15, tmp_path, comfy):
     if not os.path.islink(link):
         os.symlink(tmp_path, link)
     with pytest.raises(ValueError, match="resolves outside"):
-        L.ADDSaveTurboCheckpoint().save(model, clip, vae, "lora_link_out/x", False, 4, 1.0, "")
+        turbo_ckpt.ADDSaveTurboCheckpoint().save(model, clip, vae, "lora_link_out/x", False, 4, 1.0, "")
     assert os.listdir(tmp_path) == []
 
 
 # --------------------------------------------------------------------------------------------
 # extract
 # --------------------------------------------------------------------------------------------
-def test_extract_then_merge_approximates_turbo(L, sd15, loras_dir):
+def test_extract_then_merge_approximates_turbo(lora_merge, lora_extract, sd15, loras_dir):
     import comfy.sd
     import folder_paths
 
     model = sd15[0]
-    turbo = merge(L, model, "tiny_lcm_lora_sd15.safetensors", 1.0)[0]
+    turbo = merge(lora_merge, model, "tiny_lcm_lora_sd15.safetensors", 1.0)[0]
     # the delta has rank 64: at rank 64 only fp16 storage error remains
-    assert L.extract_lora_sd(turbo, model, 64)[2] < 5e-3
+    assert lora_extract.extract_lora_sd(turbo, model, 64)[2] < 5e-3
     name = "extracted_r8"
-    report = L.ADDExtractLoRA().extract(turbo, model, 8, name, True)["result"][0]
+    report = lora_extract.ADDExtractLoRA().extract(turbo, model, 8, name, True)["result"][0]
     overall = float(report.split("relative error overall: ")[1].split()[0])
     assert overall > 0.1 and "worst: diffusion_model." in report
     path = os.path.join(folder_paths.get_folder_paths("loras")[0], name + ".safetensors")
-    back, _, mrep = merge(L, model, name + ".safetensors", 1.0)
+    back, _, mrep = merge(lora_merge, model, name + ".safetensors", 1.0)
     assert "unet: 63/63" in mrep and "WARNING" not in mrep
     w0, wt, wb = unet_weights(model), unet_weights(turbo), unet_weights(back)
     num = sum(float((wb[k] - wt[k]).norm()) ** 2 for k in w0)
@@ -430,7 +459,7 @@ def test_extract_then_merge_approximates_turbo(L, sd15, loras_dir):
     out_t = run(turbo)
     assert float((out_b - out_t).norm()) < float((run(model) - out_t).norm())
     before = _state(path)
-    again = L.ADDExtractLoRA().extract(turbo, model, 8, name, False)["result"][0]  # the default: numbered
+    again = lora_extract.ADDExtractLoRA().extract(turbo, model, 8, name, False)["result"][0]  # the default: numbered
     numbered = os.path.join(os.path.dirname(path), name + "_00001_.safetensors")
     assert again.startswith(f"saved {numbered}\n") and _state(path) == before
     assert _load(numbered).keys() == _load(path).keys()
@@ -446,19 +475,19 @@ class _KeysOnly:
         return {k: v for k, v in self.kp.items() if k.startswith(prefix)}
 
 
-def test_extract_checks_the_architecture_both_ways(L):
+def test_extract_checks_the_architecture_both_ways(lora_extract):
     base = {"diffusion_model.a.weight": (4, 4), "diffusion_model.b.weight": (4, 4)}
     with pytest.raises(ValueError, match="base_model has 1 weights the turbo model lacks"):
-        L.check_same_architecture(_KeysOnly({"diffusion_model.a.weight": (4, 4)}), _KeysOnly(base))
+        lora_extract.check_same_architecture(_KeysOnly({"diffusion_model.a.weight": (4, 4)}), _KeysOnly(base))
     with pytest.raises(ValueError, match="turbo_model has 1 weights the base lacks"):
-        L.check_same_architecture(_KeysOnly({**base, "diffusion_model.c.weight": (2,)}), _KeysOnly(base))
+        lora_extract.check_same_architecture(_KeysOnly({**base, "diffusion_model.c.weight": (2,)}), _KeysOnly(base))
     with pytest.raises(ValueError, match=r"diffusion_model.b.weight: turbo_model \(4, 2\) vs base_model \(4, 4\)"):
-        L.check_same_architecture(_KeysOnly({**base, "diffusion_model.b.weight": (4, 2)}), _KeysOnly(base))
-    L.check_same_architecture(_KeysOnly(base), _KeysOnly(base))
+        lora_extract.check_same_architecture(_KeysOnly({**base, "diffusion_model.b.weight": (4, 2)}), _KeysOnly(base))
+    lora_extract.check_same_architecture(_KeysOnly(base), _KeysOnly(base))
 
 
-def test_extract_checks_the_name_before_any_work(L, sd15, monkeypatch, comfy):
+def test_extract_checks_the_name_before_any_work(lora_extract, sd15, monkeypatch, comfy):
     model = sd15[0]
-    monkeypatch.setattr(L, "extract_lora_sd", lambda *a, **k: pytest.fail("the SVD ran before the name check"))
+    monkeypatch.setattr(lora_extract, "extract_lora_sd", lambda *a, **k: pytest.fail("the SVD ran before the name check"))
     with pytest.raises(ValueError, match="filename_prefix 'sub/../x'"):
-        L.ADDExtractLoRA().extract(model, model, 4, "sub/../x", False)
+        lora_extract.ADDExtractLoRA().extract(model, model, 4, "sub/../x", False)

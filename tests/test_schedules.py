@@ -26,6 +26,19 @@ def test_add_preset_matches_diffusers_trailing_spacing(steps):
     assert schedules.add_trailing_timesteps(steps) == [int(round(float(t))) for t in ref.timesteps]
 
 
+@pytest.mark.parametrize("steps", [1, 3, 5, 8, 16, 50])
+def test_trailing_formula_past_four_steps_is_still_diffusers_trailing(steps):
+    """``trailing_timesteps`` is the add_trailing formula without the 1-4 limit (a saved checkpoint
+    may recommend up to 50 steps); within 1-4 it is add_trailing itself."""
+    from diffusers import EulerDiscreteScheduler
+
+    ref = EulerDiscreteScheduler(timestep_spacing="trailing")
+    ref.set_timesteps(steps)
+    assert schedules.trailing_timesteps(steps) == [int(round(float(t))) for t in ref.timesteps]
+    if steps <= 4:
+        assert schedules.trailing_timesteps(steps) == schedules.add_trailing_timesteps(steps)
+
+
 def _streamdiffusion_timesteps(t_index_list):
     """StreamDiffusion's own path: LCMScheduler.from_config(<SD pipeline scheduler config>), set_timesteps(50)."""
     from diffusers import EulerDiscreteScheduler, LCMScheduler

@@ -325,7 +325,7 @@ def test_out_of_memory_in_the_job_fails_it_cleanly_with_the_checkpoint_intact(T,
 
 def test_our_merge_node_fuses_the_trained_lora_with_every_module_matched(T, sd15, loras_dir, plugin):
     wait(start(T, sd15, name="merge_me", max_steps=1, preview_every=0))
-    L = plugin("nodes.lora")
+    L = plugin("nodes.lora_merge")
     model, clip, _ = sd15
     fused, _clip, report = L.ADDLoraMerge().merge(model, "merge_me.safetensors", 1.0, 0.0, "auto", clip=clip)["result"]
     assert "WARNING" not in report and "note: ComfyUI's LoraLoader would skip" not in report, report
