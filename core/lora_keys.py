@@ -24,7 +24,6 @@ rewrites PEFT UNet modules into the kohya-diffusers form (``lora_unet_<diffusers
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 
@@ -242,13 +241,3 @@ def describe(sd_shapes: dict, metadata: dict | None = None, filename: str = "") 
                             + "); set sampling to 'lcm' if it is an LCM-LoRA")
     rank = max(ranks, key=ranks.get) if ranks else None
     return LoraInfo(len(group_modules(sd_shapes.keys())), formats, comps, fam, why, lcm, lwhy, rank)
-
-
-def parse_json_metadata(metadata: dict | None, key: str) -> object | None:
-    """A JSON-valued metadata entry, or None when absent; raises with the key when malformed."""
-    if not metadata or key not in metadata:
-        return None
-    try:
-        return json.loads(metadata[key])
-    except json.JSONDecodeError as e:
-        raise ValueError(f"metadata {key!r} is not valid JSON ({e}); re-save the file or drop that entry") from e

@@ -7,6 +7,11 @@ hands each UNet call to core.fast_path, which replays a graph / runs the compile
 call fits and runs the exact eager call otherwise. An ON_DETACH callback drops the captured graphs
 when ComfyUI unloads the model (not when it merely swaps in another clone of the same weights), so
 their memory goes with it; weights that move anyway are caught by core.fast_path.WeightWatch.
+
+State that outlives a prompt: each runner lives in the wrapper on the MODEL the node returns, as
+long as that model lives (its CUDA graphs are dropped on unload, see above; a compiled module stays
+with the runner). Module-level, only ``_told_cpu``: the modes whose CPU pass-through was logged, so
+it is logged once per process.
 """
 from __future__ import annotations
 

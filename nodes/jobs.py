@@ -1,6 +1,11 @@
 """Background training jobs: the registry, the job thread, the HTTP routes and the page events.
 
-The one stateful place of the plugin. A job runs a :class:`training.run.ADDRun` on its own thread:
+State: ``REGISTRY``, every job of this ComfyUI session. Importing this module makes it and, when
+ComfyUI's PromptServer exists, adds the routes below to that server and points the registry's
+events and queue check at it (``_attach_server``). The plugin's other state that outlives a
+prompt (stream states, fast-path graphs, TinyVAE copies) is listed in its __init__.py.
+
+A job runs a :class:`training.run.ADDRun` on its own thread:
 
 - one job trains at a time (others wait in state ``queued``); the training modules are private
   (never registered with model management, so a foreground load or ``/free`` cannot unload them

@@ -4,7 +4,8 @@ ADD Load Frames (a folder of images as an IMAGE batch).
 The math (stream batch, residual CFG, similarity filter) is core/stream.py. This module adapts it
 to ComfyUI: every model call goes through a guider's ``sample`` (model management, conditioning,
 ModelPatcher patches and wrappers, every family's extra conds), with one sigma per batch row, and
-the stream's state between queue runs lives in one registry here.
+the stream's state between queue runs lives in one module-level registry here (``_STATES``; the
+plugin's other state that outlives a prompt is listed in its __init__.py).
 
 State across queue runs (mode = live): keyed by (workflow, node id, stream_id). The workflow is the
 front end's workflow id (``extra_pnginfo``), or, for API prompts without one, a hash of the

@@ -3,6 +3,10 @@
 The model itself is ComfyUI's (``comfy.taesd.taesd.TAESD`` built by ``comfy.sd.VAE`` from
 ``taesd_encoder.* / taesd_decoder.* / vae_scale / vae_shift`` keys, as core ``VAELoader`` does);
 file layouts, variants and checks live in ``core.taesd``.
+
+State: none at module level. A decode/encode in another dtype than the VAE's, or on the CPU
+(channels-last), makes a converted copy of the TAESD once and keeps it on the VAE object
+(``_add_tiny_runners``), so it lives as long as that VAE.
 """
 from __future__ import annotations
 

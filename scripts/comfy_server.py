@@ -1,12 +1,15 @@
-"""A real ComfyUI server on this machine: ``main.py --cpu`` on a free loopback port.
+"""A real ComfyUI server on this machine: ``main.py`` on a free loopback port.
 
 Used by the test harness (tests/server_harness.py) and the picture script (scripts/thumbnails.py).
 ``ComfyServer(home, log)`` starts the host found by scripts/comfy_host.py with ``home`` as its base
-directory (models/, input/, output/, user/, custom_nodes/ with a link to this plugin).
+directory (models/, input/, output/, user/, custom_nodes/ with a link to this plugin). It runs on
+the CPU (``--cpu``) unless told otherwise or the environment variable ``COMFYUI_ADD_DEVICE`` is
+``cuda``, the same rule as the in-process host (scripts/comfy_host.py ``import_comfy``).
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,8 +31,9 @@ def link_models(home: Path, tiny: dict[str, Path]) -> None:
 
 
 class ComfyServer(ComfyClient):
-    def __init__(self, home: Path, log_path: Path):
+    def __init__(self, home: Path, log_path: Path, cpu: bool | None = None):
         self.home = home
+        self.cpu = os.environ.get("COMFYUI_ADD_DEVICE", "cpu") != "cuda" if cpu is None else cpu
         self.port = free_port()
         super().__init__(f"http://127.0.0.1:{self.port}")
         self.log_path = log_path
@@ -38,8 +42,8 @@ class ComfyServer(ComfyClient):
         if not link.exists():
             link.symlink_to(ROOT)
         cmd = [
-            sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-            "--base-directory", str(home), "--database-url", "sqlite:///:memory:",
+            sys.executable, "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1",
+            "--port", str(self.port), "--base-directory", str(home), "--database-url", "sqlite:///:memory:",
             "--disable-auto-launch",
         ]
         self._log = open(log_path, "wb")
@@ -61,9 +65,9 @@ class ComfyServer(ComfyClient):
 
 
 @contextlib.contextmanager
-def running_server(home: Path):
+def running_server(home: Path, cpu: bool | None = None):
     """A ComfyServer on ``home`` once it answers; stopped on exit."""
-    srv = ComfyServer(home, home / "server.log")
+    srv = ComfyServer(home, home / "server.log", cpu=cpu)
     try:
         srv.wait_ready(srv.proc, timeout=180, log_tail=lambda: srv.log()[-4000:])
         yield srv

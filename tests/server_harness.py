@@ -1,4 +1,4 @@
-"""A real ComfyUI server for tests: ``main.py --cpu`` on a free loopback port.
+"""A real ComfyUI server for tests: ``main.py --cpu`` (on the GPU with COMFYUI_ADD_DEVICE=cuda) on a free loopback port.
 
 ``comfy_server`` (session scope) starts it once with a throw-away base directory holding the
 plugin link and the tiny models; ``comfy_server.run(api_prompt)`` (scripts/comfy_client.py) queues a

@@ -1,6 +1,8 @@
 """ADD Fast Path: the pure keying/fallback logic (toy modules), the ComfyUI plumbing on the tiny
 models (CPU: the eager fallback and a recomputing stand-in for the capture), and CUDA equivalence
-(fast path == eager within fp tolerance), which runs only where a CUDA GPU is present.
+(fast path == eager within fp tolerance), which runs only where a CUDA GPU is present. Over HTTP:
+the node in a prompt on a CPU server (passed through, logged), and on a GPU server (a replayed
+graph) when the server runs on CUDA (``COMFYUI_ADD_DEVICE=cuda``).
 """
 from __future__ import annotations
 
@@ -553,34 +555,64 @@ def test_cuda_node_on_comfy_sampling_equals_eager(F, S, sd15, mode):
 
 
 # ------------------------------------------------------------------------------------------
-# a real ComfyUI server: the node in a prompt
+# a real ComfyUI server: the node in a prompt (on the CPU: passed through, in words; on a GPU
+# server, COMFYUI_ADD_DEVICE=cuda: a captured graph giving the plain prompt's image)
 # ------------------------------------------------------------------------------------------
-@pytest.mark.server
-def test_node_in_a_prompt_over_http_gives_the_same_image(comfy_server):
+def _server_prompt(fast: bool, prefix: str) -> dict:
+    p = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red fox", "clip": ["1", 1]}},
+        "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "ADDKSampler", "inputs": {"model": ["4", 0] if fast else ["1", 0], "positive": ["2", 0],
+              "latent_image": ["3", 0], "seed": 7, "steps": 2, "schedule": "add_trailing", "custom": "999,499",
+              "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}},
+    }
+    if fast:
+        p["4"] = {"class_type": "ADDFastPath", "inputs": {"model": ["1", 0], "mode": "cuda_graph",
+                                                          "compile_mode": "default", "cache_size": 4}}
+    return p
+
+
+def _server_images(server, prefix: str):
+    """(image with the fast path, image without) from the same prompt on ``server``, as uint8 arrays."""
     import numpy as np
     from PIL import Image
 
-    def prompt(fast: bool, prefix: str) -> dict:
-        p = {
-            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
-            "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red fox", "clip": ["1", 1]}},
-            "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-            "5": {"class_type": "ADDKSampler", "inputs": {"model": ["4", 0] if fast else ["1", 0], "positive": ["2", 0],
-                  "latent_image": ["3", 0], "seed": 7, "steps": 2, "schedule": "add_trailing", "custom": "999,499",
-                  "denoise": 1.0}},
-            "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
-            "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}},
-        }
-        if fast:
-            p["4"] = {"class_type": "ADDFastPath", "inputs": {"model": ["1", 0], "mode": "cuda_graph",
-                                                              "compile_mode": "default", "cache_size": 4}}
-        return p
-
     pixels = []
     for fast in (True, False):
-        hist = comfy_server.run(prompt(fast, f"fast_path_{fast}"))
+        hist = server.run(_server_prompt(fast, f"{prefix}_{fast}"))
         assert hist["status"]["status_str"] == "success", hist["status"]
         img = hist["outputs"]["7"]["images"][0]
-        path = Path(comfy_server.home) / "output" / img["subfolder"] / img["filename"]
+        path = Path(server.home) / "output" / img["subfolder"] / img["filename"]
         pixels.append(np.asarray(Image.open(path).convert("RGB")))
-    assert pixels[0].shape == (64, 64, 3) and np.array_equal(pixels[0], pixels[1])
+    assert pixels[0].shape == pixels[1].shape == (64, 64, 3)
+    return pixels
+
+
+@pytest.mark.server
+def test_node_in_a_prompt_on_a_cpu_server_passes_the_model_through(comfy_server):
+    """On a CPU server the node gives the model back unchanged and says so in the log (CUDA only)."""
+    import numpy as np
+
+    if not comfy_server.cpu:
+        pytest.skip("the test server runs on a GPU in this session: the CPU pass-through does not apply")
+    fast, plain = _server_images(comfy_server, "fast_path_cpu")
+    assert np.array_equal(fast, plain)
+    log = comfy_server.log()
+    assert "ADD fast path: cuda_graph is off on cpu (CUDA only); the model runs unchanged." in log
+    assert "ADD fast path (cuda_graph): captured" not in log
+
+
+@needs_cuda
+@pytest.mark.server
+def test_node_in_a_prompt_on_a_cuda_server_replays_a_graph_with_the_same_image(comfy_server):
+    import numpy as np
+
+    if comfy_server.cpu:
+        pytest.skip("the test server runs with --cpu; run with COMFYUI_ADD_DEVICE=cuda to start it on the GPU")
+    before = len(comfy_server.log())
+    fast, plain = _server_images(comfy_server, "fast_path_cuda")
+    assert "ADD fast path (cuda_graph): captured" in comfy_server.log()[before:]  # the graph path ran
+    assert np.abs(fast.astype(np.int16) - plain.astype(np.int16)).max() <= 2  # fp tolerance, in 8-bit pixels

@@ -536,16 +536,3 @@ class Trainer:
             self._save(checkpoint_dir, keep_last, on_save)
         return TrainResult(step=self.step, stopped=stopped, nonfinite_total=self.nonfinite_total,
                            last_logs=logs, last_checkpoint=self.last_checkpoint)
-
-
-def train(models: ADDModels, cfg: ADDConfig, data: DataFn, *, device: str | torch.device = "cpu",
-          stop_event: threading.Event | None = None, progress: Callable[[int, dict], None] | None = None,
-          preview: Callable[[int, Trainer], None] | None = None, checkpoint_dir: str | None = None,
-          resume_from: str | None = None) -> tuple[Trainer, TrainResult]:
-    """Convenience: build a :class:`Trainer`, optionally resume from a checkpoint, run it."""
-    trainer = Trainer(models, cfg, data, device=device)
-    if resume_from is not None:
-        from .checkpoint import load_checkpoint
-        load_checkpoint(trainer, resume_from)
-    return trainer, trainer.run(stop_event=stop_event, progress=progress, preview=preview,
-                                checkpoint_dir=checkpoint_dir)

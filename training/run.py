@@ -63,20 +63,6 @@ def lora_file_metadata(path: str | os.PathLike) -> dict[str, str]:
     return safetensors_metadata(path, os.path.basename(os.fspath(path)))
 
 
-def weights_fingerprint(module: nn.Module) -> str:
-    """Short sha256 over names, shapes and a strided sample of values of a module's parameters:
-    identifies the base weights a run was trained on without hashing gigabytes."""
-    import hashlib
-
-    h = hashlib.sha256()
-    items = sorted(module.state_dict().items())
-    for name, t in items[:: max(1, len(items) // 32)]:
-        h.update(f"{name}{tuple(t.shape)}".encode())
-        flat = t.detach().flatten()
-        h.update(flat[:: max(1, flat.numel() // 1024)][:1024].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def read_run_json(state_dir: str | os.PathLike) -> dict[str, Any]:
     """``run.json`` of a state folder ({} when there is none); ADDError naming it when it is unreadable."""
     path = os.path.join(os.fspath(state_dir), "run.json")

@@ -99,8 +99,3 @@ def broadcast_like(v: Tensor, x: Tensor) -> Tensor:
 def add_noise_ve(x0: Tensor, sigma: Tensor, noise: Tensor) -> Tensor:
     """VE form: x = x0 + sigma * eps. sigma is (B,), x0/noise (B, ...)."""
     return x0 + broadcast_like(sigma, x0) * noise
-
-
-def ve_to_alpha_form(x: Tensor, sigma: Tensor) -> Tensor:
-    """VE x -> alpha-form x_s = alpha * x (never divides)."""
-    return x * broadcast_like(DiscreteSchedule.alpha(sigma), x)
