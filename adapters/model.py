@@ -30,7 +30,7 @@ import comfy.model_management as mm
 
 from ..core.errors import ADDError
 from ..training.inputs import estimate_memory as estimate_run_memory
-from ..nodes import lora as lora_nodes  # TODO(move): fused copy + fingerprint move below nodes/
+from . import patched_weights
 
 # Families a run can train: BaseModel subclasses whose diffusion model is ComfyUI's UNetModel
 # and whose conditioning we can build (cross-attention context, plus SDXL's ADM vector).
@@ -103,7 +103,7 @@ def frozen_copy(model, device: torch.device) -> torch.nn.Module:
     inference mode, so every tensor of the copy is an ordinary tensor autograd can save.
     """
     with torch.inference_mode(False):
-        copy = lora_nodes._fused_module(model)
+        copy = patched_weights.fused_module(model)
         # Plain torch modules (see plain_torch_modules_), weights in the dtype the model computes in
         # (ComfyUI's ops would have cast them on the fly).
         compute = getattr(copy, "manual_cast_dtype", None) or copy.get_dtype()
@@ -138,11 +138,6 @@ def trainable_copy(network: torch.nn.Module) -> torch.nn.Module:
             if hasattr(student, "manual_cast_dtype"):
                 student.manual_cast_dtype = None
     return student
-
-
-def base_fingerprint(model) -> str:
-    """Identifies the base weights (the same sampled hash the merge/extract nodes record)."""
-    return lora_nodes._fingerprint(model)
 
 
 def comfy_denoise(network, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:

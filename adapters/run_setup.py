@@ -33,6 +33,7 @@ from ..training.run import RunSpec
 from ..training.schedule import DiscreteSchedule
 from ..training.setup import RunRequest
 from . import model as adapter
+from .patched_weights import weights_fingerprint
 
 PREVIEW_COUNT = 4
 
@@ -53,7 +54,7 @@ def plan_run(model, request: RunRequest, n_images: int | None = None) -> RunPlan
     family = adapter.check_trainable(model)
     t_max = len(adapter.schedule_sigmas(model)) - 1
     cfg = request.config(t_max)
-    return RunPlan(cfg=cfg, family=family, fingerprint=adapter.base_fingerprint(model),
+    return RunPlan(cfg=cfg, family=family, fingerprint=weights_fingerprint(model),
                    run_info=request.run_info(n_images), t_max=t_max)
 
 

@@ -607,7 +607,7 @@ def train_student(mp, clip: ClassEmbeddingCLIP, size: Size, lora_path: str, *, d
         cfg=cfg, network=network, denoise=adapter.comfy_denoise, data=None, data_factory=data_factory,
         schedule=schedule, lora_path=lora_path, device=device, feature_modules=adapter.feature_modules(network, cfg.disc_features),
         target_modules=adapter.lora_targets(network), c_dim=bank.c_dim,
-        base_info={"base_model": "digits UNet", "base_fingerprint": adapter.base_fingerprint(mp)},
+        base_info={"base_model": "digits UNet", "base_fingerprint": plugin_module("adapters.patched_weights").weights_fingerprint(mp)},
         run_info={"data": data}, keep_last=1, full_copy=adapter.trainable_copy)
     run = tr_run.ADDRun(spec)
     run.build()

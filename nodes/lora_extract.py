@@ -2,7 +2,7 @@
 
 * ``check_same_architecture``  both models hold the same weights with the same shapes.
 * ``extract_lora_sd``          reads both models layer by layer with their patches applied
-                               (nodes/patched_weights.py) and hands the pairs to the SVD in
+                               (adapters/patched_weights.py) and hands the pairs to the SVD in
                                ``training.lora_extract``.
 * ``ADDExtractLoRA``           the node; numbered / atomic writing is nodes/saving.py's.
 """
@@ -18,7 +18,7 @@ from ..training import lora_extract
 from . import saving
 from .lora_match import _MODELSPEC_ARCH, _examples, _model_family
 from .lora_merge import MERGE_INFO_KEY
-from .patched_weights import _effective_weights
+from ..adapters.patched_weights import effective_weights
 
 
 def check_same_architecture(turbo, base, prefix="diffusion_model.") -> None:
@@ -45,9 +45,9 @@ def extract_lora_sd(turbo, base, rank: int, prefix="diffusion_model.", dtype=tor
     SVD; 1-D dW stored exactly); weights are read one layer at a time with the patches applied.
     """
     check_same_architecture(turbo, base, prefix)
-    base_w = dict(_effective_weights(base, prefix))
+    base_w = dict(effective_weights(base, prefix))
     pbar = comfy.utils.ProgressBar(max(1, len(base_w)))  # one tick per weight; Cancel stops here
-    pairs = ((key, wt, base_w.pop(key)) for key, wt in _effective_weights(turbo, prefix))
+    pairs = ((key, wt, base_w.pop(key)) for key, wt in effective_weights(turbo, prefix))
     sd, report = lora_extract.extract_lora(pairs, rank, dtype, tick=lambda: pbar.update(1))
     return sd, report.errors, report.overall
 

@@ -6,7 +6,7 @@ clones keep their weights), says exactly what matched, and refuses LoRAs for ano
 
 The weight math is ComfyUI's own (``comfy.lora.load_lora`` adapters + ``comfy.lora.calculate_weight``),
 exactly what a lazily patched model computes, so fused == lazily patched. Matching and input checks:
-nodes/lora_match.py; the fused copy: nodes/patched_weights.py. The merge record (``MERGE_INFO_KEY``)
+nodes/lora_match.py; the fused copy: adapters/patched_weights.py. The merge record (``MERGE_INFO_KEY``)
 this node leaves on the MODEL is read by nodes/turbo_checkpoint.py and nodes/lora_extract.py.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import folder_paths
 
 from ..core.errors import ADDError
 from .lora_match import LoraMatch, check_lora_values, check_strength, read_lora
-from .patched_weights import _fingerprint, _fused_module, _patcher_around
+from ..adapters.patched_weights import weights_fingerprint, fused_module, patcher_around
 
 log = logging.getLogger(__name__)
 
@@ -96,22 +96,22 @@ def fuse_lora(model, clip, lora_sd, metadata, lora_name, strength_model, strengt
 
     tmp = model.clone()
     tmp.add_patches(match.unet_patches, strength_model)
-    new_model = _patcher_around(tmp, _fused_module(tmp))
+    new_model = patcher_around(tmp, fused_module(tmp))
     del tmp
     new_clip = clip
     if clip is not None and match.matched_clip:
         tmp_clip = clip.clone()
         tmp_clip.add_patches(match.clip_patches, strength_clip)
         new_clip = clip.clone()
-        new_clip.cond_stage_model = _fused_module(tmp_clip.patcher)
-        new_clip.patcher = _patcher_around(tmp_clip.patcher, new_clip.cond_stage_model)
+        new_clip.cond_stage_model = fused_module(tmp_clip.patcher)
+        new_clip.patcher = patcher_around(tmp_clip.patcher, new_clip.cond_stage_model)
         del tmp_clip
     if mode in ("eps", "lcm"):
         new_model = _with_sampling(new_model, mode)
 
     record = dict(model.model_options.get(MERGE_INFO_KEY) or {})
     if "base_fingerprint" not in record:
-        record["base_fingerprint"] = _fingerprint(model)
+        record["base_fingerprint"] = weights_fingerprint(model)
         record["base_class"] = type(model.model.model_config).__name__
         record["family"] = match.model_family[0]
     record["loras"] = list(record.get("loras", [])) + [{

@@ -232,22 +232,24 @@ def test_images_train_from_the_vae_latents(T, sd15, loras_dir):
     assert run["data"] == "images" and run["images"] == 3
 
 
-def test_gradient_checkpointing_recomputes_the_blocks_and_gives_the_same_first_step(T, sd15, loras_dir, monkeypatch):
+def test_gradient_checkpointing_recomputes_the_blocks_and_gives_the_same_first_step(T, plugin, sd15, loras_dir,
+                                                                                     monkeypatch):
     """With checkpointing on, the checkpointed UNet blocks run again in backward: a ResBlock's layers
     run twice per gradient-carrying forward instead of once (no-grad passes are not checkpointed).
     The gradients are the same: identical LoRAs after one step."""
-    frozen_copy = T.adapter.frozen_copy
+    adapter = plugin("adapters.model")
+    frozen_copy = adapter.frozen_copy
     runs = {}
 
     def counting_copy(model, device):
         network = frozen_copy(model, device)
         modules = dict(network.named_modules())
-        block = next(modules[n] for n in T.adapter.checkpoint_modules(network) if hasattr(modules[n], "in_layers"))
+        block = next(modules[n] for n in adapter.checkpoint_modules(network) if hasattr(modules[n], "in_layers"))
         seen = runs[current]
         block.in_layers.register_forward_hook(lambda *_: seen.append(torch.is_grad_enabled()))
         return network
 
-    monkeypatch.setattr(T.adapter, "frozen_copy", counting_copy)
+    monkeypatch.setattr(adapter, "frozen_copy", counting_copy)
     for current, on in (("ckpt_off", False), ("ckpt_on", True)):
         runs[current] = []
         job = wait(start(T, sd15, name=current, max_steps=1, preview_every=0, gradient_checkpointing=on))

@@ -1,13 +1,13 @@
 """A ModelPatcher's weights with its patches applied: fused copies, per-layer reads, a fingerprint.
 
-The one place in the LoRA nodes that reaches into ComfyUI's private per-load state (module
-attributes its loaders hang on weights, ``ModelPatcher`` bookkeeping): ``_copy_structure`` wipes it
-from a copied module tree, ``_patcher_around`` wraps a fused module in a fresh patcher.
+The one place in the plugin's LoRA and training code that reaches into ComfyUI's private per-load state (module
+attributes its loaders hang on weights, ``ModelPatcher`` bookkeeping): ``copy_structure`` wipes it
+from a copied module tree, ``patcher_around`` wraps a fused module in a fresh patcher.
 
-* ``_fused_module``       a new module holding the weights with all patches applied (ADD LoRA Merge,
-                          and the training job's frozen copy in nodes/train_adapter.py).
-* ``_effective_weights``  the same weights one layer at a time, in fp32 (ADD Extract LoRA).
-* ``_fingerprint``        a short hash of the base weights (the merge record; training runs).
+* ``fused_module``       a new module holding the weights with all patches applied (ADD LoRA Merge,
+                          and the training job's frozen copy in adapters/model.py).
+* ``effective_weights``  the same weights one layer at a time, in fp32 (ADD Extract LoRA).
+* ``weights_fingerprint`` a short hash of the base weights (the merge record; training runs).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ _MODEL_ROOT_DEFAULTS = {  # per-load bookkeeping ModelPatcher keeps on the root 
 # --------------------------------------------------------------------------------------------
 # building a fused copy
 # --------------------------------------------------------------------------------------------
-def _copy_structure(root: torch.nn.Module) -> torch.nn.Module:
+def copy_structure(root: torch.nn.Module) -> torch.nn.Module:
     """A new module tree sharing no containers with ``root`` (tensors still shared until replaced).
 
     Cheaper than deepcopy (no tensor is copied here) and safe while ``root`` is loaded: per-load
@@ -73,7 +73,7 @@ def _copy_structure(root: torch.nn.Module) -> torch.nn.Module:
     return out
 
 
-def _fused_module(patcher, compute_device=None) -> torch.nn.Module:
+def fused_module(patcher, compute_device=None) -> torch.nn.Module:
     """A new module holding ``patcher``'s weights with all its weight patches applied.
 
     Layer by layer: each weight is computed from the ORIGINAL weight (ComfyUI's backup when the
@@ -84,7 +84,7 @@ def _fused_module(patcher, compute_device=None) -> torch.nn.Module:
     key_patches = patcher.get_key_patches()
     patches = patcher.patches
     offload = patcher.offload_device
-    new = _copy_structure(patcher.model)
+    new = copy_structure(patcher.model)
     for k, orig_obj in patcher.object_patches_backup.items():  # undo object patches applied on the shared module
         comfy.utils.set_attr(new, k, orig_obj)
     done: dict[int, torch.Tensor] = {}
@@ -126,7 +126,7 @@ def _fused_module(patcher, compute_device=None) -> torch.nn.Module:
     return new
 
 
-def _patcher_around(template, module: torch.nn.Module):
+def patcher_around(template, module: torch.nn.Module):
     """A ModelPatcher like ``template`` (options, wrappers, object patches) over ``module``, with no
     weight patches: the weights already contain them."""
     n = template.clone()
@@ -146,7 +146,7 @@ def _patcher_around(template, module: torch.nn.Module):
 # reading weights
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
-def _effective_weights(patcher, prefix="diffusion_model."):
+def effective_weights(patcher, prefix="diffusion_model."):
     """Yield (key, weight in fp32) with the patcher's patches applied, one layer at a time."""
     kp = patcher.get_key_patches(prefix)
     for key in kp:
@@ -157,7 +157,7 @@ def _effective_weights(patcher, prefix="diffusion_model."):
         yield key, t
 
 
-def _fingerprint(model) -> str:
+def weights_fingerprint(model) -> str:
     """Short sha256 over a fixed sample of the model's base weights (identifies the base checkpoint)."""
     h = hashlib.sha256()
     kp = model.get_key_patches("diffusion_model.")
