@@ -4,7 +4,7 @@ Part 1 -- one iteration, peak memory and time, same model / batch / size / LoRA 
 
 * ``ADD, shared``   one ADD iteration (D + G: ``training.loop.Trainer.train_step``) built the way
                     ADD Train builds it (``nodes/train.py: start_training``): the job's frozen copy
-                    (``train_adapter.frozen_copy``), prompts encoded once (``PromptBank``), an
+                    (``adapters.model.frozen_copy``), prompts encoded once (``PromptBank``), an
                     ``ADDRun`` from a ``RunSpec`` (LoRA on the node's target layers, teacher-feature
                     discriminator). The LoRA student SHARES the frozen copy with the teacher
                     (teacher = same network, adapters off). Data: a ``LatentDataset`` of fixed random

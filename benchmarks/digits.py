@@ -12,7 +12,7 @@ its wheel. Everything a user's run goes through is the real thing:
   class prompt "a handwritten digit 3", the empty prompt for the unconditional pass; it has the
   ``tokenize`` / ``encode_from_tokens`` surface of ComfyUI's CLIP, so the training node's
   ``PromptBank`` encodes the prompts exactly as it does a checkpoint's CLIP;
-- the student is trained the way ADD Train trains it: ``train_adapter.frozen_copy``, ``comfy_denoise``,
+- the student is trained the way ADD Train trains it: ``adapters.model.frozen_copy``, ``comfy_denoise``,
   ``feature_modules``, ``lora_targets``, ``PromptBank``, ``SyntheticTeacherData`` (teacher-generated
   x0 from the class prompts with CFG: the node's default) in a ``RunSpec`` run by ``ADDRun``, which
   writes a ComfyUI LoRA file; that file is applied with ComfyUI's ``load_lora_for_models`` and sampled
