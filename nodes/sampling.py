@@ -136,10 +136,11 @@ def _sample_add_rcfg_comfy(model, x, sigmas, extra_args=None, callback=None, dis
 
 def check_rcfg(cfg_type: str, guidance_scale: float, delta: float, negative) -> core_stream.RCFG:
     """The residual-CFG widgets as an RCFG, or an ADDError naming the input to fix."""
-    try:
-        rcfg = core_stream.RCFG(cfg_type, float(guidance_scale), float(delta))
-    except (core_stream.StreamError, TypeError, ValueError) as e:
-        raise ADDError(str(e)) from None
+    try:  # an unknown cfg_type or an out-of-range number is a StreamError (an ADDError) naming the input
+        numbers = float(guidance_scale), float(delta)
+    except (TypeError, ValueError):
+        raise ADDError(f"guidance_scale {guidance_scale!r} and delta {delta!r} must be numbers.") from None
+    rcfg = core_stream.RCFG(cfg_type, *numbers)
     if rcfg.needs_negative and negative is None:
         raise ADDError(f"cfg_type={cfg_type} evaluates a negative prompt, but 'negative' is not connected: "
                              "connect a CONDITIONING (e.g. CLIP Text Encode of an empty prompt), or use cfg_type self "

@@ -92,3 +92,29 @@ def test_node_and_adapter_code_raises_only_add_errors():
                 if node.exc.func.id in ("ValueError", "RuntimeError", "TypeError", "KeyError", "Exception"):
                     bare.append(f"{path.name}:{node.lineno} {node.exc.func.id}")
     assert not bare, bare
+
+
+def _imported_names(path: Path) -> list[str]:
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names.append("." * node.level + (node.module or ""))
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) in (
+                "plugin_module", "import_module") and node.args and isinstance(node.args[0], ast.Constant):
+            names.append(str(node.args[0].value))
+    return names
+
+
+def test_the_headless_trainer_imports_no_node_module():
+    names = _imported_names(ROOT / "scripts" / "train_add.py")
+    assert any(n.startswith("comfyui_add.adapters") for n in names)  # the shared run assembly
+    assert not [n for n in names if n.split(".")[0] == "nodes" or n.startswith("comfyui_add.nodes")], names
+
+
+def test_adapters_import_no_node_module():
+    """adapters/ sits below nodes/: the headless trainer imports it without the node classes."""
+    for path in sorted((ROOT / "adapters").glob("*.py")):
+        bad = [n for n in _imported_names(path) if n.startswith("..nodes") or n.startswith(".nodes")]
+        assert not bad, (path.name, bad)

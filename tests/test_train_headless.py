@@ -70,7 +70,11 @@ def in_process(cfg: Path, plugin) -> int:
     from comfyui_add.training.distributed import Dist
 
     settings = train_add.check_config(train_add.read_config(cfg))
-    return train_add._train(settings, Dist(), torch.device("cpu"))
+    rc = train_add._train(settings, Dist(), torch.device("cpu"))
+    # the run was assembled by the plugin's one copy of adapters/ and training/, without the nodes
+    assert "comfyui_add.adapters.run_setup" in sys.modules
+    assert not [m for m in sys.modules if m.startswith("comfyui_add.nodes")]
+    return rc
 
 
 def state(lora: Path) -> dict[str, torch.Tensor]:
