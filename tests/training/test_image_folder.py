@@ -85,3 +85,20 @@ def test_the_example_is_placed_whole_and_never_over_anything(tmp_path):
         assert not place_example(str(src), str(inp / taken))
     assert os.listdir(inp / "empty") == [] and (inp / "a_file").read_text() == "mine"
     assert os.path.islink(inp / "a_link") and sorted(os.listdir(inp)) == ["a_file", "a_link", "clip", "empty"]
+
+
+def test_image_grid_lays_out_rows_with_headers_and_png_bytes_round_trip():
+    import io
+
+    from comfyui_add.core.images import image_grid, png_bytes, to_image
+
+    imgs = torch.stack([torch.full((4, 6, 3), v) for v in (0.0, 0.5, 1.0)])
+    grid = image_grid(imgs, columns=2, background=(7, 7, 7))
+    assert grid.size == (12, 8)
+    assert [grid.getpixel(p) for p in ((0, 0), (6, 0), (0, 4), (6, 4))] == [(0,) * 3, (128,) * 3, (255,) * 3, (7,) * 3]
+    labelled = image_grid(list(imgs[:2]), columns=2, headers=["a", "b"], header_height=10)
+    assert labelled.size == (12, 14) and labelled.getpixel((0, 10)) == (0, 0, 0)
+    row = Image.open(io.BytesIO(png_bytes(imgs)))  # default: side by side
+    assert row.size == (18, 4) and row.getpixel((17, 3)) == (255, 255, 255)
+    back = to_image(grid)
+    assert back.shape == (1, 8, 12, 3) and (back[0, 0, 6] * 255).round().tolist() == [128.0] * 3
