@@ -5,6 +5,7 @@ One extension list, one order (natural: ``frame_2`` before ``frame_10``), one ru
 - :func:`input_subfolder` turns a typed folder name into a folder inside ComfyUI's input folder,
   through core/files.py's one "path stays inside that folder" check (:func:`~..core.files.resolve_inside`:
   '..', absolute paths, drive letters, NUL are refused).
+- :func:`select_frames` lists a folder's images and picks start / every n-th / at most n of them.
 - Symbolic links inside the folder, to folders and to files alike, are followed wherever they
   point, as ComfyUI's own loaders do: whoever can place a link there already owns the machine's
   files, and a link is the usual way to use a dataset kept on another disk. A link whose target
@@ -18,6 +19,7 @@ Pure Python + Pillow + torch: no ComfyUI import (see ARCHITECTURE.md).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -88,6 +90,30 @@ def list_images(folder: str, label: str) -> list[str]:
         if os.path.isfile(path):
             names.append(n)
     return sorted(names, key=natural_key)
+
+
+def select_frames(folder: str, name: str, start: int = 0, every_nth: int = 1, max_frames: int = 0) -> list[str]:
+    """The image names of ``folder`` in natural order from index ``start``, every ``every_nth``-th, at most
+    ``max_frames`` (0 = all); ADDError when none. ``name`` is the folder as typed (messages: ``folder <name>``)."""
+    names = list_images(folder, f"folder {name!r}")
+    if not names:
+        raise ADDError(f"folder {name!r} ({folder}) holds no image files ({', '.join(IMAGE_EXTS)}): put the frames "
+                       "there, named so that they sort in order (frame_0001.png, frame_0002.png, ...).")
+    chosen = names[int(start)::int(every_nth)]
+    if max_frames:
+        chosen = chosen[:int(max_frames)]
+    if not chosen:
+        raise ADDError(f"start={start} is past the last of the {len(names)} frames in {name!r}: lower start.")
+    return chosen
+
+
+def files_signature(folder: str, names: Sequence[str]) -> str:
+    """A hash of the files' names, sizes and modification times (changes when any of them changes)."""
+    h = hashlib.sha256()
+    for n in names:
+        st = os.stat(os.path.join(folder, n))
+        h.update(f"{n}|{st.st_size}|{st.st_mtime_ns};".encode())
+    return h.hexdigest()
 
 
 def _bomb(label: str, name: str, exc: Exception) -> ADDError:
