@@ -10,7 +10,6 @@ patched model computes, so fused == lazily patched.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -31,6 +30,7 @@ import folder_paths
 from ..core import lora_keys
 from ..core import files
 from ..core.errors import ADDError
+from ..core.fingerprint import sampled_fingerprint
 from ..training import lora_extract
 from . import saving
 
@@ -308,15 +308,10 @@ def _with_sampling(model, mode: str):
     return m
 
 
-def _fingerprint(model) -> str:
-    """Short sha256 over a fixed sample of the model's base weights (identifies the base checkpoint)."""
-    h = hashlib.sha256()
-    kp = model.get_key_patches("diffusion_model.")
-    for k in sorted(kp)[:: max(1, len(kp) // 16)]:
-        w = kp[k][0][0]
-        h.update(k.encode())
-        h.update(w.detach().flatten()[:4096].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+def base_fingerprint(model) -> str:
+    """Identifies the base checkpoint of a MODEL: core/fingerprint.py's hash of its UNet weights as
+    loaded (before any patch)."""
+    return sampled_fingerprint({k: p[0][0] for k, p in model.get_key_patches("diffusion_model.").items()})
 
 
 def read_lora(lora_name: str) -> tuple[dict, dict]:
@@ -418,7 +413,7 @@ def fuse_lora(model, clip, lora_sd, metadata, lora_name, strength_model, strengt
 
     record = dict(model.model_options.get(MERGE_INFO_KEY) or {})
     if "base_fingerprint" not in record:
-        record["base_fingerprint"] = _fingerprint(model)
+        record["base_fingerprint"] = base_fingerprint(model)
         record["base_class"] = type(model.model.model_config).__name__
         record["family"] = match.model_family[0]
     record["loras"] = list(record.get("loras", [])) + [{

@@ -140,9 +140,8 @@ def trainable_copy(network: torch.nn.Module) -> torch.nn.Module:
     return student
 
 
-def base_fingerprint(model) -> str:
-    """Identifies the base weights (the same sampled hash the merge/extract nodes record)."""
-    return lora_nodes._fingerprint(model)
+# Identifies the base weights (the same sampled hash the merge/extract nodes record).
+base_fingerprint = lora_nodes.base_fingerprint
 
 
 def comfy_denoise(network, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
