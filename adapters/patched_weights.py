@@ -11,7 +11,6 @@ from a copied module tree, ``patcher_around`` wraps a fused module in a fresh pa
 """
 from __future__ import annotations
 
-import hashlib
 import uuid
 
 import torch
@@ -20,6 +19,8 @@ import comfy.float
 import comfy.lora
 import comfy.model_patcher
 import comfy.utils
+
+from ..core.fingerprint import sampled_fingerprint
 
 # Per-module / root state of newer ComfyUI's dynamic-VRAM loader (a share of the original's GPU
 # allocation); a copy must not carry it.
@@ -158,11 +159,6 @@ def effective_weights(patcher, prefix="diffusion_model."):
 
 
 def weights_fingerprint(model) -> str:
-    """Short sha256 over a fixed sample of the model's base weights (identifies the base checkpoint)."""
-    h = hashlib.sha256()
-    kp = model.get_key_patches("diffusion_model.")
-    for k in sorted(kp)[:: max(1, len(kp) // 16)]:
-        w = kp[k][0][0]
-        h.update(k.encode())
-        h.update(w.detach().flatten()[:4096].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+    """Identifies the base checkpoint of a MODEL: core/fingerprint.py's hash of its UNet weights as
+    loaded (before any patch)."""
+    return sampled_fingerprint({k: p[0][0] for k, p in model.get_key_patches("diffusion_model.").items()})

@@ -58,8 +58,18 @@ def _parse(argv=None):
     if "eager" not in a.only:
         a.only.insert(0, "eager")
     bad = [c for c in a.only if c not in CONTENDERS]
-    if bad or not 1 <= a.steps <= 4 or a.width % 8 or a.height % 8 or a.batch < 1:
-        ap.error(f"check --only ({bad}), --steps 1-4, --width/--height multiples of 8, --batch >= 1")
+    from scripts.plugin_package import load
+
+    load()
+    from comfyui_add.core.images import check_size
+
+    try:
+        check_size(a.width, "--width", lo=8, hi=8192)
+        check_size(a.height, "--height", lo=8, hi=8192)
+    except ValueError as e:
+        ap.error(str(e))
+    if bad or not 1 <= a.steps <= 4 or a.batch < 1:
+        ap.error(f"check --only ({bad}), --steps 1-4, --batch >= 1")
     return a
 
 

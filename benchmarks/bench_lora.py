@@ -91,13 +91,7 @@ def _build(model_kind: str, dtype_name: str):
     mc = comfy.supported_models.SD15(cfg)
     mc.set_inference_dtype(dtype, None if dtype == torch.float32 else torch.float32)
     model = mc.get_model({})
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.diffusion_model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-            else:
-                p.fill_(1.0 if "norm" in name else 0.0)
+    tm.init_module_(model.diffusion_model, seed=0)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                                offload_device=comfy.model_management.unet_offload_device())
     sd = model.diffusion_model.state_dict()

@@ -50,8 +50,17 @@ def _parse(argv=None):
     a.width = a.width or (512 if cuda else 64)
     a.frames = a.frames or (32 if cuda else 8)
     a.steps = [int(s) for s in (a.steps or ("1,2" if cuda else "2,4")).split(",")]
-    if a.width % 8 or any(s not in T_INDEX for s in a.steps) or a.frames < 1 or a.frame_buffer < 1:
-        ap.error("--width a multiple of 8, --steps from 1-4, --frames >= 1, --frame-buffer >= 1")
+    from scripts.plugin_package import load
+
+    load()
+    from comfyui_add.core.images import check_size
+
+    try:
+        check_size(a.width, "--width", lo=8, hi=8192)
+    except ValueError as e:
+        ap.error(str(e))
+    if any(s not in T_INDEX for s in a.steps) or a.frames < 1 or a.frame_buffer < 1:
+        ap.error("--steps from 1-4, --frames >= 1, --frame-buffer >= 1")
     return a
 
 

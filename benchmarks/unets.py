@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from benchmarks.bench_lora import SD15_REAL_CONFIG
+from scripts.tiny_models import init_module_
 
 SDXL_REAL_CONFIG = {
     "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
@@ -60,24 +61,6 @@ def label(family: str, tiny: bool = False) -> str:
     return f"tiny {family} UNet (test size)" if tiny else text
 
 
-def seeded_init_(module: torch.nn.Module, seed: int = 0, device: str | torch.device | None = None) -> torch.nn.Module:
-    """Every parameter in place: weights N(0, 1/fan_in), norm scales 1, other 1-d parameters 0.
-
-    Values are drawn with a local generator on ``device`` (default: the parameters' own) and copied in,
-    parameter by parameter, so peak extra memory is one parameter."""
-    with torch.no_grad():
-        g = None
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                dev = torch.device(device) if device is not None else p.device
-                if g is None:
-                    g = torch.Generator(device=dev).manual_seed(seed)
-                p.copy_(torch.randn(p.shape, generator=g, device=dev) / p[0].numel() ** 0.5)
-            else:
-                p.fill_(1.0 if "norm" in name else 0.0)
-    return module
-
-
 def build(family: str, dtype: torch.dtype | None = None, seed: int = 0, tiny: bool = False,
           init_device: str | torch.device | None = None):
     """A ModelPatcher of ``family`` ('sd15', 'sd2v', 'sdxl') with seeded random weights.
@@ -104,7 +87,7 @@ def build(family: str, dtype: torch.dtype | None = None, seed: int = 0, tiny: bo
             model = mc.get_model({})
         if init_device is None:
             init_device = load_device if torch.device(load_device).type == "cuda" else "cpu"
-        seeded_init_(model.diffusion_model, seed, init_device)
+        init_module_(model.diffusion_model, seed, device=init_device)
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=mm.unet_offload_device())
 
 

@@ -11,6 +11,8 @@
   sequence (numbered saves). Temporaries left by a killed process are removed by the next write there.
 - Names: :func:`check_name` / :func:`safe_path` refuse '..', absolute paths, drive letters, NUL and
   control characters, separators where none are allowed, and names the file system cannot hold.
+- Paths: :func:`resolve_inside` is the one "this typed path stays inside that folder" check (typed
+  folders and files to read, and the folder a save goes to); :func:`is_inside` its lexical test.
 
 Pure Python + torch + safetensors: no ComfyUI import. It lives in core/ because every layer reads and
 writes files through it (the training core's checkpoints, the nodes' saves, the headless trainer).
@@ -200,18 +202,55 @@ def check_name(name: Any, what: str = "name", ext: str = ".safetensors", subfold
     return text
 
 
+def is_inside(root: str | os.PathLike, path: str | os.PathLike) -> bool:
+    """Whether ``path`` lies in ``root`` (or is it), judged on the absolute paths as written ('..'
+    resolved, symbolic links not)."""
+    root, path = os.path.abspath(root), os.path.abspath(path)
+    return os.path.commonpath([root, path]) == root
+
+
+def resolve_inside(root: str | os.PathLike, rel: Any, what: str, *, where: str | None = None, kind: str = "path",
+                   example: str = "my_folder", contain_links: bool = False) -> str:
+    """The path ``root/rel`` for a path ``rel`` typed relative to ``root``; ADDError naming ``what`` otherwise.
+
+    Refused, judged on the text as typed (spaces around it stripped, '\\' read as '/'): empty, NUL or
+    control characters, absolute paths and drive letters, any '..' part, and ``root`` itself.
+    Symbolic links: with ``contain_links`` False (reading), links inside ``root`` are followed wherever
+    they point, as ComfyUI's own loaders do, and the path is returned as written. With ``contain_links``
+    (writing), the folder the path lies in is resolved (links followed) and must stay inside ``root``
+    resolved; the path returned is that real folder plus the last name (which may itself be a link: an
+    atomic write replaces the link, never its target). ``where`` describes ``root`` in messages (default:
+    its path), ``kind`` says what is typed ('folder', 'file'), ``example`` shows a good value.
+    """
+    base = os.path.abspath(root)
+    where = where or base
+    text = ("" if rel is None else str(rel)).strip()
+    shown = repr(text[:120])
+    if "\0" in text or any(ord(c) < 32 for c in text):
+        raise ADDError(f"{what} {shown} contains a NUL or control character (a pasted path?): type the {kind}'s path "
+                       f"relative to {where}, e.g. {example}.")
+    if not text:
+        raise ADDError(f"{what} is empty: type the {kind}'s path relative to {where}, e.g. {example}.")
+    text = text.replace("\\", "/")
+    path = os.path.normpath(os.path.join(base, text))
+    if (os.path.isabs(text) or re.match(r"^[A-Za-z]:", text) or ".." in text.split("/")
+            or not is_inside(base, path) or path == base):
+        raise ADDError(f"{what} {shown} must be a {kind} inside {where}, given relative to it (e.g. {example}, "
+                       "sub-folders with '/'), with no '..' or absolute path.")
+    if not contain_links:
+        return path
+    real_root = os.path.realpath(base)
+    real = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+    if not is_inside(real_root, real) or real == real_root:
+        raise ADDError(f"{what} {shown} resolves outside {real_root} (through a symlinked folder); choose another name.")
+    return real
+
+
 def safe_path(folder: str | os.PathLike, name: Any, ext: str = ".safetensors", what: str = "filename",
               subfolders: bool = True, example: str = "my_turbo_model") -> str:
-    """``folder/name.ext`` for a checked ``name``; never outside ``folder`` (symlinks resolved)."""
+    """``folder/name.ext`` for a checked ``name``; never outside ``folder`` (symlinked folders resolved)."""
     text = check_name(name, what, ext, subfolders=subfolders, folder=folder, example=example)
-    root = os.path.realpath(folder)
-    joined = os.path.join(root, *text.split("/")) + ext
-    # the folder is resolved (a symlinked sub-folder must not lead out); the file itself may be a link
-    path = os.path.join(os.path.realpath(os.path.dirname(joined)), os.path.basename(joined))
-    if os.path.commonpath([root, path]) != root:
-        raise ADDError(f"{what} {str(name)[:80]!r} resolves outside {root} (through a symlinked folder); "
-                       "choose another name.")
-    return path
+    return resolve_inside(folder, text + ext, what, example=example, contain_links=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import latent_preview
 import folder_paths
 
 from ..adapters import model as adapter
-from ..core import files
+from ..core import files, images
 from ..core.errors import ADDError
 from ..training.setup import parse_prompts
 from .sampling import add_sample, build_sigmas
@@ -40,24 +40,6 @@ def pick_timesteps(trained: list[int], steps: int) -> list[int]:
     trained = sorted(trained, reverse=True)
     steps = max(1, min(steps, len(trained)))
     return [trained[round(i * len(trained) / steps)] for i in range(steps)]
-
-
-def _label_grid(rows: list[list[torch.Tensor]], headers: list[str]) -> torch.Tensor:
-    """Images (H, W, 3) in rows, a header line above each column -> one IMAGE (1, H', W', 3)."""
-    from PIL import Image, ImageDraw
-
-    h, w = rows[0][0].shape[:2]
-    pad = 28
-    canvas = Image.new("RGB", (w * len(headers), pad + h * len(rows)), (24, 24, 24))
-    draw = ImageDraw.Draw(canvas)
-    for j, text in enumerate(headers):
-        draw.text((j * w + 4, 4), text, fill=(235, 235, 235))
-    for i, row in enumerate(rows):
-        for j, img in enumerate(row):
-            arr = (img.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-            canvas.paste(Image.fromarray(arr), (j * w, pad + i * h))
-    out = torch.frombuffer(bytearray(canvas.tobytes()), dtype=torch.uint8).reshape(canvas.height, canvas.width, 3)
-    return (out.float() / 255.0)[None]
 
 
 class ADDCompare:
@@ -100,8 +82,7 @@ class ADDCompare:
             raise ADDError(f"teacher_cfg is {teacher_cfg!r}: type a number from 1 to 30 (7 is typical).")
         name = check_name(lora_name, "lora_name") + ".safetensors"
         for label, v in (("width", width), ("height", height)):
-            if int(v) % 8 or int(v) < 64:
-                raise ADDError(f"{label} {v} must be a multiple of 8 and at least 64; try {max(64, round(int(v) / 8) * 8)}.")
+            images.check_size(v, label)
         path = folder_paths.get_full_path("loras", name)
         student, trained = None, [999]
         if path is not None:
@@ -142,7 +123,9 @@ class ADDCompare:
         headers.append(f"student {len(ts)} step{'s' if len(ts) > 1 else ''} {','.join(map(str, ts))}: "
                        f"{s_time / n:.2f} s, {s_count[0] / n:.0f} evals/img" if student is not None
                        else f"student: {name} not saved yet - queue again after its first save")
-        return (_label_grid(rows, headers),)
+        grid = images.image_grid([img for row in rows for img in row], columns=len(headers), headers=headers,
+                                 background=(24, 24, 24))
+        return (images.to_image(grid),)
 
 
 def _encode(clip, text: str):

@@ -23,7 +23,6 @@ here; anything else is a 404 with a JSON error, and nothing from a request reach
 from __future__ import annotations
 
 import functools
-import io
 import json
 import logging
 import math
@@ -216,15 +215,6 @@ def json_safe(value: Any) -> Any:
 strict_dumps = functools.partial(json.dumps, allow_nan=False)
 
 
-def png_bytes(images: torch.Tensor) -> bytes:
-    """(P, H, W, 3) in [0, 1] -> one PNG, the images side by side."""
-    from PIL import Image
-
-    arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-    row = torch.cat(list(arr), dim=1).numpy()
-    buf = io.BytesIO()
-    Image.fromarray(row).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------------------------

@@ -64,15 +64,13 @@ def save_safetensors(folder: str, prefix, exact: bool, tensors: Mapping[str, tor
     """
     root = os.path.abspath(folder)
     text = check_prefix(prefix, root, exact)
-    out_dir, filename, counter, _subfolder, _ = folder_paths.get_save_image_path(text, root)
-    # A symlinked sub-folder must not lead out of the folder (ComfyUI's own check is lexical).
-    real_root, real_dir = os.path.realpath(root), os.path.realpath(out_dir)
-    if os.path.commonpath([real_root, real_dir]) != real_root:
-        raise ADDError(f"filename_prefix {str(prefix)[:80]!r} resolves outside {real_root} (through a symlinked "
-                             "folder); choose another name.")
+    _out_dir, filename, counter, subfolder, _ = folder_paths.get_save_image_path(text, root)
     if not filename:
         raise ADDError(f"filename_prefix {str(prefix)[:80]!r} has no file name after its variables are "
                              "filled in: type a name, e.g. my_turbo_model.")
+    # A symlinked sub-folder must not lead out of the folder (ComfyUI's own check is lexical).
+    real_dir = os.path.dirname(files.resolve_inside(root, os.path.join(subfolder, filename), "filename_prefix",
+                                                    example="my_turbo_model", contain_links=True))
     write = lambda f: files.write_safetensors_to(f, tensors, metadata)  # noqa: E731
     if exact:
         return files.atomic_write(os.path.join(real_dir, filename + EXT), write, overwrite=True)

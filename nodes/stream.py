@@ -1,7 +1,8 @@
 """Stream nodes: ADD Stream Batch (video frames / live input through StreamDiffusion's ideas) and
 ADD Load Frames (a folder of images as an IMAGE batch).
 
-The math (stream batch, residual CFG, similarity filter) is core/stream.py. This module adapts it
+The math (stream batch, residual CFG, similarity filter) is core/stream.py; reading the frames'
+folder is nodes/stream_frames.py (over training/image_folder.py). This module adapts the math
 to ComfyUI: every model call goes through a guider's ``sample`` (model management, conditioning,
 ModelPatcher patches and wrappers, every family's extra conds), with one sigma per batch row, and
 the stream's state between queue runs lives in one module-level registry here (``_STATES``; the
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 import weakref
 from collections import OrderedDict
@@ -33,13 +33,13 @@ import torch
 import comfy.model_management as mm
 import comfy.sample
 import comfy.samplers
-import folder_paths
 import latent_preview
 
 from ..core import stream as core
 from ..core.errors import ADDError
 from ..training import image_folder as image_files
 from . import sampling as add_nodes
+from .stream_frames import frame_files, load_frames
 
 CATEGORY = "ADD/stream"
 MODES = ("batch", "live")
@@ -387,60 +387,15 @@ class ADDStreamBatch:
         if mode not in MODES:
             raise ADDError(f"mode={mode!r} is unknown; choose batch or live.")
         rcfg = add_nodes.check_rcfg(cfg_type, guidance_scale, delta, negative)
-        try:
-            opts = StreamOptions(int(seed), noise, int(frame_buffer_size), mode == "live", bool(denoising_batch), rcfg,
-                                 bool(similarity_filter), float(similarity_threshold), int(max_skip_frames))
-            core.frame_noise(0, 0, 0, (1,), opts.noise)
-            core.SimilarityFilter(opts.similarity_threshold, opts.max_skip_frames)
-        except core.StreamError as e:
-            raise ADDError(str(e)) from None
+        opts = StreamOptions(int(seed), noise, int(frame_buffer_size), mode == "live", bool(denoising_batch), rcfg,
+                             bool(similarity_filter), float(similarity_threshold), int(max_skip_frames))
+        # checked before any model call: a bad setting is a StreamError (an ADDError) naming the input
+        core.frame_noise(0, 0, 0, (1,), opts.noise)
+        core.SimilarityFilter(opts.similarity_threshold, opts.max_skip_frames)
         sigmas = add_nodes.build_sigmas(model, schedule, steps, denoise, custom)
         key = (workflow_key(prompt, extra_pnginfo), str(unique_id), str(stream_id))
         latent, report, _ = run_stream(model, positive, latent_image, sigmas, opts, key, negative)
         return {"ui": {"text": [report]}, "result": (latent, report)}
-
-
-# ------------------------------------------------------------------------------------------
-# frames from a folder
-# ------------------------------------------------------------------------------------------
-# Example clips shipped with the plugin (input/<name>/ in the repository), placed into ComfyUI's input
-# folder the first time a workflow reads that folder and it is missing there (never overwriting).
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "input")
-EXAMPLE_FOLDERS = ("add_stream_frames",)
-
-
-def frame_files(folder: str, start: int = 0, every_nth: int = 1, max_frames: int = 0,
-                place_examples: bool = False) -> tuple[str, list[str]]:
-    """(folder path, selected image names in natural order) of a folder in ComfyUI's input dir.
-
-    ``place_examples``: first copy a shipped example clip into place if ``folder`` names one and
-    the input folder has nothing of that name.
-    """
-    base = folder_paths.get_input_directory()
-    name = str(folder).strip()
-    if place_examples and name in EXAMPLE_FOLDERS:
-        image_files.place_example(os.path.join(EXAMPLES, name), os.path.join(base, name))
-    root = image_files.input_subfolder(base, folder, "folder", "Put the frames there, or type one of the folders "
-                                       "below.")
-    names = image_files.list_images(root, f"folder {name!r}")
-    if not names:
-        raise ADDError(f"folder {name!r} ({root}) holds no image files ({', '.join(image_files.IMAGE_EXTS)}): put the "
-                             "frames there, named so that they sort in order (frame_0001.png, frame_0002.png, ...).")
-    chosen = names[int(start)::int(every_nth)]
-    if max_frames:
-        chosen = chosen[:int(max_frames)]
-    if not chosen:
-        raise ADDError(f"start={start} is past the last of the {len(names)} frames in {name!r}: lower start.")
-    return root, chosen
-
-
-def load_frames(root: str, names: list[str], width: int = 0, height: int = 0, label: str = "folder",
-                available: Optional[int] = None) -> torch.Tensor:
-    """The images as an IMAGE batch (F, H, W, 3) in [0, 1]; resized (cover + centre crop) when width/height > 0.
-    ``available``: bytes free; a batch estimated larger is refused before any frame is decoded."""
-    size = (int(width), int(height)) if width and height else None
-    return image_files.load_images(root, names, label, size, available,
-                                   "Lower width/height or max_frames, or raise every_nth.")
 
 
 class ADDLoadFrames:
@@ -477,11 +432,7 @@ class ADDLoadFrames:
             root, names = frame_files(folder, start, every_nth, max_frames)
         except ADDError:
             return ""  # load() raises the error with its message
-        h = hashlib.sha256()
-        for n in names:
-            st = os.stat(os.path.join(root, n))
-            h.update(f"{n}|{st.st_size}|{st.st_mtime_ns};".encode())
-        return h.hexdigest()
+        return image_files.files_signature(root, names)
 
     def load(self, folder, start, every_nth, max_frames, width, height):
         if bool(width) != bool(height):

@@ -19,12 +19,13 @@ import folder_paths
 from ..adapters import run_setup
 from ..core import files
 from ..core.errors import ADDError
+from ..core.images import png_bytes
 from ..training import image_folder as image_files
 from ..training.config import DISC_NORMS, DISCRIMINATOR_TYPES, LR_SCHEDULES, TRAINING_MODES
 from ..training.presets import PRESET_NAMES, preset_fields
 from ..training.run import STATE_SUFFIX, ADDRun, RunHooks, RunSpec, check_start, existing_run, state_dir_for
 from ..training.setup import RUN_MODES, WIDGET_NAMES, RunRequest, describe_change, parse_prompts
-from .jobs import REGISTRY, Job, png_bytes
+from .jobs import REGISTRY, Job
 
 log = logging.getLogger("comfyui-add")
 CATEGORY = "ADD/training"
@@ -211,12 +212,7 @@ def _dinov2_path(name: str) -> str:
                        "(model.safetensors of facebook/dinov2-small) under ComfyUI's models/ folder and type its "
                        "path relative to models/, e.g. dinov2/dinov2_vits14.safetensors; or use discriminator 'teacher'.")
     root = os.path.abspath(folder_paths.models_dir)
-    if "\0" in rel or any(ord(ch) < 32 for ch in rel):
-        raise ADDError(f"dinov2_file {rel!r} contains a NUL or control character: type the file's path relative to "
-                       f"{root}, e.g. dinov2/dinov2_vits14.safetensors.")
-    path = os.path.normpath(os.path.join(root, rel.replace("\\", "/")))
-    if not image_files.inside(root, path) or path == root:
-        raise ADDError(f"dinov2_file {rel!r} must be a path relative to {root} without '..'.")
+    path = files.resolve_inside(root, rel, "dinov2_file", kind="file", example="dinov2/dinov2_vits14.safetensors")
     if not os.path.isfile(path):
         raise ADDError(f"dinov2_file {rel!r}: no such file in {root}. Put the DINOv2 ViT-S/14 .safetensors file there, "
                        "or use discriminator 'teacher' (needs no file).")

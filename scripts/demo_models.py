@@ -68,7 +68,7 @@ def example_frames(folder: Path, count: int = 8, size: int = 256) -> None:
     """A short generated clip (a disc moving over a gradient), frame_0001.png ..., written atomically.
 
     The plugin's shipped example clip input/add_stream_frames/ was made with the defaults; ADD Load
-    Frames puts it into ComfyUI's input folder on first use (nodes/stream.py)."""
+    Frames puts it into ComfyUI's input folder on first use (nodes/stream_frames.py)."""
     import numpy as np
     from PIL import Image
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import io
 import json
 import os
 import signal
@@ -249,22 +248,6 @@ def trim_log(state_dir: str, start_step: int, atomic_write_bytes) -> None:
     atomic_write_bytes("".join(lines).encode("utf-8"), path)
 
 
-def image_grid_png(images, columns: int = 4) -> bytes:
-    """IMAGE (N, H, W, 3) in [0, 1] -> PNG bytes of a grid."""
-    from PIL import Image
-
-    n, h, w, _ = images.shape
-    cols = min(columns, n)
-    rows = (n + cols - 1) // cols
-    canvas = Image.new("RGB", (cols * w, rows * h))
-    for i in range(n):
-        arr = (images[i].clamp(0, 1) * 255).round().byte().cpu().numpy()
-        canvas.paste(Image.fromarray(arr), ((i % cols) * w, (i // cols) * h))
-    buf = io.BytesIO()
-    canvas.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 class _Stopped(SystemExit):
     pass
 
@@ -411,6 +394,7 @@ def _hooks(run, dist, cfg, decode_preview, vae, model, state_dir: str, start_ste
     from tqdm import tqdm
 
     from comfyui_add.core.files import atomic_write_bytes
+    from comfyui_add.core.images import png_bytes
     from comfyui_add.training.run import RunHooks
 
     bar = tqdm(total=cfg.max_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr)
@@ -438,7 +422,7 @@ def _hooks(run, dist, cfg, decode_preview, vae, model, state_dir: str, start_ste
         except (RuntimeError, ValueError):
             img = decode_preview(lat)
         os.makedirs(samples, exist_ok=True)
-        atomic_write_bytes(image_grid_png(img), os.path.join(samples, f"step_{step:08d}.png"))
+        atomic_write_bytes(png_bytes(img, columns=4), os.path.join(samples, f"step_{step:08d}.png"))
 
     def saved(step: int, path: str) -> None:
         bar.write(f"step {step}: saved {os.path.basename(path)} and the resumable state")

@@ -2,9 +2,10 @@
 
 One extension list, one order (natural: ``frame_2`` before ``frame_10``), one rule for paths:
 
-- :func:`inside` is the one "this typed path stays inside that folder" check, and
-  :func:`input_subfolder` turns a typed folder name into a folder inside ComfyUI's input folder.
-  Both judge the path as typed ('..', absolute paths, drive letters, NUL are refused).
+- :func:`input_subfolder` turns a typed folder name into a folder inside ComfyUI's input folder,
+  through core/files.py's one "path stays inside that folder" check (:func:`~..core.files.resolve_inside`:
+  '..', absolute paths, drive letters, NUL are refused).
+- :func:`select_frames` lists a folder's images and picks start / every n-th / at most n of them.
 - Symbolic links inside the folder, to folders and to files alike, are followed wherever they
   point, as ComfyUI's own loaders do: whoever can place a link there already owns the machine's
   files, and a link is the usual way to use a dataset kept on another disk. A link whose target
@@ -18,6 +19,7 @@ Pure Python + Pillow + torch: no ComfyUI import (see ARCHITECTURE.md).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -26,6 +28,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..core import files
 from ..core.errors import ADDError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -39,11 +42,7 @@ def natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
 
 
-def inside(root: str | os.PathLike, path: str | os.PathLike) -> bool:
-    """Whether ``path`` lies in ``root`` (or is it), judged on the absolute paths as written ('..'
-    resolved, symbolic links not: links placed inside ``root`` are followed, see the module docstring)."""
-    root, path = os.path.abspath(root), os.path.abspath(path)
-    return os.path.commonpath([root, path]) == root
+# ADD Train's dinov2_file check (nodes/train.py) still calls it by this name
 
 
 def gib(n: float) -> str:
@@ -54,18 +53,9 @@ def input_subfolder(base: str, name, what: str, fix: str) -> str:
     """The folder ``base/<name>`` for a name typed relative to ``base`` (ComfyUI's input folder;
     links inside it followed); ADDError naming ``what`` otherwise. ``fix`` says what to do when it does not exist."""
     base = os.path.abspath(base)
-    raw = "" if name is None else str(name)
-    rel = raw.strip()
-    shown = repr(rel[:120])
-    if "\0" in rel or any(ord(c) < 32 for c in rel):
-        raise ADDError(f"{what} {shown} contains a NUL or control character (a pasted path?): type the folder's name "
-                       "as it appears inside ComfyUI's input/ folder, e.g. my_dataset.")
-    if not rel:
-        raise ADDError(f"{what} is empty: type the name of a folder inside ComfyUI's input/ folder ({base}).")
-    path = os.path.normpath(os.path.join(base, rel.replace("\\", "/")))
-    if not inside(base, path) or path == base:
-        raise ADDError(f"{what} {shown} must be a folder inside ComfyUI's input/ folder ({base}), given relative to "
-                       "it (e.g. my_dataset, sub-folders with '/'), with no '..' or absolute path.")
+    path = files.resolve_inside(base, name, what, where=f"ComfyUI's input/ folder ({base})", kind="folder",
+                                example="my_dataset")
+    shown = repr(str(name).strip()[:120])
     if os.path.islink(path) and not os.path.exists(path):
         raise ADDError(f"{what} {shown} is a symbolic link to {os.readlink(path)}, which does not exist: fix or remove the "
                        "link, or type another folder.")
@@ -99,6 +89,30 @@ def list_images(folder: str, label: str) -> list[str]:
         if os.path.isfile(path):
             names.append(n)
     return sorted(names, key=natural_key)
+
+
+def select_frames(folder: str, name: str, start: int = 0, every_nth: int = 1, max_frames: int = 0) -> list[str]:
+    """The image names of ``folder`` in natural order from index ``start``, every ``every_nth``-th, at most
+    ``max_frames`` (0 = all); ADDError when none. ``name`` is the folder as typed (messages: ``folder <name>``)."""
+    names = list_images(folder, f"folder {name!r}")
+    if not names:
+        raise ADDError(f"folder {name!r} ({folder}) holds no image files ({', '.join(IMAGE_EXTS)}): put the frames "
+                       "there, named so that they sort in order (frame_0001.png, frame_0002.png, ...).")
+    chosen = names[int(start)::int(every_nth)]
+    if max_frames:
+        chosen = chosen[:int(max_frames)]
+    if not chosen:
+        raise ADDError(f"start={start} is past the last of the {len(names)} frames in {name!r}: lower start.")
+    return chosen
+
+
+def files_signature(folder: str, names: Sequence[str]) -> str:
+    """A hash of the files' names, sizes and modification times (changes when any of them changes)."""
+    h = hashlib.sha256()
+    for n in names:
+        st = os.stat(os.path.join(folder, n))
+        h.update(f"{n}|{st.st_size}|{st.st_mtime_ns};".encode())
+    return h.hexdigest()
 
 
 def _bomb(label: str, name: str, exc: Exception) -> ADDError:

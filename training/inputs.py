@@ -14,6 +14,7 @@ import math
 from typing import Any, Iterable, Mapping
 
 from ..core.errors import ADDError
+from ..core.images import check_size
 
 # name -> (type, lowest, highest, multiple of (ints), hint). Names are the headless config keys (ADDConfig
 # fields and run keys); the node shows its widget names instead (``names`` of check_run_inputs).
@@ -55,12 +56,11 @@ def check_run_inputs(values: Mapping[str, Any], names: Mapping[str, str] | None 
             continue
         kind, lo, hi, multiple, hint = RULES[key]
         shown = names.get(key, key)
+        if multiple > 1:
+            check_size(value, shown, lo, hi, multiple, hint, where)
+            continue
         x = _number(value, kind)
         what = "a whole number" if kind is int else "a number"
-        if x is not None and math.isfinite(x) and multiple > 1 and (x % multiple or not lo <= x <= hi):
-            near = int(min(hi, max(lo, round(x / multiple) * multiple)))
-            raise ADDError(f"{where}{shown} {value!r} must be a multiple of {multiple} from {lo:g} to {hi:g} ({hint}); "
-                           f"try {near}.")
         if x is None or not math.isfinite(x) or not lo <= x <= hi:
             raise ADDError(f"{where}{shown} is {value!r}: type {what} from {lo:g} to {hi:g} ({hint}).")
 

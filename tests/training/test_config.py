@@ -63,3 +63,23 @@ def test_both_loss_weights_zero_is_refused():
     with pytest.raises(ValueError, match="distill_weight"):
         ADDConfig(adv_weight=0.0, distill_weight=0.0)
 
+
+
+@pytest.mark.parametrize("value,message", [
+    (100, "width 100 must be a multiple of 8 from 64 to 4096 (pixels); try 96."),
+    (8192, "width 8192 must be a multiple of 8 from 64 to 4096 (pixels); try 4096."),
+    (32, "width 32 must be a multiple of 8 from 64 to 4096 (pixels); try 64."),
+    (float("nan"), "width is nan: type a whole number from 64 to 4096 (pixels)."),
+    (512.5, "width is 512.5: type a whole number from 64 to 4096 (pixels)."), (True, "width is True"),
+])
+def test_one_size_check_for_the_node_the_config_and_the_benchmarks(value, message):
+    from comfyui_add.core.errors import ADDError
+    from comfyui_add.core.images import check_size
+    from comfyui_add.training.inputs import check_run_inputs
+
+    assert check_size(512, "width", hint="pixels") == 512 and check_size(512.0, "width") == 512
+    with pytest.raises(ADDError) as e:
+        check_size(value, "width", hint="pixels")
+    assert str(e.value).startswith(message)
+    with pytest.raises(ADDError, match="^cfg: width .* must be a multiple of 8 from 64 to 4096 .*; try 96"):
+        check_run_inputs({"width": 100}, where="cfg: ")

@@ -185,3 +185,30 @@ def test_nonfinite_keys():
     t = {"ok": torch.ones(2), "nan": torch.tensor([1.0, float("nan")]), "inf": torch.tensor([float("inf")]),
          "int": torch.arange(2)}
     assert sorted(files.nonfinite_keys(t)) == ["inf", "nan"]
+
+
+@pytest.mark.parametrize("rel,fragment", [
+    ("", "is empty"), ("a\0b", "contains a NUL"), ("a\tb", "control character"), ("../x", "no '..'"),
+    ("a/../b", "no '..'"), ("a\\..\\..\\x", "no '..'"), ("/etc", "absolute path"), ("C:evil", "absolute path"),
+    (".", "no '..'"),
+])
+def test_resolve_inside_refuses_escapes_as_typed(tmp_path, rel, fragment):
+    with pytest.raises(files.ADDError, match=fragment) as e:
+        files.resolve_inside(tmp_path, rel, "folder", where="the input folder", kind="folder", example="my_dataset")
+    assert str(e.value).startswith("folder ") and ("my_dataset" in str(e.value))
+
+
+def test_resolve_inside_follows_links_to_read_and_contains_them_to_write(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "real").mkdir(parents=True)
+    outside.mkdir()
+    (root / "out_link").symlink_to(outside, target_is_directory=True)
+    assert files.resolve_inside(root, " sub\\data ", "folder") == str(root / "sub" / "data")  # spaces, '\' as '/'
+    assert files.resolve_inside(root, "out_link/x", "folder") == str(root / "out_link" / "x")  # reading: followed
+    assert files.resolve_inside(root, "real/x", "name", contain_links=True) == str(root / "real" / "x")
+    with pytest.raises(files.ADDError, match=r"name 'out_link/x' resolves outside .*root \(through a symlinked folder\)"):
+        files.resolve_inside(root, "out_link/x", "name", contain_links=True)
+    (root / "file_link").symlink_to(outside / "y")  # the last name may be a link: a write replaces the link itself
+    assert files.resolve_inside(root, "file_link", "name", contain_links=True) == str(root / "file_link")
+    with pytest.raises(files.ADDError, match="resolves outside"):  # safe_path goes through it
+        files.safe_path(root, "out_link/x")

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from comfyui_add.core.errors import ADDError
-from comfyui_add.training.image_folder import (input_subfolder, list_images, load_images, place_example, read_captioned_folder,
-                                   read_caption)
+from comfyui_add.training.image_folder import (files_signature, input_subfolder, list_images, load_images, place_example,
+                                               read_caption, read_captioned_folder, select_frames)
 
 
 def _png(path, size=(8, 6), color=(255, 0, 0)):
@@ -85,3 +85,39 @@ def test_the_example_is_placed_whole_and_never_over_anything(tmp_path):
         assert not place_example(str(src), str(inp / taken))
     assert os.listdir(inp / "empty") == [] and (inp / "a_file").read_text() == "mine"
     assert os.path.islink(inp / "a_link") and sorted(os.listdir(inp)) == ["a_file", "a_link", "clip", "empty"]
+
+
+def test_frames_are_selected_in_natural_order_and_their_signature_follows_the_files(tmp_path):
+    for n in ("f10.png", "f2.png", "f1.png", "f3.jpg"):
+        _png(tmp_path / n)
+    (tmp_path / "notes.txt").write_text("not a frame")
+    assert select_frames(str(tmp_path), "clip") == ["f1.png", "f2.png", "f3.jpg", "f10.png"]
+    assert select_frames(str(tmp_path), "clip", start=1, every_nth=2) == ["f2.png", "f10.png"]
+    assert select_frames(str(tmp_path), "clip", max_frames=2) == ["f1.png", "f2.png"]
+    with pytest.raises(ADDError, match=r"start=9 is past the last of the 4 frames in 'clip'"):
+        select_frames(str(tmp_path), "clip", start=9)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ADDError, match=r"folder 'e' \(.*empty\) holds no image files \(.png, .jpg"):
+        select_frames(str(tmp_path / "empty"), "e")
+    names = ["f1.png", "f2.png"]
+    sig = files_signature(str(tmp_path), names)
+    assert sig == files_signature(str(tmp_path), names) != files_signature(str(tmp_path), names[:1])
+    _png(tmp_path / "f2.png", (9, 6))
+    assert files_signature(str(tmp_path), names) != sig
+
+
+def test_image_grid_lays_out_rows_with_headers_and_png_bytes_round_trip():
+    import io
+
+    from comfyui_add.core.images import image_grid, png_bytes, to_image
+
+    imgs = torch.stack([torch.full((4, 6, 3), v) for v in (0.0, 0.5, 1.0)])
+    grid = image_grid(imgs, columns=2, background=(7, 7, 7))
+    assert grid.size == (12, 8)
+    assert [grid.getpixel(p) for p in ((0, 0), (6, 0), (0, 4), (6, 4))] == [(0,) * 3, (128,) * 3, (255,) * 3, (7,) * 3]
+    labelled = image_grid(list(imgs[:2]), columns=2, headers=["a", "b"], header_height=10)
+    assert labelled.size == (12, 14) and labelled.getpixel((0, 10)) == (0, 0, 0)
+    row = Image.open(io.BytesIO(png_bytes(imgs)))  # default: side by side
+    assert row.size == (18, 4) and row.getpixel((17, 3)) == (255, 255, 255)
+    back = to_image(grid)
+    assert back.shape == (1, 8, 12, 3) and (back[0, 0, 6] * 255).round().tolist() == [128.0] * 3

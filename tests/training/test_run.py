@@ -137,3 +137,17 @@ def test_training_lives_only_under_the_plugin_package():
         "sys.exit(1 if bad else 0)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_the_base_fingerprint_samples_names_and_first_values():
+    from comfyui_add.core.fingerprint import sampled_fingerprint
+
+    g = torch.Generator().manual_seed(0)
+    weights = {f"w{i:02d}": torch.randn(5000, generator=g) for i in range(40)}  # every 2nd tensor sampled
+    fp = sampled_fingerprint(weights)
+    assert fp == sampled_fingerprint({k: v.clone() for k, v in weights.items()})
+    assert fp == "abbc2419457c4dcc"  # saved runs compare it: the sample must never change
+    changed = dict(weights, w00=weights["w00"].clone().index_fill_(0, torch.tensor([0]), 9.0))
+    assert sampled_fingerprint(changed) != fp
+    unsampled = dict(weights, w01=torch.zeros(5000), w00=weights["w00"].clone().index_fill_(0, torch.tensor([4999]), 9.0))
+    assert sampled_fingerprint(unsampled) == fp  # other tensors, and values past the first 4096, are not read
