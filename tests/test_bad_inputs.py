@@ -209,7 +209,7 @@ CASES = [
     ("train_data_cfg_nan", train(data_cfg=math.nan), ["data_cfg is nan", "type a number from 1 to 30"]),
     ("train_image_folder", train(image_folder="../../etc"), ["image_folder '../../etc'", "inside ComfyUI's input/"]),
     ("train_dinov2_escape", train(discriminator="dinov2", dinov2_file="../../x.safetensors", vae=["1", 2]),
-     ["dinov2_file '../../x.safetensors'", "without '..'"]),
+     ["dinov2_file '../../x.safetensors'", "with no '..'"]),
     ("train_dinov2_truncated", train(discriminator="dinov2", dinov2_file="loras/truncated.safetensors", vae=["1", 2]),
      ["dinov2_file truncated.safetensors is cut short"]),
     ("compare_name", compare(lora_name="../../x"), ["lora_name '../../x'"]),
