@@ -30,6 +30,7 @@ import comfy.model_management as mm
 
 from ..core.errors import ADDError
 from ..training.inputs import estimate_memory as estimate_run_memory
+from . import comfy_internals as internals
 from . import patched_weights
 
 # Families a run can train: BaseModel subclasses whose diffusion model is ComfyUI's UNetModel
@@ -53,47 +54,20 @@ def check_trainable(model) -> str:
     return _TRAINABLE[kind]
 
 
-def _torch_base(cls) -> type | None:
-    """The torch.nn layer class a ComfyUI op class extends (None if it extends only nn.Module)."""
-    base = next((b for b in cls.__mro__ if b.__module__.startswith("torch.nn")), None)
-    return None if base is None or base is torch.nn.Module else base
-
-
 def _check_plain_weights(unet, config: str) -> None:
     """Quantized / scaled-fp8 weights cannot be trained here: their ops hold scales or packed tensors
     a plain torch layer cannot use (training would read wrong weights)."""
     for name, m in unet.named_modules():
-        cls = type(m)
-        quant = (getattr(m, "scale_weight", None) is not None or getattr(m, "quant_format", None) is not None
-                 or (cls.__module__.startswith("comfy.ops") and _torch_base(cls) is None
-                     and any(True for _ in m.parameters(recurse=False)))
-                 or any(type(p) not in (torch.Tensor, torch.nn.Parameter) for p in m.parameters(recurse=False)))
-        if quant:
+        if internals.is_quantized_layer(m):
             raise ADDError(
-                f"ADD training cannot train quantized weights ({config}: layer {name} is stored as {cls.__name__}, "
+                f"ADD training cannot train quantized weights ({config}: layer {name} is stored as {type(m).__name__}, "
                 "fp8/scaled or packed). Load an fp16/bf16/fp32 version of the checkpoint (Load Checkpoint with a "
                 "regular .safetensors, or Load Diffusion Model with weight_dtype 'default').")
 
 
-def plain_torch_modules_(module: torch.nn.Module) -> torch.nn.Module:
-    """Turn every ComfyUI op (``comfy.ops`` Linear, Conv2d, GroupNorm, ...) of a PRIVATE copy into
-    its torch base class, in place: same parameters and attributes, plain torch forward.
-
-    ComfyUI's ops call ``run_every_op()`` in every forward, which checks AND CLEARS the global
-    interrupt flag: a background thread running them would swallow the user's Cancel of a
-    foreground prompt (and be killed by it). The job's modules never take that path.
-    """
-    for m in module.modules():
-        cls = type(m)
-        if cls.__module__.startswith("comfy.ops"):
-            base = _torch_base(cls)
-            if base is None:
-                if any(True for _ in m.parameters(recurse=False)):
-                    raise ADDError(f"{cls.__name__} layers cannot run outside ComfyUI's ops; "
-                                     "load the model unquantized to train it.")
-                continue
-            m.__class__ = base
-    return module
+# Every ComfyUI op of a PRIVATE copy as its torch base class (see comfy_internals.plain_torch_modules_:
+# ComfyUI's ops clear the global interrupt flag in every forward).
+plain_torch_modules_ = internals.plain_torch_modules_
 
 
 def frozen_copy(model, device: torch.device) -> torch.nn.Module:
@@ -106,7 +80,7 @@ def frozen_copy(model, device: torch.device) -> torch.nn.Module:
         copy = patched_weights.fused_module(model)
         # Plain torch modules (see plain_torch_modules_), weights in the dtype the model computes in
         # (ComfyUI's ops would have cast them on the fly).
-        compute = getattr(copy, "manual_cast_dtype", None) or copy.get_dtype()
+        compute = internals.compute_dtype(copy)
         plain_torch_modules_(copy)
         for m in copy.modules():
             for name, p in list(m._parameters.items()):
@@ -134,9 +108,7 @@ def trainable_copy(network: torch.nn.Module) -> torch.nn.Module:
         student = copy_mod.deepcopy(network)
         if any(p.is_floating_point() and p.dtype != torch.float32 for p in student.parameters()):
             student.float()
-            _unet(student).dtype = torch.float32
-            if hasattr(student, "manual_cast_dtype"):
-                student.manual_cast_dtype = None
+            internals.set_compute_dtype_(student, torch.float32)
     return student
 
 

@@ -12,12 +12,15 @@ the eager call as the exact fallback:
 
 Every call first goes through :func:`unfit_reason`; anything the fast path cannot reproduce
 exactly (CPU tensors, model patches, ControlNet residuals, unknown arguments, autograd, weights
-that ComfyUI streams in per call) runs the eager call instead, with one log line per reason. So
+that the host streams in per call) runs the eager call instead, with one log line per reason. So
 does a capture or compile failure (then for that signature only).
 
 The host adapter (nodes/fast_path.py) hands every call over as: the module, the four tensors,
 ``eager()`` (the unchanged call) and ``forward(target, x, timesteps, context, y)`` (the same
-forward on ``target``, the module or its compiled twin, with no other wrapper around it).
+forward on ``target``, the module or its compiled twin, with no other wrapper around it), plus
+what it read from the host's call options (adapters/comfy_internals.py): the per-call patches by
+name, whether the weights are streamed in, how many other wrappers run. This module knows no
+host structure.
 Tests run all of this on a CPU by injecting a capturer (see :func:`recompute_capturer`).
 """
 from __future__ import annotations
@@ -36,11 +39,6 @@ Replay = Callable[[], None]
 Capturer = Callable[[Callable[..., torch.Tensor], Tensors], tuple[Replay, torch.Tensor]]
 
 ARG_NAMES = ("x", "timesteps", "context", "y")
-# transformer_options entries whose non-empty value changes what the forward computes (attention
-# and block patches: IP-Adapter, PAG, FreeU, attention couple...). They run per call in Python.
-PATCH_KEYS = ("patches", "patches_replace")
-# Set (True) by newer ComfyUI when weights are paged in per layer while the forward runs.
-STREAMED_WEIGHTS_KEY = "prefetch_dynamic_vbars"
 
 
 def _log_info(msg: str) -> None:
@@ -50,14 +48,17 @@ def _log_info(msg: str) -> None:
 # --------------------------------------------------------------------------------------------
 # does this call fit?
 # --------------------------------------------------------------------------------------------
-def unfit_reason(tensors: Tensors, control: Any = None, transformer_options: Optional[Mapping] = None,
-                 kwargs: Optional[Mapping] = None, other_wrappers: int = 0,
+def unfit_reason(tensors: Tensors, control: Any = None, patches: Optional[Mapping[str, Any]] = None,
+                 streamed: bool = False, kwargs: Optional[Mapping] = None, other_wrappers: int = 0,
                  require_cuda: bool = True) -> Optional[tuple[str, str]]:
     """``None`` when the call can take the fast path, else ``(code, why)``.
 
     ``code`` is a short stable tag (used to log each kind of fallback once), ``why`` a sentence.
-    ``tensors`` is (x, timesteps, context, y); ``other_wrappers`` counts the diffusion-model
-    wrappers other than the fast path's own (they would run Python per call).
+    ``tensors`` is (x, timesteps, context, y); ``patches`` maps where each non-empty table of
+    per-call patches sits (attention and block patches: IP-Adapter, PAG, FreeU ...) to its patch
+    names; ``streamed`` says the host pages the weights in per layer during the forward;
+    ``other_wrappers`` counts the diffusion-model wrappers other than the fast path's own (they
+    would run Python per call).
     """
     x = tensors[0]
     if not isinstance(x, torch.Tensor) or not isinstance(tensors[1], torch.Tensor):
@@ -73,12 +74,10 @@ def unfit_reason(tensors: Tensors, control: Any = None, transformer_options: Opt
             return "devices", f"{name} is on {t.device} but the latent is on {x.device}"
     if control is not None:
         return "control", "a ControlNet/T2I adapter adds residuals to this call"
-    opts = transformer_options or {}
-    for key in PATCH_KEYS:
-        if opts.get(key):
-            names = ", ".join(map(str, opts[key]))
-            return "patches", f"the model carries transformer_options['{key}'] patches ({names})"
-    if opts.get(STREAMED_WEIGHTS_KEY):
+    for where, names in (patches or {}).items():
+        if names:
+            return "patches", f"the model carries {where} patches ({', '.join(map(str, names))})"
+    if streamed:
         return "streamed", ("ComfyUI streams this model's weights in per layer (dynamic VRAM); start ComfyUI with "
                             "--highvram (or --disable-dynamic-vram) to keep them resident")
     if kwargs:
@@ -237,9 +236,9 @@ class _FastPath:
         return eager()
 
     def __call__(self, module: torch.nn.Module, tensors: Tensors, eager: Callable[[], torch.Tensor], forward: Forward,
-                 control: Any = None, transformer_options: Optional[Mapping] = None, kwargs: Optional[Mapping] = None,
-                 other_wrappers: int = 0) -> torch.Tensor:
-        reason = unfit_reason(tensors, control, transformer_options, kwargs, other_wrappers, self.require_cuda)
+                 control: Any = None, patches: Optional[Mapping[str, Any]] = None, streamed: bool = False,
+                 kwargs: Optional[Mapping] = None, other_wrappers: int = 0) -> torch.Tensor:
+        reason = unfit_reason(tensors, control, patches, streamed, kwargs, other_wrappers, self.require_cuda)
         if reason is not None:
             return self.fallback(*reason, eager)
         return self._run(module, tuple(tensors), eager, forward)

@@ -15,6 +15,7 @@ import comfy.sd
 import latent_preview
 import folder_paths
 
+from ..adapters import comfy_internals as internals
 from ..adapters import model as adapter
 from ..core import files, images
 from ..core.errors import ADDError
@@ -26,7 +27,7 @@ def _count_evals(model):
     """A clone of ``model`` counting UNet sample-evaluations (batch entries) in ``counter[0]``."""
     counter = [0]
     m = model.clone()
-    prev = m.model_options.get("model_function_wrapper")
+    prev = internals.unet_function_wrapper(m)
 
     def wrapper(apply_model, args):
         counter[0] += int(args["input"].shape[0])

@@ -19,10 +19,10 @@ import logging
 
 import torch
 
-import comfy.patcher_extension
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from comfy.patcher_extension import CallbacksMP, WrappersMP
 
+from ..adapters import comfy_internals as internals
 from ..core import fast_path as core
 from ..core.errors import ADDError
 
@@ -85,16 +85,6 @@ def runner_of(model):
     return getattr(wrappers[0], "runner", None) if wrappers else None
 
 
-def _without_diffusion_wrappers(transformer_options: dict) -> dict:
-    """A shallow copy whose wrapper table has no DIFFUSION_MODEL entry, so that calling the module's
-    forward with it runs the bare forward (not this wrapper again)."""
-    opts = dict(transformer_options)
-    wrappers = dict(opts.get("wrappers", {}))
-    wrappers.pop(WrappersMP.DIFFUSION_MODEL, None)
-    opts["wrappers"] = wrappers
-    return opts
-
-
 def make_wrapper(runner):
     """The DIFFUSION_MODEL wrapper: UNetModel.forward(x, timesteps, context, y, control, transformer_options)."""
 
@@ -106,11 +96,14 @@ def make_wrapper(runner):
         def forward(target, x_, t_, c_, y_):
             # .forward, not __call__: the outer call already ran the module's hooks once
             fn = target.forward if isinstance(target, torch.nn.Module) else target
-            return fn(x_, t_, c_, y_, None, _without_diffusion_wrappers(transformer_options))
+            # the bare forward: this wrapper (and any other diffusion-model wrapper) not again
+            return fn(x_, t_, c_, y_, None, internals.without_diffusion_model_wrappers(transformer_options))
 
-        others = len(comfy.patcher_extension.get_all_wrappers(WrappersMP.DIFFUSION_MODEL, transformer_options)) - 1
+        others = internals.diffusion_model_wrapper_count(transformer_options) - 1
         return runner(executor.class_obj, (x, timesteps, context, y), eager, forward, control=control,
-                      transformer_options=transformer_options, kwargs=kwargs, other_wrappers=max(others, 0))
+                      patches=internals.per_call_patches(transformer_options),
+                      streamed=internals.weights_streamed(transformer_options), kwargs=kwargs,
+                      other_wrappers=max(others, 0))
 
     add_fast_path.runner = runner
     return add_fast_path

@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..adapters import comfy_internals as internals
 from ..core.errors import ADDError
 
 log = logging.getLogger("comfyui-add")
@@ -221,17 +222,13 @@ strict_dumps = functools.partial(json.dumps, allow_nan=False)
 # ComfyUI server: events, queue state, routes (registered once, only when a server exists)
 # --------------------------------------------------------------------------------------------
 def _attach_server() -> None:
-    try:
-        from server import PromptServer
-    except ImportError:  # imported without ComfyUI's server (tests of the node layer in-process)
-        return
-    srv = getattr(PromptServer, "instance", None)
-    if srv is None:
+    srv = internals.prompt_server()
+    if srv is None:  # imported without ComfyUI's server (tests of the node layer in-process)
         return
     from aiohttp import web
 
     REGISTRY.notify = lambda job: srv.send_sync("add.job", job.to_json(history=False))
-    REGISTRY.busy = lambda: srv.prompt_queue.get_tasks_remaining() > 0
+    REGISTRY.busy = lambda: internals.tasks_remaining(srv) > 0
     routes = srv.routes
 
     def respond(data: Any, status: int = 200):

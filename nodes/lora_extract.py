@@ -18,12 +18,13 @@ from ..training import lora_extract
 from . import saving
 from .lora_match import _MODELSPEC_ARCH, _examples, _model_family
 from .lora_merge import MERGE_INFO_KEY
+from ..adapters import comfy_internals as internals
 from ..adapters.patched_weights import effective_weights
 
 
 def check_same_architecture(turbo, base, prefix="diffusion_model.") -> None:
     """Both models hold the same weights with the same shapes, checked both ways before any SVD."""
-    kt, kb = turbo.get_key_patches(prefix), base.get_key_patches(prefix)
+    kt, kb = internals.key_patches(turbo, prefix), internals.key_patches(base, prefix)
     only_t, only_b = sorted(set(kt) - set(kb)), sorted(set(kb) - set(kt))
     if only_t or only_b:
         side = (f"turbo_model has {len(only_t)} weights the base lacks (e.g. {_examples(only_t, 2)})" if only_t else
@@ -31,7 +32,7 @@ def check_same_architecture(turbo, base, prefix="diffusion_model.") -> None:
         raise ADDError(f"{side}: the two models differ in architecture, so a LoRA between them would be "
                              "meaningless. Connect the base checkpoint this turbo model was made from.")
     for k in sorted(kt):
-        st, sb = tuple(kt[k][0][0].shape), tuple(kb[k][0][0].shape)
+        st, sb = tuple(kt[k][0].shape), tuple(kb[k][0].shape)
         if st != sb:
             raise ADDError(f"{k}: turbo_model {st} vs base_model {sb}: the two models differ in architecture. "
                                  "Connect the base checkpoint this turbo model was made from.")
@@ -88,7 +89,7 @@ class ADDExtractLoRA:
         if not sd:
             raise ADDError("the two models have identical weights: nothing to extract (connect the turbo model and its base)")
         worst = sorted(errs.items(), key=lambda kv: -kv[1])[:3]
-        record = turbo_model.model_options.get(MERGE_INFO_KEY) or {}
+        record = internals.model_option(turbo_model, MERGE_INFO_KEY) or {}
         # The rank actually stored: a layer narrower than the requested rank keeps its full width.
         used = max((int(v.shape[0]) for k, v in sd.items() if k.endswith(".lora_down.weight")), default=0)
         md = {"ss_network_module": "networks.lora", "ss_network_dim": str(used), "ss_network_alpha": str(used),

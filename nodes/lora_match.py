@@ -17,6 +17,7 @@ import comfy.lora
 import comfy.lora_convert
 import folder_paths
 
+from ..adapters import comfy_internals as internals
 from ..core import lora_keys
 from ..core import files
 from ..core.errors import ADDError
@@ -41,13 +42,14 @@ def _expected_shape_problem(adapter, weight_shape) -> str | None:
     numel = 1
     for s in ws[1:]:
         numel *= s
-    if isinstance(adapter, tuple) and len(adapter) == 2 and adapter[0] == "diff":
-        ds = tuple(adapter[1][0].shape)
+    diff = internals.diff_patch_weight(adapter)
+    if diff is not None:
+        ds = tuple(diff.shape)
         return None if ds == ws else f"diff {ds}"
-    weights = getattr(adapter, "weights", None)
-    if getattr(adapter, "name", "") != "lora" or weights is None or weights[3] is not None or weights[5] is not None:
+    up_down = internals.lora_up_down(adapter, plain=True)
+    if up_down is None:
         return None  # other adapters (LoHa, LoKr, OFT, LoCon mid) check themselves
-    up, down = weights[0], weights[1]
+    up, down = up_down
     out_f, in_numel = int(up.shape[0]), int(down.flatten(1).shape[1])
     if ws and out_f == ws[0] and in_numel == numel and up.flatten(1).shape[1] == down.shape[0]:
         return None
@@ -98,11 +100,11 @@ class LoraMatch:
                 f"{name}: No key of this LoRA matches the model ({self.info.n_modules} modules, e.g. {_examples(self.unmatched)}). "
                 + hint + f"Expected module names like: {', '.join(expected)}. "
                 "Load a LoRA made for this model family (or connect the CLIP if it only holds text-encoder keys).")
-        corrupt = [f"{m}: up {tuple(a.weights[0].shape)} x down {tuple(a.weights[1].shape)}"
+        corrupt = [f"{m}: up {tuple(up.shape)} x down {tuple(down.shape)}"
                    for patches in (self.unet_patches, self.clip_patches) for m, a in patches.items()
-                   if getattr(a, "name", "") == "lora" and getattr(a, "weights", None) is not None
-                   and a.weights[0].ndim >= 2 and a.weights[1].ndim >= 1
-                   and int(a.weights[0].flatten(1).shape[1]) != int(a.weights[1].shape[0])]
+                   for up, down in [internals.lora_up_down(a, plain=False) or (None, None)]
+                   if up is not None and up.ndim >= 2 and down.ndim >= 1
+                   and int(up.flatten(1).shape[1]) != int(down.shape[0])]
         if corrupt:
             raise ADDError(
                 f"{name} is corrupt: in {len(corrupt)} modules the up and down matrices disagree on the rank, e.g. "

@@ -17,6 +17,7 @@ import folder_paths
 
 from ..core.errors import ADDError
 from .lora_match import LoraMatch, check_lora_values, check_strength, read_lora
+from ..adapters import comfy_internals as internals
 from ..adapters.patched_weights import weights_fingerprint, fused_module, patcher_around
 
 log = logging.getLogger(__name__)
@@ -102,14 +103,12 @@ def fuse_lora(model, clip, lora_sd, metadata, lora_name, strength_model, strengt
     if clip is not None and match.matched_clip:
         tmp_clip = clip.clone()
         tmp_clip.add_patches(match.clip_patches, strength_clip)
-        new_clip = clip.clone()
-        new_clip.cond_stage_model = fused_module(tmp_clip.patcher)
-        new_clip.patcher = patcher_around(tmp_clip.patcher, new_clip.cond_stage_model)
+        new_clip = internals.clip_like(clip, patcher_around(tmp_clip.patcher, fused_module(tmp_clip.patcher)))
         del tmp_clip
     if mode in ("eps", "lcm"):
         new_model = _with_sampling(new_model, mode)
 
-    record = dict(model.model_options.get(MERGE_INFO_KEY) or {})
+    record = dict(internals.model_option(model, MERGE_INFO_KEY) or {})
     if "base_fingerprint" not in record:
         record["base_fingerprint"] = weights_fingerprint(model)
         record["base_class"] = type(model.model.model_config).__name__
@@ -122,7 +121,7 @@ def fuse_lora(model, clip, lora_sd, metadata, lora_name, strength_model, strengt
     }]
     if mode != "none":
         record["sampling"] = mode
-    new_model.model_options[MERGE_INFO_KEY] = record
+    internals.set_model_option(new_model, MERGE_INFO_KEY, record)
     report = f"{lora_name}\n" + match.report(strength_model, strength_clip, mode)
     log.info("ADD LoRA merge:\n%s", report)
     return new_model, new_clip, report

@@ -16,6 +16,7 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
+from ..adapters import comfy_internals as internals
 from ..core.errors import ADDError
 from ..core import sampling as add_sampling
 from ..core import schedules
@@ -67,10 +68,10 @@ def build_sigmas(model, schedule: str, steps: int, denoise: float, custom: str) 
 def _sample_add_comfy(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
     """core.sampling.sample_add, re-noising with the model's own noise_scaling (every family).
 
-    ``model`` is ComfyUI's KSamplerX0Inpaint; its guider's inner_model is the BaseModel (the same
-    path k-diffusion's ``sample_lcm`` uses in ComfyUI).
+    ``model`` is ComfyUI's KSamplerX0Inpaint; the model_sampling is its BaseModel's (the same path
+    k-diffusion's ``sample_lcm`` uses in ComfyUI).
     """
-    ms = model.inner_model.inner_model.model_sampling
+    ms = internals.sampler_model_sampling(model)
     return add_sampling.sample_add(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
                                    renoise=lambda s, n, x0: ms.noise_scaling(s, n, x0), **options)
 
@@ -92,8 +93,7 @@ class PositiveOnlyGuider(comfy.samplers.CFGGuider):
         self.inner_set_conds({"positive": positive})
 
     def predict_noise(self, x, timestep, model_options=None, seed=None):
-        return comfy.samplers.sampling_function(self.inner_model, x, timestep, None, self.conds.get("positive", None),
-                                                1.0, model_options=model_options or {}, seed=seed)
+        return internals.guider_predict_positive(self, x, timestep, model_options, seed)
 
 
 class RCFGGuider(PositiveOnlyGuider):
@@ -111,23 +111,23 @@ class RCFGGuider(PositiveOnlyGuider):
 
     def predict_negative(self, x, timestep, model_options=None):
         """x0 of the negative prompt at (x, timestep): one model evaluation of x's rows."""
-        return comfy.samplers.calc_cond_batch(self.inner_model, [self.conds["negative"]], x, timestep, model_options or {})[0]
+        return internals.guider_predict_cond(self, "negative", x, timestep, model_options)
 
 
 def negative_fn(model, extra_args):
     """``uncond(x, sigma) -> x0`` for a sampler function running under an RCFGGuider (else None).
 
-    ``model`` is the KSamplerX0Inpaint ComfyUI hands to sampler functions; its inner_model is the guider.
+    ``model`` is the KSamplerX0Inpaint ComfyUI hands to sampler functions (it holds the guider).
     """
-    guider = getattr(model, "inner_model", None)
-    if not isinstance(guider, RCFGGuider) or "negative" not in guider.conds:
+    guider = internals.sampler_guider(model)
+    if not isinstance(guider, RCFGGuider) or not internals.guider_has_cond(guider, "negative"):
         return None
-    return lambda x, sigma: guider.predict_negative(x, sigma, extra_args.get("model_options", {}))
+    return lambda x, sigma: guider.predict_negative(x, sigma, internals.sampler_model_options(extra_args))
 
 
 def _sample_add_rcfg_comfy(model, x, sigmas, extra_args=None, callback=None, disable=None, rcfg=None, init_noise=None):
     """core.stream.sample_add_rcfg with the model's own noise_scaling and the guider's negative."""
-    ms = model.inner_model.inner_model.model_sampling
+    ms = internals.sampler_model_sampling(model)
     extra_args = {} if extra_args is None else extra_args
     return core_stream.sample_add_rcfg(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
                                        rcfg=rcfg, init_noise=init_noise, uncond=negative_fn(model, extra_args),

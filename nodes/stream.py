@@ -35,6 +35,7 @@ import comfy.sample
 import comfy.samplers
 import latent_preview
 
+from ..adapters import comfy_internals as internals
 from ..core import stream as core
 from ..core.errors import ADDError
 from ..training import image_folder as image_files
@@ -84,14 +85,10 @@ def workflow_key(prompt, extra_pnginfo) -> str:
 
 def _is_loaded(base) -> bool:
     """Whether ComfyUI's model management holds ``base`` (a BaseModel) as loaded."""
-    loaded = getattr(mm, "current_loaded_models", None)
+    loaded = internals.loaded_base_models()
     if loaded is None:  # a host without the list: rely on garbage collection alone
         return True
-    for lm in list(loaded):
-        patcher = lm.model
-        if patcher is not None and getattr(patcher, "model", None) is base:
-            return True
-    return False
+    return any(m is base for m in loaded)
 
 
 def prune_states() -> list[tuple]:
@@ -179,7 +176,7 @@ def _stream_sampler(model, x, sigmas, extra_args=None, callback=None, disable=No
     because the frames that leave a chunk are not those that entered it.
     """
     extra_args = {} if extra_args is None else extra_args
-    ms = model.inner_model.inner_model.model_sampling
+    ms = internals.sampler_model_sampling(model)
     stream: core.StreamBatch = ctx["stream"]
     stream.renoise = lambda s, n, x0: ms.noise_scaling(s, n, x0)
     emitted = core.run_frames(

@@ -22,6 +22,7 @@ import comfy.utils
 import folder_paths
 from comfy.taesd.taesd import TAESD
 
+from ..adapters import comfy_internals as internals
 from ..core import files
 from ..core import taesd as core
 
@@ -138,7 +139,7 @@ def _runner(vae, dtype: torch.dtype, memory: int) -> tuple[TAESD, torch.device, 
     if dtype != vae.vae_dtype or on_cpu:
         # The copy is kept on the VAE object (keyed by device/dtype/layout): making it costs more
         # than a whole TAESD decode on a GPU, and TAESD weights are never patched.
-        cache = vae.__dict__.setdefault("_add_tiny_runners", {})
+        cache = internals.plugin_state(vae, "_add_tiny_runners")
         key = (str(vae.device), dtype, fmt)
         if key not in cache:
             private = copy.deepcopy(model).to(device=vae.device, dtype=dtype, memory_format=fmt)

@@ -17,6 +17,7 @@ import torch
 import comfy.model_management
 import folder_paths
 
+from ..adapters import comfy_internals as internals
 from ..core import files
 from ..core import schedules
 from ..core.errors import ADDError
@@ -38,7 +39,7 @@ def turbo_metadata(model, title: str, steps: int, cfg: float, base_model_name: s
     """(safetensors metadata, extra keys) in the modelspec convention CheckpointSave writes."""
     import comfy.model_base
 
-    record = model.model_options.get(MERGE_INFO_KEY) or {}
+    record = internals.model_option(model, MERGE_INFO_KEY) or {}
     fam = record.get("family") or _model_family(model)[0]
     lcm = record.get("sampling") == "lcm" or any(l.get("lcm") for l in record.get("loras", []))
     md = {"modelspec.sai_model_spec": "1.0.0", "modelspec.implementation": "sgm", "modelspec.title": title}

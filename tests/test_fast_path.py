@@ -76,9 +76,9 @@ def _graph_runner(**kw):
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("case, code", [
     (dict(control={"input": [torch.zeros(1)]}), "control"),
-    (dict(transformer_options={"patches": {"attn2_patch": [print]}}), "patches"),
-    (dict(transformer_options={"patches_replace": {"attn1": {("input", 1): print}}}), "patches"),
-    (dict(transformer_options={"prefetch_dynamic_vbars": True}), "streamed"),
+    (dict(patches={"transformer_options['patches']": ["attn2_patch"]}), "patches"),
+    (dict(patches={"transformer_options['patches_replace']": ["attn1"]}), "patches"),
+    (dict(streamed=True), "streamed"),
     (dict(kwargs={"num_video_frames": 14}), "kwargs"),
     (dict(other_wrappers=1), "wrappers"),
 ])
@@ -88,7 +88,7 @@ def test_unfit_calls_name_their_reason(case, code):
         reason = fp.unfit_reason(tensors, require_cuda=False, **case)
         assert reason is not None and reason[0] == code and reason[1]
         # the same call without the offending part fits
-        assert fp.unfit_reason(tensors, require_cuda=False, transformer_options={"patches": {}, "uuids": [1]}) is None
+        assert fp.unfit_reason(tensors, require_cuda=False, patches={"transformer_options['patches']": []}) is None
 
 
 def test_cpu_tensors_grad_and_devices_do_not_fit():
