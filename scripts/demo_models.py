@@ -84,11 +84,11 @@ def example_frames(folder: Path, count: int = 8, size: int = 256) -> None:
         os.replace(tmp, path)
 
 
-def _example_image(path: Path) -> None:
+def _example_image(path: Path, size: int = 512) -> None:
     import numpy as np
     from PIL import Image
 
-    y, x = np.mgrid[0:512, 0:512]
+    y, x = np.mgrid[0:size, 0:size] * (512 / size)
     rgb = np.stack([x / 2, y / 2, (x + y) / 4], axis=-1).astype(np.uint8)
     tmp = path.with_name(path.name + ".partial.png")
     Image.fromarray(rgb).save(tmp)
@@ -96,13 +96,14 @@ def _example_image(path: Path) -> None:
 
 
 def prepare(real_models: list[Path], placeholder_root: Path, input_dir: Path, workflow_dir: Path = WORKFLOWS,
-            extra: tuple[Path, ...] = ()) -> list[str]:
+            extra: tuple[Path, ...] = (), image_size: int = 512) -> list[str]:
     """Link stand-ins for the files no real model folder has; returns the names stood in for.
 
     ``real_models``: model roots to look in first (each with checkpoints/, loras/, ...).
     ``placeholder_root``: where the links go (one sub-folder per model folder).
     ``input_dir``: ComfyUI's input folder (example images are generated there if missing; the
     frame folders of ADD Load Frames are not: the node places the plugin's shipped example clip).
+    ``image_size``: the side of those generated images (the tests use small ones: CPU time).
     """
     tiny = None
     stood_in = []
@@ -111,7 +112,7 @@ def prepare(real_models: list[Path], placeholder_root: Path, input_dir: Path, wo
             dst = Path(input_dir) / name
             if not dst.exists():
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                _example_image(dst)
+                _example_image(dst, image_size)
             continue
         link = placeholder_root / folder / name
         if any((Path(r) / folder / name).exists() for r in real_models):

@@ -21,6 +21,8 @@ def comfy_server(tmp_path_factory, tiny):
     home = tmp_path_factory.mktemp("server_home")
     link_models(home, tiny)
     # Stand-ins for the real names the shipped workflows use (sd_turbo.safetensors, ...).
-    prepare([], home / "models", home / "input", extra=tuple((ROOT / "tests" / "data").glob("*_ui.json")))
+    # img2img inputs at 128 px: the tiny UNet has the real width, and a 512 px image costs minutes on a CPU
+    prepare([], home / "models", home / "input", extra=tuple((ROOT / "tests" / "data").glob("*_ui.json")),
+            image_size=128)
     with running_server(home) as srv:
         yield srv
