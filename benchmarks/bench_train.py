@@ -255,6 +255,15 @@ def _add_case(case, model, cond, pooled, uncond, c_dim, lat, a, device, mem, rss
             "peak_iter": peak_it - base_it, "trainable_m": lora / 1e6}
 
 
+def _node_defaults(node) -> dict:
+    """{parameter of the V3 node's execute(): its schema default}, for the parameters that have one."""
+    import inspect
+
+    params = inspect.signature(node.execute).parameters
+    return {i.id: i.default for i in node.define_schema().inputs
+            if i.id in params and getattr(i, "default", None) is not None}
+
+
 def _core_case(model, core_pos, lat, a, device, mem, rss0) -> dict:
     import torch
 
@@ -289,6 +298,9 @@ def _core_case(model, core_pos, lat, a, device, mem, rss0) -> dict:
             "steps": [1 + a.iters], "learning_rate": [1e-4], "rank": [a.rank], "optimizer": ["AdamW"],
             "loss_function": ["MSE"], "seed": [0], "training_dtype": [dt], "lora_dtype": [dt],
             "algorithm": ["LoRA"], "gradient_checkpointing": [bool(a.ckpt)], "existing_lora": ["[None]"]}
+    # Inputs later ComfyUIs added (0.33: quantized_backward, checkpoint_depth, offloading, bucket_mode,
+    # bypass_mode) are required parameters of execute(): give them the node's own defaults.
+    args.update({k: [v] for k, v in _node_defaults(nodes_train.TrainLoraNode).items() if k not in args})
     t0 = time.perf_counter()
     try:
         with torch.inference_mode():  # ComfyUI executes nodes under inference mode

@@ -88,7 +88,16 @@ def build(family: str, dtype: torch.dtype | None = None, seed: int = 0, tiny: bo
         if init_device is None:
             init_device = load_device if torch.device(load_device).type == "cuda" else "cpu"
         init_module_(model.diffusion_model, seed, device=init_device)
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=mm.unet_offload_device())
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=mm.unet_offload_device())
+    # How to build this model again: ComfyUI >= 0.33 reloads a model through it where it needs a private
+    # copy (core TrainLoraNode's clone(force_deepcopy=True)); its loaders set it, in-memory models must too.
+    patcher.cached_patcher_init = (_rebuild, (family, dtype, seed, tiny, init_device))
+    return patcher
+
+
+def _rebuild(family, dtype, seed, tiny, init_device, disable_dynamic=False):
+    """``build`` again with the same arguments (the factory ComfyUI calls; this patcher is never dynamic)."""
+    return build(family, dtype=dtype, seed=seed, tiny=tiny, init_device=init_device)
 
 
 
