@@ -25,6 +25,13 @@ def loras_dir(comfy, tmp_path_factory):
     return d
 
 
+def deepcopy_network(net):
+    """copy.deepcopy of a ComfyUI BaseModel, its model config shared: from ComfyUI 0.33 the config answers
+    every missing attribute (``__deepcopy__``, ``__setstate__``) with None, which deepcopy cannot use."""
+    cfg = getattr(net, "model_config", None)
+    return copy.deepcopy(net, {id(cfg): cfg} if cfg is not None else None)
+
+
 def student_weights(lora: Path) -> dict[str, torch.Tensor]:
     """The full student's weights in the latest resumable state."""
     sdir = lora.with_suffix(".add-state")
@@ -63,7 +70,7 @@ def test_headless_full_run_saves_resumes_and_exports_a_comfy_lora(tiny, comfy, p
     n_params = len(list(teacher.parameters()))
     state = load_file(str(lora.with_suffix(".add-state") / "step_00000002" / "state.add-ckpt"))
     assert sum(1 for k in state if k.startswith("opt_g.state.") and k.endswith(".exp_avg")) == n_params
-    student = copy.deepcopy(teacher)
+    student = deepcopy_network(teacher)
     student.load_state_dict(student_sd)
     moved = max(float((p - q).abs().max()) for p, q in zip(student.parameters(), teacher.parameters()))
     assert moved > 1e-4  # every weight was trainable and training moved them
@@ -179,7 +186,7 @@ def test_the_full_student_of_a_half_precision_model_trains_fp32_master_weights(p
     so the full student is an fp32 copy that runs in fp32."""
     adapter = plugin("adapters.model")
     net = adapter.frozen_copy(sd15[0], torch.device("cpu"))
-    half = copy.deepcopy(net).to(torch.bfloat16)
+    half = deepcopy_network(net).to(torch.bfloat16)
     half.diffusion_model.dtype = torch.bfloat16  # as frozen_copy leaves a bf16 model
     student = adapter.trainable_copy(half)
     assert {p.dtype for p in student.parameters()} == {torch.float32}
