@@ -477,3 +477,29 @@ def plugin_state(obj, name: str, factory: Callable[[], Any] = dict):
     if name not in state:
         state[name] = factory()
     return state[name]
+
+
+def checkpoint_state_dict(model, clip, vae) -> dict:
+    """The tensors ``comfy.sd.save_checkpoint`` writes (the MODEL's patched weights, CLIP, VAE); the
+    caller has loaded them with ``force_patch_weights``.
+
+    From 0.33 ``ModelPatcher.state_dict_for_saving(clip, vae, clip_vision)`` builds the UNet part and
+    ``BaseModel.state_dict_for_saving`` takes that UNet dict first; before, the BaseModel's took
+    ``(clip, vae, clip_vision)``. Likewise a CLIP's ``state_dict_for_saving`` (0.33) over ``get_sd``."""
+    clip_sd = None
+    if clip is not None:
+        clip_sd = clip.state_dict_for_saving() if hasattr(clip, "state_dict_for_saving") else clip.get_sd()
+    vae_sd = vae.get_sd() if vae is not None else None
+    if hasattr(model, "state_dict_for_saving"):
+        return model.state_dict_for_saving(clip_sd, vae_sd, None)
+    return model.model.state_dict_for_saving(clip_sd, vae_sd, None)
+
+
+def host_noise_sampler(x: torch.Tensor, extra_args: Optional[dict]):
+    """The host's own noise draws for a sampler function (its ``default_noise_sampler`` with the
+    prompt's seed), so ADD sampling equals the host's LCM sampler draw for draw: from 0.33 the host
+    seeds CPU draws with seed + 1."""
+    import comfy.k_diffusion.sampling
+
+    return comfy.k_diffusion.sampling.default_noise_sampler(x, seed=(extra_args or {}).get("seed"))
+

@@ -105,7 +105,8 @@ def trainable_copy(network: torch.nn.Module) -> torch.nn.Module:
     import copy as copy_mod
 
     with torch.inference_mode(False):
-        student = copy_mod.deepcopy(network)
+        cfg = getattr(network, "model_config", None)  # shared, not copied: 0.33's __getattr__ breaks deepcopy
+        student = copy_mod.deepcopy(network, {id(cfg): cfg} if cfg is not None else None)
         if any(p.is_floating_point() and p.dtype != torch.float32 for p in student.parameters()):
             student.float()
             internals.set_compute_dtype_(student, torch.float32)

@@ -72,6 +72,8 @@ def _sample_add_comfy(model, x, sigmas, extra_args=None, callback=None, disable=
     k-diffusion's ``sample_lcm`` uses in ComfyUI).
     """
     ms = internals.sampler_model_sampling(model)
+    if options.get("noise_sampler") is None:  # the host's draws, as its own LCM sampler
+        options["noise_sampler"] = internals.host_noise_sampler(x, extra_args)
     return add_sampling.sample_add(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
                                    renoise=lambda s, n, x0: ms.noise_scaling(s, n, x0), **options)
 
@@ -131,6 +133,7 @@ def _sample_add_rcfg_comfy(model, x, sigmas, extra_args=None, callback=None, dis
     extra_args = {} if extra_args is None else extra_args
     return core_stream.sample_add_rcfg(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
                                        rcfg=rcfg, init_noise=init_noise, uncond=negative_fn(model, extra_args),
+                                       noise_sampler=internals.host_noise_sampler(x, extra_args),
                                        renoise=lambda s, n, x0: ms.noise_scaling(s, n, x0))
 
 

@@ -64,6 +64,10 @@ def save_safetensors(folder: str, prefix, exact: bool, tensors: Mapping[str, tor
     """
     root = os.path.abspath(folder)
     text = check_prefix(prefix, root, exact)
+    sub = os.path.dirname(os.path.normpath(text))
+    if sub:  # before ComfyUI's own check, which from 0.33 resolves links too but raises a bare Exception
+        files.resolve_inside(root, os.path.join(sub, "name"), "filename_prefix", example="my_turbo_model",
+                             contain_links=True)
     _out_dir, filename, counter, subfolder, _ = folder_paths.get_save_image_path(text, root)
     if not filename:
         raise ADDError(f"filename_prefix {str(prefix)[:80]!r} has no file name after its variables are "

@@ -176,7 +176,7 @@ def tiny_decode(vae, latent: torch.Tensor, chunk: int = 8, dtype: str = "auto") 
     def step(z):
         with torch.inference_mode():
             img = model.decode(z.to(device=device, dtype=dt).contiguous(memory_format=fmt)).float()
-        return vae.process_output(img).movedim(1, -1)
+            return vae.process_output(img).movedim(1, -1)  # in inference mode: in place from 0.33 (add_, clamp_)
 
     return run_chunked(step, latent, chunk, mm.intermediate_device())
 

@@ -117,14 +117,9 @@ class ADDSaveTurboCheckpoint:
 
 def checkpoint_state_dict(model, clip, vae, extra_keys: dict) -> dict:
     """The tensors ``comfy.sd.save_checkpoint`` writes (patched weights + CLIP + VAE), not yet on disk."""
-    load = [model]
-    clip_sd = None
-    if clip is not None:
-        load.append(clip.load_model())
-        clip_sd = clip.get_sd()
-    vae_sd = vae.get_sd() if vae is not None else None
+    load = [model] + ([clip.load_model()] if clip is not None else [])
     comfy.model_management.load_models_gpu(load, force_patch_weights=True)
-    sd = model.model.state_dict_for_saving(clip_sd, vae_sd, None)
+    sd = internals.checkpoint_state_dict(model, clip, vae)
     sd.update(extra_keys)
     nonfinite = files.nonfinite_keys(sd)
     if nonfinite:

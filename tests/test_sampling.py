@@ -88,7 +88,11 @@ def _reference(model, positive, latent, seed, timesteps, v_pred):
         y = model.model.encode_adm(pooled_output=positive[0][1]["pooled_output"], width=64, height=64)
     b = latent.shape[0]
     init = torch.randn(latent.shape, generator=torch.manual_seed(seed))  # comfy.sample.prepare_noise convention
-    step_noise = torch.Generator().manual_seed(seed)  # k-diffusion default_noise_sampler convention
+    # the host's k-diffusion default_noise_sampler (ComfyUI >= 0.33 seeds it with seed + 1 on the CPU, so
+    # that its draws differ from prepare_noise's)
+    import comfy.k_diffusion.sampling
+
+    step_noise = comfy.k_diffusion.sampling.default_noise_sampler(torch.zeros(latent.shape), seed=seed)
     img = latent * scale
     a0, s0 = abar[timesteps[0]].sqrt(), (1 - abar[timesteps[0]]).sqrt()
     x = init if timesteps[0] == 999 and not latent.any() else a0 * img + s0 * init
@@ -102,7 +106,7 @@ def _reference(model, positive, latent, seed, timesteps, v_pred):
             x0 = a * x - s * out if v_pred else (x - s * out) / a
             if i + 1 < len(timesteps):
                 tn = timesteps[i + 1]
-                x = abar[tn].sqrt() * x0 + (1 - abar[tn]).sqrt() * torch.randn(x.shape, generator=step_noise)
+                x = abar[tn].sqrt() * x0 + (1 - abar[tn]).sqrt() * step_noise(None, None)
             else:
                 x = x0
     return x / scale
