@@ -288,9 +288,9 @@ def _stand_in_runner(CF):
     return CF.GraphRunner(capture=CF.recompute_capturer, require_cuda=False, log=Log())
 
 
-def test_node_is_registered_with_tooltips(comfy):
-    cls = comfy.NODE_CLASS_MAPPINGS["ADDFastPath"]
-    assert comfy.NODE_DISPLAY_NAME_MAPPINGS["ADDFastPath"] == "ADD Fast Path"
+def test_node_is_registered_with_tooltips(host_nodes):
+    cls = host_nodes.NODE_CLASS_MAPPINGS["ADDFastPath"]
+    assert host_nodes.NODE_DISPLAY_NAME_MAPPINGS["ADDFastPath"] == "ADD Fast Path"
     assert cls.RETURN_TYPES == ("MODEL",) and cls.DESCRIPTION and cls.OUTPUT_TOOLTIPS
     spec = cls.INPUT_TYPES()["required"]
     assert set(spec["mode"][0]) == {"off", "cuda_graph", "torch_compile"}

@@ -18,11 +18,11 @@ def test_tiny_sd15_is_detected_as_sd15_by_comfyui(sd15):
     assert clip is not None
 
 
-def test_tiny_sd15_encodes_and_samples(comfy, sd15):
+def test_tiny_sd15_encodes_and_samples(host_nodes, sd15):
     model, clip, vae = sd15
     cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a cat"))
     assert cond[0][0].shape == (1, 77, 768)
-    (out,) = comfy.common_ksampler(model, 0, 1, 1.0, "euler", "simple", cond, cond, {"samples": torch.zeros(1, 4, 8, 8)})
+    (out,) = host_nodes.common_ksampler(model, 0, 1, 1.0, "euler", "simple", cond, cond, {"samples": torch.zeros(1, 4, 8, 8)})
     img = vae.decode(out["samples"])
     assert img.shape == (1, 64, 64, 3)
     assert torch.isfinite(img).all() and img.std() > 0

@@ -53,11 +53,11 @@ def test_cfg1_optimization_disabled_by_a_patch_still_runs_once(nodes_mod, sd15):
     torch.testing.assert_close(out, ref)
 
 
-def test_core_ksampler_at_cfg_above_1_evaluates_twice_as_much(comfy, sd15, nodes_mod):
+def test_core_ksampler_at_cfg_above_1_evaluates_twice_as_much(host_nodes, sd15, nodes_mod):
     model, positive = _family_from(sd15, 768)
     negative = [[torch.zeros_like(positive[0][0]), {}]]
     with count_unet_calls(model) as core_calls:
-        comfy.common_ksampler(model, 0, 2, 2.0, "euler_ancestral", "simple", positive, negative, _latent(batch=1))
+        host_nodes.common_ksampler(model, 0, 2, 2.0, "euler_ancestral", "simple", positive, negative, _latent(batch=1))
     with count_unet_calls(model) as add_calls:
         _ksample(nodes_mod, model, positive, _latent(batch=1), steps=2)
     assert sum(core_calls) == 2 * sum(add_calls)
@@ -277,11 +277,11 @@ def test_scheduler_node_errors_name_the_field(nodes_mod, sd15, schedule, custom,
         nodes_mod.ADDScheduler().get_sigmas(sd15[0], steps, schedule, custom, 1.0)
 
 
-def test_nodes_are_registered_with_tooltips(comfy):
+def test_nodes_are_registered_with_tooltips(host_nodes):
     for node_id in ("ADDScheduler", "ADDSampler", "ADDKSampler"):
-        cls = comfy.NODE_CLASS_MAPPINGS[node_id]
+        cls = host_nodes.NODE_CLASS_MAPPINGS[node_id]
         assert cls.CATEGORY == "ADD/sampling" and cls.DESCRIPTION and cls.OUTPUT_TOOLTIPS
         for spec in cls.INPUT_TYPES()["required"].values():
             assert spec[1].get("tooltip")
-    spec = comfy.NODE_CLASS_MAPPINGS["ADDKSampler"].INPUT_TYPES()["required"]
+    spec = host_nodes.NODE_CLASS_MAPPINGS["ADDKSampler"].INPUT_TYPES()["required"]
     assert "negative" not in spec and spec["steps"][1]["max"] == 4

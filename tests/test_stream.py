@@ -521,15 +521,15 @@ def test_load_frames_errors_name_the_problem(sn, comfy, folder, match):
         sn.ADDLoadFrames().load(folder, 0, 1, 0, 0, 0)
 
 
-def test_nodes_are_registered_with_tooltips(comfy):
+def test_nodes_are_registered_with_tooltips(host_nodes):
     for node_id in ("ADDStreamBatch", "ADDLoadFrames"):
-        cls = comfy.NODE_CLASS_MAPPINGS[node_id]
+        cls = host_nodes.NODE_CLASS_MAPPINGS[node_id]
         assert cls.DESCRIPTION and cls.OUTPUT_TOOLTIPS
         spec = cls.INPUT_TYPES()
         for section in ("required", "optional"):
             for name, s in spec.get(section, {}).items():
                 assert s[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
-    ks = comfy.NODE_CLASS_MAPPINGS["ADDKSampler"].INPUT_TYPES()
+    ks = host_nodes.NODE_CLASS_MAPPINGS["ADDKSampler"].INPUT_TYPES()
     assert list(ks["optional"]) == ["cfg_type", "guidance_scale", "delta", "negative"]
     assert all(s[1].get("tooltip") for s in ks["optional"].values())
 
