@@ -1,7 +1,8 @@
 """ComfyUI-ADD: Adversarial Diffusion Distillation (arXiv 2311.17042) for ComfyUI.
 
-At import: the node classes and the web folder are registered (nodes/__init__.py merges the node
-modules' mappings), and nodes/jobs.py (imported by nodes/train.py) makes the empty training-job
+At import: the node modules are imported (nodes/__init__.py lists them; ComfyUI then calls
+``comfy_entrypoint``, which hands it the node classes as one ``ComfyExtension``), the web folder is
+declared, and nodes/jobs.py (imported by nodes/train.py) makes the empty training-job
 registry and, when ComfyUI's PromptServer exists, adds the job routes to it (GET /add/jobs,
 GET /add/jobs/{id}, GET /add/jobs/{id}/preview.png, POST /add/jobs/{id}/cancel) and points the
 registry's page events and queue check at it. No model or file is read or written and no thread
@@ -21,7 +22,7 @@ State that outlives a prompt (for the life of the ComfyUI process unless said ot
   VAE object as ``_add_tiny_runners``, for as long as that VAE lives;
 - core/schedules.py: ``lcm_timesteps``, a memo of constant timestep tables.
 """
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # TRANSITION: comfy_entrypoint once all are moved
 
 WEB_DIRECTORY = "./web"
 

@@ -85,7 +85,7 @@ def measure(model, positive, negative, latent: dict, steps: int, repeats: int, c
     unet = model.model.diffusion_model
 
     def add_ks():
-        return ns.ADDKSampler().sample(model, positive, latent, 0, steps, "add_trailing", "", 1.0)
+        return ns.ADDKSampler.execute(model, positive, latent, 0, steps, "add_trailing", "", 1.0)
 
     seen = {}
 

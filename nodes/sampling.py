@@ -15,6 +15,7 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 import latent_preview
+from comfy_api.latest import io
 
 from ..adapters import comfy_internals as internals
 from ..core.errors import ADDError
@@ -38,16 +39,16 @@ _DENOISE_TOOLTIP = (
 )
 
 
-def _schedule_inputs() -> dict:
-    return {
-        "steps": ("INT", {"default": 1, "min": schedules.MIN_STEPS, "max": schedules.MAX_STEPS,
-                          "tooltip": "Model evaluations (1-4). Used by add_trailing and sdturbo_grid; custom lists set their own count."}),
-        "schedule": (list(schedules.PRESETS), {"default": "add_trailing", "tooltip": _PRESET_TOOLTIP}),
-        "custom": ("STRING", {"default": "999,499", "multiline": False,
-                              "tooltip": "For schedule=custom: timesteps 0-999, strictly decreasing (e.g. 999,499). "
-                                         "For schedule=stream_t_index: t_index_list, strictly increasing (e.g. 32,45)."}),
-        "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": _DENOISE_TOOLTIP}),
-    }
+def schedule_inputs() -> list:
+    return [
+        io.Int.Input("steps", default=1, min=schedules.MIN_STEPS, max=schedules.MAX_STEPS,
+                     tooltip="Model evaluations (1-4). Used by add_trailing and sdturbo_grid; custom lists set their own count."),
+        io.Combo.Input("schedule", options=list(schedules.PRESETS), default="add_trailing", tooltip=_PRESET_TOOLTIP),
+        io.String.Input("custom", default="999,499", multiline=False,
+                        tooltip="For schedule=custom: timesteps 0-999, strictly decreasing (e.g. 999,499). "
+                                "For schedule=stream_t_index: t_index_list, strictly increasing (e.g. 32,45)."),
+        io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01, tooltip=_DENOISE_TOOLTIP),
+    ]
 
 
 def model_t_max(model_sampling) -> int:
@@ -228,89 +229,93 @@ def add_sample(model, positive, latent: dict, seed: int, sigmas: torch.Tensor, n
     return result
 
 
-def rcfg_inputs(default_type: str = "none") -> dict:
+def rcfg_inputs(default_type: str = "none", optional: bool = False) -> list:
     """The residual-CFG widgets (shared by ADD KSampler and ADD Stream Batch)."""
-    return {
-        "cfg_type": (list(core_stream.CFG_TYPES), {"default": default_type, "tooltip":
+    return [
+        io.Combo.Input("cfg_type", options=list(core_stream.CFG_TYPES), default=default_type, optional=optional, tooltip=
             "Guidance for models that gain from a little (LCM-LoRA merges). none: no guidance, one evaluation per step "
             "(SD-Turbo / ADD models). self: residual CFG, the input noise acts as the negative, no extra evaluation. "
             "initialize: residual CFG started by one negative-prompt evaluation per image (needs 'negative'). "
-            "full: ordinary CFG with 'negative', two evaluations per step."}),
-        "guidance_scale": ("FLOAT", {"default": 1.2, "min": 1.0, "max": 20.0, "step": 0.05, "tooltip":
-            "Guidance strength for cfg_type self/initialize/full; 1 = none. StreamDiffusion uses 1.2 (residual) to ~1.5."}),
-        "delta": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 5.0, "step": 0.05, "tooltip":
+            "full: ordinary CFG with 'negative', two evaluations per step."),
+        io.Float.Input("guidance_scale", default=1.2, min=1.0, max=20.0, step=0.05, optional=optional, tooltip=
+            "Guidance strength for cfg_type self/initialize/full; 1 = none. StreamDiffusion uses 1.2 (residual) to ~1.5."),
+        io.Float.Input("delta", default=1.0, min=0.0, max=5.0, step=0.05, optional=optional, tooltip=
             "Residual CFG only: scales the virtual negative's noise (StreamDiffusion's delta). Lower = weaker push away "
-            "from the input."}),
-    }
+            "from the input."),
+    ]
 
 
-_NEGATIVE = ("CONDITIONING", {"tooltip": "Negative prompt, used only by cfg_type initialize and full."})
+def negative_input() -> io.Conditioning.Input:
+    return io.Conditioning.Input("negative", optional=True,
+                                 tooltip="Negative prompt, used only by cfg_type initialize and full.")
 
 
-class ADDScheduler:
-    DESCRIPTION = ("ADD / SD-Turbo timesteps as SIGMAS from the model's own noise schedule (works for eps and "
-                   "v-prediction, SD1.5/2.x/XL). Plug into SamplerCustom / SamplerCustomAdvanced with ADD Sampler.")
-    RETURN_TYPES = ("SIGMAS",)
-    OUTPUT_TOOLTIPS = ("One sigma per step plus a final 0.",)
-    FUNCTION = "get_sigmas"
-    CATEGORY = CATEGORY
+class ADDScheduler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ADDScheduler", display_name="ADD Scheduler", category=CATEGORY,
+            description=("ADD / SD-Turbo timesteps as SIGMAS from the model's own noise schedule (works for eps and "
+                         "v-prediction, SD1.5/2.x/XL). Plug into SamplerCustom / SamplerCustomAdvanced with ADD Sampler."),
+            inputs=[io.Model.Input("model", tooltip="The model whose noise schedule turns timesteps into sigmas."),
+                    *schedule_inputs()],
+            outputs=[io.Sigmas.Output(tooltip="One sigma per step plus a final 0.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL", {"tooltip": "The model whose noise schedule turns timesteps into sigmas."}),
-                             **_schedule_inputs()}}
-
-    def get_sigmas(self, model, steps, schedule, custom, denoise):
-        return (build_sigmas(model, schedule, steps, denoise, custom),)
+    def execute(cls, model, steps, schedule, custom, denoise) -> io.NodeOutput:
+        return io.NodeOutput(build_sigmas(model, schedule, steps, denoise, custom))
 
 
-class ADDSampler:
-    DESCRIPTION = ("ADD sampler: predict x0, re-noise to the next sigma with fresh noise (ADD / LCM update). "
-                   "Use with ADD Scheduler in SamplerCustom (cfg 1) or SamplerCustomAdvanced (BasicGuider).")
-    RETURN_TYPES = ("SAMPLER",)
-    OUTPUT_TOOLTIPS = ("A sampler for SamplerCustom / SamplerCustomAdvanced.",)
-    FUNCTION = "get_sampler"
-    CATEGORY = CATEGORY
+class ADDSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ADDSampler", display_name="ADD Sampler", category=CATEGORY,
+            description=("ADD sampler: predict x0, re-noise to the next sigma with fresh noise (ADD / LCM update). "
+                         "Use with ADD Scheduler in SamplerCustom (cfg 1) or SamplerCustomAdvanced (BasicGuider)."),
+            inputs=[io.Float.Input(
+                "noise_strength", default=1.0, min=0.0, max=1.0, step=0.01,
+                tooltip="Fresh noise between steps. 1 = ADD/LCM (all fresh); lower keeps part of the model's own noise "
+                        "estimate (variance preserved); 0 = deterministic.")],
+            outputs=[io.Sampler.Output(tooltip="A sampler for SamplerCustom / SamplerCustomAdvanced.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"noise_strength": ("FLOAT", {
-            "default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-            "tooltip": "Fresh noise between steps. 1 = ADD/LCM (all fresh); lower keeps part of the model's own noise "
-                       "estimate (variance preserved); 0 = deterministic."})}}
-
-    def get_sampler(self, noise_strength):
-        return (make_sampler(noise_strength),)
+    def execute(cls, noise_strength) -> io.NodeOutput:
+        return io.NodeOutput(make_sampler(noise_strength))
 
 
-class ADDKSampler:
-    DESCRIPTION = ("All-in-one ADD sampling (SD-Turbo, SDXL-Turbo, your ADD-trained models): 1-4 steps, no CFG, "
-                   "one model evaluation per step. txt2img with an empty latent, img2img with an encoded image and denoise < 1. "
-                   "Optional residual CFG (cfg_type) for LCM-LoRA models that gain from a little guidance.")
-    RETURN_TYPES = ("LATENT",)
-    OUTPUT_TOOLTIPS = ("The denoised latent.",)
-    FUNCTION = "sample"
-    CATEGORY = CATEGORY
+class ADDKSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ADDKSampler", display_name="ADD KSampler", category=CATEGORY,
+            description=("All-in-one ADD sampling (SD-Turbo, SDXL-Turbo, your ADD-trained models): 1-4 steps, no CFG, "
+                         "one model evaluation per step. txt2img with an empty latent, img2img with an encoded image and "
+                         "denoise < 1. Optional residual CFG (cfg_type) for LCM-LoRA models that gain from a little "
+                         "guidance."),
+            inputs=[
+                io.Model.Input("model", tooltip="An ADD-distilled model (e.g. sd_turbo, sdxl_turbo)."),
+                io.Conditioning.Input("positive", tooltip="The prompt. ADD models run without CFG (cfg_type none)."),
+                io.Latent.Input("latent_image", tooltip="Empty latent for txt2img, or a VAE-encoded image for img2img."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
+                             tooltip="Noise seed (same noise as core KSampler for the same seed)."),
+                *schedule_inputs(),
+                *rcfg_inputs("none", optional=True),
+                negative_input(),
+            ],
+            outputs=[io.Latent.Output(tooltip="The denoised latent.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "An ADD-distilled model (e.g. sd_turbo, sdxl_turbo)."}),
-            "positive": ("CONDITIONING", {"tooltip": "The prompt. ADD models run without CFG (cfg_type none)."}),
-            "latent_image": ("LATENT", {"tooltip": "Empty latent for txt2img, or a VAE-encoded image for img2img."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
-                             "tooltip": "Noise seed (same noise as core KSampler for the same seed)."}),
-            **_schedule_inputs(),
-        }, "optional": {**rcfg_inputs("none"), "negative": _NEGATIVE}}
-
-    def sample(self, model, positive, latent_image, seed, steps, schedule, custom, denoise,
-               cfg_type="none", guidance_scale=1.2, delta=1.0, negative=None):
+    def execute(cls, model, positive, latent_image, seed, steps, schedule, custom, denoise,
+                cfg_type="none", guidance_scale=1.2, delta=1.0, negative=None) -> io.NodeOutput:
         sigmas = build_sigmas(model, schedule, steps, denoise, custom)
         if cfg_type == "none":  # the plain ADD path, exactly as before the option existed
-            return (add_sample(model, positive, latent_image, seed, sigmas),)
+            return io.NodeOutput(add_sample(model, positive, latent_image, seed, sigmas))
         rcfg = check_rcfg(cfg_type, guidance_scale, delta, negative)
-        return (add_sample(model, positive, latent_image, seed, sigmas, rcfg=rcfg, negative=negative),)
+        return io.NodeOutput(add_sample(model, positive, latent_image, seed, sigmas, rcfg=rcfg, negative=negative))
 
 
-NODE_CLASS_MAPPINGS = {"ADDScheduler": ADDScheduler, "ADDSampler": ADDSampler, "ADDKSampler": ADDKSampler}
-NODE_DISPLAY_NAME_MAPPINGS = {"ADDScheduler": "ADD Scheduler", "ADDSampler": "ADD Sampler", "ADDKSampler": "ADD KSampler"}
+NODES = [ADDScheduler, ADDSampler, ADDKSampler]

@@ -34,6 +34,7 @@ import comfy.model_management as mm
 import comfy.sample
 import comfy.samplers
 import latent_preview
+from comfy_api.latest import io
 
 from ..adapters import comfy_internals as internals
 from ..core import stream as core
@@ -313,74 +314,77 @@ def run_stream(model, positive, latent: dict, sigmas: torch.Tensor, opts: Stream
 # ------------------------------------------------------------------------------------------
 # nodes
 # ------------------------------------------------------------------------------------------
-def _stream_schedule_inputs() -> dict:
-    sched = add_nodes._schedule_inputs()
-    for name, default in (("steps", 2), ("schedule", "stream_t_index"), ("custom", "32,45")):
-        sched[name] = (sched[name][0], {**sched[name][1], "default": default})
-    return sched
+def _stream_schedule_inputs() -> list:
+    defaults = {"steps": 2, "schedule": "stream_t_index", "custom": "32,45"}
+    inputs = add_nodes.schedule_inputs()
+    for i in inputs:
+        i.default = defaults.get(i.id, i.default)
+    return inputs
 
 
-class ADDStreamBatch:
-    DESCRIPTION = ("StreamDiffusion's ideas on ComfyUI's sampler: the denoising steps of consecutive frames run as one "
-                   "batched model call (an n-step schedule costs one call per frame instead of n), optional residual CFG "
-                   "and a stochastic similarity filter; frames come out in order. mode=live keeps the stream between "
-                   "queue runs (Auto Queue, webcam-like input). Takes any MODEL (LoRAs, patches, fast-path models).")
-    RETURN_TYPES = ("LATENT", "STRING")
-    RETURN_NAMES = ("frames", "report")
-    OUTPUT_TOOLTIPS = ("One output latent per input frame, in order.",
-                       "Model calls, rows evaluated, frames skipped by the similarity filter, state of the stream.")
-    FUNCTION = "stream"
-    CATEGORY = CATEGORY
-
+class ADDStreamBatch(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "A 1-4 step model (SD-Turbo, SDXL-Turbo, ADD- or LCM-LoRA-merged), "
-                                               "with any patches; SD1.5, SD2.x and SDXL families."}),
-                "positive": ("CONDITIONING", {"tooltip": "The prompt for every frame."}),
-                "latent_image": ("LATENT", {"tooltip": "The frames as a latent batch (ADD TinyVAE Encode of an IMAGE batch, "
-                                                       "e.g. ADD Load Frames), or an empty latent batch for a txt2img stream."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff,
-                                 "tooltip": "Seed of the noise (see 'noise') and of the similarity filter's draws."}),
-                **_stream_schedule_inputs(),
-                "noise": (list(core.NOISE_MODES), {"default": "fixed", "tooltip":
-                    "fixed: the same noise for every frame at a step (StreamDiffusion; steady video). per_frame: new noise "
-                    "for every frame (txt2img streams, where fixed noise would repeat one image)."}),
-                "frame_buffer_size": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip":
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ADDStreamBatch", display_name="ADD Stream Batch", category=CATEGORY,
+            description=("StreamDiffusion's ideas on ComfyUI's sampler: the denoising steps of consecutive frames run as "
+                         "one batched model call (an n-step schedule costs one call per frame instead of n), optional "
+                         "residual CFG and a stochastic similarity filter; frames come out in order. mode=live keeps the "
+                         "stream between queue runs (Auto Queue, webcam-like input). Takes any MODEL (LoRAs, patches, "
+                         "fast-path models)."),
+            inputs=[
+                io.Model.Input("model", tooltip="A 1-4 step model (SD-Turbo, SDXL-Turbo, ADD- or LCM-LoRA-merged), "
+                                                "with any patches; SD1.5, SD2.x and SDXL families."),
+                io.Conditioning.Input("positive", tooltip="The prompt for every frame."),
+                io.Latent.Input("latent_image", tooltip="The frames as a latent batch (ADD TinyVAE Encode of an IMAGE "
+                                                        "batch, e.g. ADD Load Frames), or an empty latent batch for a "
+                                                        "txt2img stream."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff,
+                             tooltip="Seed of the noise (see 'noise') and of the similarity filter's draws."),
+                *_stream_schedule_inputs(),
+                io.Combo.Input("noise", options=list(core.NOISE_MODES), default="fixed", tooltip=
+                    "fixed: the same noise for every frame at a step (StreamDiffusion; steady video). per_frame: new "
+                    "noise for every frame (txt2img streams, where fixed noise would repeat one image)."),
+                io.Int.Input("frame_buffer_size", default=1, min=1, max=16, tooltip=
                     "Frames entering the stream per model call (StreamDiffusion's frame_buffer_size): each call then "
-                    "evaluates steps x this many rows. Raise it for throughput on a GPU."}),
-                "mode": (list(MODES), {"default": "batch", "tooltip":
-                    "batch: the frames of this run are processed completely (the pipeline is flushed; output i = frame i). "
-                    "live: the stream continues across queue runs (Auto Queue): frames in flight stay, each frame in gives "
-                    "one frame out, n-1 frames behind (during warm-up: the first frame at fewer steps)."}),
-                "denoising_batch": ("BOOLEAN", {"default": True, "tooltip":
+                    "evaluates steps x this many rows. Raise it for throughput on a GPU."),
+                io.Combo.Input("mode", options=list(MODES), default="batch", tooltip=
+                    "batch: the frames of this run are processed completely (the pipeline is flushed; output i = frame "
+                    "i). live: the stream continues across queue runs (Auto Queue): frames in flight stay, each frame "
+                    "in gives one frame out, n-1 frames behind (during warm-up: the first frame at fewer steps)."),
+                io.Boolean.Input("denoising_batch", default=True, tooltip=
                     "On: stream batch (one batched call advances every frame in flight). Off: each frame runs its steps "
-                    "one call after another (plain per-frame ADD sampling with the same noise, for comparison)."}),
-                **add_nodes.rcfg_inputs("none"),
-                "similarity_filter": ("BOOLEAN", {"default": False, "tooltip":
-                    "Skip the model for a frame nearly equal to the last processed one and repeat the previous output."}),
-                "similarity_threshold": ("FLOAT", {"default": 0.98, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip":
-                    "Cosine similarity (of the input latents) above which skipping starts; the skip probability rises to 1 "
-                    "at identical frames. 1.0 = skip only identical frames."}),
-                "max_skip_frames": ("INT", {"default": 10, "min": 0, "max": 1000, "tooltip":
-                    "At most this many frames in a row are skipped; the next one is processed."}),
-                "stream_id": ("STRING", {"default": "", "tooltip":
-                    "Name of the stream's state (live mode). Two nodes or workflows never share a state; a new name starts "
-                    "a new stream."}),
-            },
-            "optional": {"negative": add_nodes._NEGATIVE},
-            "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
-        }
+                    "one call after another (plain per-frame ADD sampling with the same noise, for comparison)."),
+                *add_nodes.rcfg_inputs("none"),
+                io.Boolean.Input("similarity_filter", default=False, tooltip=
+                    "Skip the model for a frame nearly equal to the last processed one and repeat the previous output."),
+                io.Float.Input("similarity_threshold", default=0.98, min=0.0, max=1.0, step=0.001, tooltip=
+                    "Cosine similarity (of the input latents) above which skipping starts; the skip probability rises "
+                    "to 1 at identical frames. 1.0 = skip only identical frames."),
+                io.Int.Input("max_skip_frames", default=10, min=0, max=1000, tooltip=
+                    "At most this many frames in a row are skipped; the next one is processed."),
+                io.String.Input("stream_id", default="", tooltip=
+                    "Name of the stream's state (live mode). Two nodes or workflows never share a state; a new name "
+                    "starts a new stream."),
+                add_nodes.negative_input(),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="frames", tooltip="One output latent per input frame, in order."),
+                io.String.Output(display_name="report", tooltip="Model calls, rows evaluated, frames skipped by the "
+                                                                "similarity filter, state of the stream."),
+            ],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt, io.Hidden.extra_pnginfo],
+        )
 
     @classmethod
-    def IS_CHANGED(cls, mode="batch", **_):
+    def fingerprint_inputs(cls, mode="batch", **_):
         # live: run on every queue (the stream advances even when its inputs did not change)
         return float("nan") if mode == "live" else ""
 
-    def stream(self, model, positive, latent_image, seed, steps, schedule, custom, denoise, noise, frame_buffer_size, mode,
-               denoising_batch, cfg_type, guidance_scale, delta, similarity_filter, similarity_threshold, max_skip_frames,
-               stream_id, negative=None, unique_id=None, prompt=None, extra_pnginfo=None):
+    @classmethod
+    def execute(cls, model, positive, latent_image, seed, steps, schedule, custom, denoise, noise, frame_buffer_size,
+                mode, denoising_batch, cfg_type, guidance_scale, delta, similarity_filter, similarity_threshold,
+                max_skip_frames, stream_id, negative=None) -> io.NodeOutput:
         if mode not in MODES:
             raise ADDError(f"mode={mode!r} is unknown; choose batch or live.")
         rcfg = add_nodes.check_rcfg(cfg_type, guidance_scale, delta, negative)
@@ -390,55 +394,57 @@ class ADDStreamBatch:
         core.frame_noise(0, 0, 0, (1,), opts.noise)
         core.SimilarityFilter(opts.similarity_threshold, opts.max_skip_frames)
         sigmas = add_nodes.build_sigmas(model, schedule, steps, denoise, custom)
+        hidden = cls.hidden  # set by ComfyUI for each run; None when the node is called outside a prompt
+        prompt, extra_pnginfo, unique_id = ((hidden.prompt, hidden.extra_pnginfo, hidden.unique_id)
+                                            if hidden is not None else (None, None, None))
         key = (workflow_key(prompt, extra_pnginfo), str(unique_id), str(stream_id))
         latent, report, _ = run_stream(model, positive, latent_image, sigmas, opts, key, negative)
-        return {"ui": {"text": [report]}, "result": (latent, report)}
+        return io.NodeOutput(latent, report, ui={"text": [report]})
 
 
-class ADDLoadFrames:
-    DESCRIPTION = ("Loads a folder of images from ComfyUI's input folder as one IMAGE batch (video frames), in natural "
-                   "file-name order. For a video file, core Load Video + Get Video Components give the same IMAGE batch.")
-    RETURN_TYPES = ("IMAGE", "INT")
-    RETURN_NAMES = ("frames", "frame_count")
-    OUTPUT_TOOLTIPS = ("The frames, in order.", "How many frames were loaded.")
-    FUNCTION = "load"
-    CATEGORY = CATEGORY
+class ADDLoadFrames(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ADDLoadFrames", display_name="ADD Load Frames", category=CATEGORY,
+            description=("Loads a folder of images from ComfyUI's input folder as one IMAGE batch (video frames), in "
+                         "natural file-name order. For a video file, core Load Video + Get Video Components give the "
+                         "same IMAGE batch."),
+            inputs=[
+                io.String.Input("folder", default="add_stream_frames", tooltip=
+                    "A folder inside ComfyUI's input folder holding the frames (png/jpg/webp/bmp/tif), sub-folders "
+                    "with '/'; symbolic links in it are followed. add_stream_frames is a short example clip that comes "
+                    "with the plugin: it is copied there on first use if that folder does not exist (an existing one "
+                    "is never touched)."),
+                io.Int.Input("start", default=0, min=0, max=1_000_000, tooltip="Index of the first frame to load."),
+                io.Int.Input("every_nth", default=1, min=1, max=1000, tooltip="Load every n-th frame (1 = all)."),
+                io.Int.Input("max_frames", default=0, min=0, max=100_000, tooltip="At most this many frames (0 = all)."),
+                io.Int.Input("width", default=0, min=0, max=8192, step=8, tooltip=
+                    "Resize (cover and centre-crop) every frame to width x height; 0 keeps the size (all frames must "
+                    "match). The batch takes frames x width x height x 12 bytes of memory; a batch larger than the "
+                    "free memory is refused before loading."),
+                io.Int.Input("height", default=0, min=0, max=8192, step=8, tooltip="See width; both must be set to resize."),
+            ],
+            outputs=[io.Image.Output(display_name="frames", tooltip="The frames, in order."),
+                     io.Int.Output(display_name="frame_count", tooltip="How many frames were loaded.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "folder": ("STRING", {"default": "add_stream_frames", "tooltip":
-                "A folder inside ComfyUI's input folder holding the frames (png/jpg/webp/bmp/tif), sub-folders with "
-                "'/'; symbolic links in it are followed. add_stream_frames is a short example clip that comes with the "
-                "plugin: it is copied there on first use if that folder does not exist (an existing one is never "
-                "touched)."}),
-            "start": ("INT", {"default": 0, "min": 0, "max": 1_000_000, "tooltip": "Index of the first frame to load."}),
-            "every_nth": ("INT", {"default": 1, "min": 1, "max": 1000, "tooltip": "Load every n-th frame (1 = all)."}),
-            "max_frames": ("INT", {"default": 0, "min": 0, "max": 100_000, "tooltip": "At most this many frames (0 = all)."}),
-            "width": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8, "tooltip":
-                "Resize (cover and centre-crop) every frame to width x height; 0 keeps the size (all frames must match). "
-                "The batch takes frames x width x height x 12 bytes of memory; a batch larger than the free memory is "
-                "refused before loading."}),
-            "height": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8, "tooltip":
-                "See width; both must be set to resize."}),
-        }}
-
-    @classmethod
-    def IS_CHANGED(cls, folder, start=0, every_nth=1, max_frames=0, **_):
+    def fingerprint_inputs(cls, folder, start=0, every_nth=1, max_frames=0, **_):
         try:
             root, names = frame_files(folder, start, every_nth, max_frames)
         except ADDError:
-            return ""  # load() raises the error with its message
+            return ""  # execute() raises the error with its message
         return image_files.files_signature(root, names)
 
-    def load(self, folder, start, every_nth, max_frames, width, height):
+    @classmethod
+    def execute(cls, folder, start, every_nth, max_frames, width, height) -> io.NodeOutput:
         if bool(width) != bool(height):
             raise ADDError(f"width={width}, height={height}: set both to resize the frames, or both to 0 to keep their size.")
         root, names = frame_files(folder, start, every_nth, max_frames, place_examples=True)
         free = int(mm.get_free_memory(torch.device("cpu")))  # system memory, as ComfyUI's model management sees it
         frames = load_frames(root, names, width, height, label=f"folder {str(folder).strip()!r}", available=free)
-        return (frames, int(frames.shape[0]))
+        return io.NodeOutput(frames, int(frames.shape[0]))
 
 
-NODE_CLASS_MAPPINGS = {"ADDStreamBatch": ADDStreamBatch, "ADDLoadFrames": ADDLoadFrames}
-NODE_DISPLAY_NAME_MAPPINGS = {"ADDStreamBatch": "ADD Stream Batch", "ADDLoadFrames": "ADD Load Frames"}
+NODES = [ADDStreamBatch, ADDLoadFrames]

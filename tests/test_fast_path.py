@@ -276,7 +276,7 @@ def _positive(ctx_dim=768, pooled=False, seed=11):
 
 def _sample(S, model, positive, batch=2, steps=1, seed=5):
     latent = {"samples": torch.zeros(batch, 4, H, W)}
-    return S.ADDKSampler().sample(model, positive, latent, seed, steps, "add_trailing", "", 1.0)[0]["samples"]
+    return S.ADDKSampler.execute(model, positive, latent, seed, steps, "add_trailing", "", 1.0)[0]["samples"]
 
 
 def _on_cpu(model) -> bool:

@@ -320,7 +320,7 @@ def test_saved_timesteps_are_what_add_scheduler_samples(turbo_ckpt, plugin, sd15
     path = os.path.join(folder_paths.get_output_directory(), "lora_steps", f"turbo_{steps}.safetensors")
     md = safe_open(path, "pt").metadata()
     assert md["add.sampling"] == "eps" and md["add.recommended_steps"] == str(steps)
-    sigmas = plugin("nodes.sampling").ADDScheduler().get_sigmas(model, steps, "add_trailing", "", 1.0)[0]
+    sigmas = plugin("nodes.sampling").ADDScheduler.execute(model, steps, "add_trailing", "", 1.0)[0]
     sampled = [int(round(float(t))) for t in model.get_model_object("model_sampling").timestep(sigmas[:-1])]
     assert json.loads(md["add.recommended_timesteps"]) == sampled
     if steps == 3:

@@ -28,7 +28,7 @@ def _latent(batch=1, seed=None, channels=4):
 
 
 def _ksample(nodes_mod, model, positive, latent, seed=0, steps=1, schedule="add_trailing", custom="999,499", denoise=1.0):
-    return nodes_mod.ADDKSampler().sample(model, positive, latent, seed, steps, schedule, custom, denoise)[0]["samples"]
+    return nodes_mod.ADDKSampler.execute(model, positive, latent, seed, steps, schedule, custom, denoise)[0]["samples"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -161,8 +161,8 @@ def test_add_sampler_in_core_sampler_custom_equals_add_ksampler(comfy, nodes_mod
 
     model, positive = _family_from(sd15, 768)
     latent = _latent(2, seed=9 if denoise < 1 else None)
-    sigmas = nodes_mod.ADDScheduler().get_sigmas(model, steps, schedule, "32,45", denoise)[0]
-    sampler = nodes_mod.ADDSampler().get_sampler(1.0)[0]
+    sigmas = nodes_mod.ADDScheduler.execute(model, steps, schedule, "32,45", denoise)[0]
+    sampler = nodes_mod.ADDSampler.execute(1.0)[0]
     core = SamplerCustom.execute(model, True, 77, 1.0, positive, positive, sampler, sigmas, latent)
     core_out = (core.result if hasattr(core, "result") else core)[0]["samples"]
     ours = _ksample(nodes_mod, model, positive, latent, seed=77, steps=steps, schedule=schedule, custom="32,45", denoise=denoise)
@@ -175,9 +175,9 @@ def test_add_sampler_equals_core_lcm_sampler_at_full_noise_strength(comfy, nodes
     from comfy_extras.nodes_custom_sampler import SamplerCustom
 
     model, positive = _family_from(sd15, 768)
-    sigmas = nodes_mod.ADDScheduler().get_sigmas(model, 4, "add_trailing", "", 1.0)[0]
+    sigmas = nodes_mod.ADDScheduler.execute(model, 4, "add_trailing", "", 1.0)[0]
     outs = []
-    for sampler in (nodes_mod.ADDSampler().get_sampler(1.0)[0], comfy.samplers.sampler_object("lcm")):
+    for sampler in (nodes_mod.ADDSampler.execute(1.0)[0], comfy.samplers.sampler_object("lcm")):
         r = SamplerCustom.execute(model, True, 5, 1.0, positive, positive, sampler, sigmas, _latent(1))
         outs.append((r.result if hasattr(r, "result") else r)[0]["samples"])
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-6)
@@ -189,8 +189,8 @@ def test_noise_strength_changes_the_result_but_not_the_first_step(comfy, nodes_m
     model, positive = _family_from(sd15, 768)
     outs = []
     for eta, steps in ((1.0, 2), (0.0, 2), (1.0, 1), (0.0, 1)):
-        sigmas = nodes_mod.ADDScheduler().get_sigmas(model, steps, "add_trailing", "", 1.0)[0]
-        r = SamplerCustom.execute(model, True, 5, 1.0, positive, positive, nodes_mod.ADDSampler().get_sampler(eta)[0], sigmas, _latent(1))
+        sigmas = nodes_mod.ADDScheduler.execute(model, steps, "add_trailing", "", 1.0)[0]
+        r = SamplerCustom.execute(model, True, 5, 1.0, positive, positive, nodes_mod.ADDSampler.execute(eta)[0], sigmas, _latent(1))
         outs.append((r.result if hasattr(r, "result") else r)[0]["samples"])
     assert not torch.allclose(outs[0], outs[1])
     torch.testing.assert_close(outs[2], outs[3])
@@ -204,7 +204,7 @@ def test_sdturbo_grid_equals_core_sdturbo_scheduler(comfy, nodes_mod, sd15, step
     model = sd15[0]
     core = SDTurboScheduler.execute(model, steps, denoise)
     core = (core.result if hasattr(core, "result") else core)[0]
-    ours = nodes_mod.ADDScheduler().get_sigmas(model, steps, "sdturbo_grid", "", denoise)[0]
+    ours = nodes_mod.ADDScheduler.execute(model, steps, "sdturbo_grid", "", denoise)[0]
     torch.testing.assert_close(ours, core.float().cpu())
 
 
@@ -274,7 +274,7 @@ def test_empty_latent_of_another_size_is_resized_like_core(nodes_mod, sd15):
 ])
 def test_scheduler_node_errors_name_the_field(nodes_mod, sd15, schedule, custom, steps, field):
     with pytest.raises(ValueError, match=field):
-        nodes_mod.ADDScheduler().get_sigmas(sd15[0], steps, schedule, custom, 1.0)
+        nodes_mod.ADDScheduler.execute(sd15[0], steps, schedule, custom, 1.0)
 
 
 def test_nodes_are_registered_with_tooltips(host_nodes):

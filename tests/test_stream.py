@@ -335,31 +335,31 @@ def test_stream_node_initialize_and_full_evaluate_the_negative(sn, sa, cs, sd15)
     assert sorted(init_calls) == sorted([1, 1, 2, 1, 1]) and sum(init_calls) == 2 * 2 + 2
     assert full_calls == [2, 4, 2]  # ordinary CFG: cond + uncond rows in one call
     with pytest.raises(ValueError, match="negative"):
-        sn.ADDStreamBatch().stream(model, positive, _latent(1), 0, 2, "add_trailing", "", 0.5, "fixed", 1, "batch", True,
-                                   "full", 1.5, 1.0, False, 0.98, 10, "")
+        sn.ADDStreamBatch.execute(model, positive, _latent(1), 0, 2, "add_trailing", "", 0.5, "fixed", 1, "batch", True,
+                                  "full", 1.5, 1.0, False, 0.98, 10, "")
 
 
 def test_add_ksampler_rcfg_none_is_the_plain_sampler_and_self_costs_nothing_extra(sa, sd15):
     model, positive = _family(sd15, 768, False)
     negative = [[torch.zeros_like(positive[0][0]), {}]]
-    ks = sa.ADDKSampler()
+    ks = sa.ADDKSampler
     lat = _latent(2)
     with torch.inference_mode():
-        base = ks.sample(model, positive, lat, 4, 2, "add_trailing", "", 0.6)[0]["samples"]
-        none = ks.sample(model, positive, lat, 4, 2, "add_trailing", "", 0.6, "none", 3.0, 0.5, negative)[0]["samples"]
+        base = ks.execute(model, positive, lat, 4, 2, "add_trailing", "", 0.6)[0]["samples"]
+        none = ks.execute(model, positive, lat, 4, 2, "add_trailing", "", 0.6, "none", 3.0, 0.5, negative)[0]["samples"]
         with count_unet_calls(model) as self_calls:
-            selfg = ks.sample(model, positive, lat, 4, 2, "add_trailing", "", 0.6, "self", 1.5, 1.0)[0]["samples"]
+            selfg = ks.execute(model, positive, lat, 4, 2, "add_trailing", "", 0.6, "self", 1.5, 1.0)[0]["samples"]
         with count_unet_calls(model) as init_calls:
-            ks.sample(model, positive, lat, 4, 2, "add_trailing", "", 0.6, "initialize", 1.5, 1.0, negative)
+            ks.execute(model, positive, lat, 4, 2, "add_trailing", "", 0.6, "initialize", 1.5, 1.0, negative)
         with count_unet_calls(model) as full_calls:
-            ks.sample(model, positive, lat, 4, 2, "add_trailing", "", 0.6, "full", 1.5, 1.0, negative)
-        self1 = ks.sample(model, positive, lat, 4, 2, "add_trailing", "", 0.6, "self", 1.0, 1.0)[0]["samples"]
+            ks.execute(model, positive, lat, 4, 2, "add_trailing", "", 0.6, "full", 1.5, 1.0, negative)
+        self1 = ks.execute(model, positive, lat, 4, 2, "add_trailing", "", 0.6, "self", 1.0, 1.0)[0]["samples"]
     assert torch.equal(base, none)
     assert self_calls == [2, 2] and init_calls == [2, 2, 2] and full_calls == [4, 4]
     assert (selfg - base).abs().max() > 1e-3
     torch.testing.assert_close(self1, base, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="negative"):
-        ks.sample(model, positive, lat, 4, 2, "add_trailing", "", 0.6, "initialize", 1.5, 1.0)
+        ks.execute(model, positive, lat, 4, 2, "add_trailing", "", 0.6, "initialize", 1.5, 1.0)
 
 
 def test_old_add_ksampler_widgets_still_convert():
@@ -392,9 +392,14 @@ def _live_call(sn, model, positive, lat, unique_id="7", workflow="wf-a", **kw):
                 mode="live", denoising_batch=True, cfg_type="none", guidance_scale=1.2, delta=1.0, similarity_filter=False,
                 similarity_threshold=0.98, max_skip_frames=10, stream_id="")
     args.update(kw)
-    res = sn.ADDStreamBatch().stream(model, positive, lat, unique_id=unique_id, prompt={},
-                                     extra_pnginfo={"workflow": {"id": workflow}}, **args)
-    return res["result"][0]["samples"], res["result"][1]
+    from comfy_api.latest import io
+
+    # the hidden inputs as ComfyUI hands them to a node in a prompt (a class clone per run)
+    node = sn.ADDStreamBatch.PREPARE_CLASS_CLONE({io.Hidden.unique_id: unique_id, io.Hidden.prompt: {},
+                                                 io.Hidden.extra_pnginfo: {"workflow": {"id": workflow}}})
+    res = node.execute(model, positive, lat, **args)
+    assert res.ui == {"text": [res[1]]}
+    return res[0]["samples"], res[1]
 
 
 def test_live_state_persists_across_runs_and_prompt_change_refreshes_only_embeddings(sn, sd15):
@@ -452,10 +457,10 @@ def test_workflow_key_uses_the_workflow_id_else_the_graph_shape(sn):
     assert sn.workflow_key(p1, {"workflow": {"id": "abc"}}) == "workflow:abc"
 
 
-def test_is_changed_reruns_live_streams_only(sn):
-    live = sn.ADDStreamBatch.IS_CHANGED(mode="live")
+def test_fingerprint_reruns_live_streams_only(sn):
+    live = sn.ADDStreamBatch.fingerprint_inputs(mode="live")
     assert live != live  # NaN: never equal, so ComfyUI runs the node on every queue
-    assert sn.ADDStreamBatch.IS_CHANGED(mode="batch") == sn.ADDStreamBatch.IS_CHANGED(mode="batch")
+    assert sn.ADDStreamBatch.fingerprint_inputs(mode="batch") == sn.ADDStreamBatch.fingerprint_inputs(mode="batch")
 
 
 # ------------------------------------------------------------------------------------------
@@ -496,13 +501,13 @@ def test_load_frames_in_natural_order_with_selection_and_resize(sn, comfy):
     root = __import__("pathlib").Path(folder_paths.get_input_directory()) / "stream_test" / "clip"
     _write_frames(root, ["f10.png", "f2.png", "f1.png", "notes.txt"][:3])
     (root / "notes.txt").write_text("not a frame")
-    node = sn.ADDLoadFrames()
-    frames, count = node.load("stream_test/clip", 0, 1, 0, 0, 0)
+    node = sn.ADDLoadFrames
+    frames, count = node.execute("stream_test/clip", 0, 1, 0, 0, 0)
     assert count == 3 and frames.shape == (3, 16, 24, 3)
     assert [round(float(frames[i, 0, 0, 0]) * 255) for i in range(3)] == [20, 10, 0]  # f1, f2, f10
-    frames, count = node.load("stream_test/clip", 1, 1, 1, 32, 8)
+    frames, count = node.execute("stream_test/clip", 1, 1, 1, 32, 8)
     assert count == 1 and frames.shape == (1, 8, 32, 3)
-    assert node.IS_CHANGED("stream_test/clip") == node.IS_CHANGED("stream_test/clip")
+    assert node.fingerprint_inputs("stream_test/clip") == node.fingerprint_inputs("stream_test/clip")
 
 
 @pytest.mark.parametrize("folder, match", [
@@ -518,7 +523,7 @@ def test_load_frames_errors_name_the_problem(sn, comfy, folder, match):
     _write_frames(base / "mixed", ["a1.png"], (16, 16))
     _write_frames(base / "mixed", ["a2.png"], (24, 16))
     with pytest.raises(ValueError, match=match):
-        sn.ADDLoadFrames().load(folder, 0, 1, 0, 0, 0)
+        sn.ADDLoadFrames.execute(folder, 0, 1, 0, 0, 0)
 
 
 def test_nodes_are_registered_with_tooltips(host_nodes):
@@ -535,7 +540,7 @@ def test_nodes_are_registered_with_tooltips(host_nodes):
 
 
 # ------------------------------------------------------------------------------------------
-# a live stream queued twice on a real server (IS_CHANGED re-runs it; the state carries over)
+# a live stream queued twice on a real server (fingerprint_inputs re-runs it; the state carries over)
 # ------------------------------------------------------------------------------------------
 @pytest.mark.server
 def test_live_stream_reruns_on_the_server_and_keeps_its_state(comfy_server):
