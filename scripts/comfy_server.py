@@ -5,6 +5,11 @@ Used by the test harness (tests/server_harness.py) and the picture script (scrip
 directory (models/, input/, output/, user/, custom_nodes/ with a link to this plugin). It runs on
 the CPU (``--cpu``) unless told otherwise or the environment variable ``COMFYUI_ADD_DEVICE`` is
 ``cuda``, the same rule as the in-process host (scripts/comfy_host.py ``import_comfy``).
+
+The page is the front end the host has installed (its pinned ``comfyui-frontend-package``), or the
+one in the folder named by the environment variable ``COMFYUI_FRONT_END_ROOT`` (ComfyUI's
+``--front-end-root``: the ``static`` folder of another ``comfyui-frontend-package`` version), which is
+how the browser tests are run on a newer front end than the host pins.
 """
 from __future__ import annotations
 
@@ -46,6 +51,12 @@ class ComfyServer(ComfyClient):
             "--port", str(self.port), "--base-directory", str(home), "--database-url", "sqlite:///:memory:",
             "--disable-auto-launch",
         ]
+        front_end = os.environ.get("COMFYUI_FRONT_END_ROOT")
+        if front_end:
+            if not (Path(front_end) / "index.html").is_file():
+                raise FileNotFoundError(f"COMFYUI_FRONT_END_ROOT={front_end} has no index.html: point it at the "
+                                        "'static' folder of an unpacked comfyui-frontend-package")
+            cmd += ["--front-end-root", str(front_end)]
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(cmd, cwd=host_path(), stdout=self._log, stderr=subprocess.STDOUT)
 

@@ -201,3 +201,22 @@ def test_every_workflow_has_a_thumbnail_made_from_the_page(comfy_page, comfy_ser
 
         px = np.asarray(im.convert("L"), dtype=np.float32)
     assert made.name == "sd_turbo_txt2img_1step.jpg" and px.std() > 10, "the thumbnail should show the graph's nodes"
+
+
+OLD_WORKFLOWS = sorted((ROOT / "tests" / "data" / "workflows_0.2").glob("*@*.json"))
+
+
+@pytest.mark.parametrize("path", OLD_WORKFLOWS + SHIPPED, ids=lambda p: p.stem)
+def test_saved_workflows_of_0_2_open_in_the_page_with_their_values(comfy_page, path):
+    """A workflow saved with 0.2.x (the V1 node API) opens with no missing node and no value outside
+    its choices, and the page turns it into the same inputs for the plugin's nodes as on 0.2
+    (tests/data/workflows_0.2/expected_inputs.json, see test_node_api.py)."""
+    expected = json.loads((ROOT / "tests" / "data" / "workflows_0.2" / "expected_inputs.json").read_text())[path.name]
+    cp = comfy_page
+    cp.open_workflow(path)
+    assert cp.problems() == [], f"{path.name} as the page shows it"
+    prompt = cp.page.evaluate("async () => (await window.app.graphToPrompt()).output")
+    got = {nid: {"class_type": n["class_type"],
+                 "inputs": {k: v for k, v in n["inputs"].items() if not isinstance(v, list)}}
+           for nid, n in prompt.items() if n["class_type"].startswith("ADD")}
+    assert got == expected

@@ -563,7 +563,7 @@ def test_the_scan_catches_each_access_that_moved(own_names, code):
 @pytest.mark.parametrize("code", [
     "for n, p in list(m._parameters.items()): m._parameters[n] = p",  # torch's containers
     "job._last_event = 0.0",                                            # the plugin's own private field
-    "sched = add_nodes._stream_inputs()",                               # the plugin's own private function
+    "sched = add_nodes._stream_schedule_inputs()",                      # the plugin's own private function
     "ms = model.get_model_object('model_sampling')",                    # public ModelPatcher API
     "return 'patches', f'the model carries {where} patches'",           # a reason code, not a key
     "self.model = model",                                               # the plugin's own field

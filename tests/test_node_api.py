@@ -28,6 +28,11 @@ OLD_WORKFLOWS = sorted((DATA / "workflows_0.2").glob("*@*.json"))
 SHIPPED = sorted((ROOT / "workflows").glob("*.json"))
 EXPECTED_INPUTS = json.loads((DATA / "workflows_0.2" / "expected_inputs.json").read_text())
 SPEC_KEYS = ("options", "default", "min", "max", "step", "control_after_generate", "multiline")
+V3_OUTPUT_HIDDEN = {"prompt", "extra_pnginfo"}
+# Choices that come from the host or the user's files, not from the plugin: compared as a combo only.
+HOST_LISTS = {("ADDLoraMerge", "lora_name"): "files in models/loras",
+              ("ADDTinyVAELoader", "tae_name"): "files in models/vae_approx",
+              ("ADDCompare", "teacher_sampler"): "the host's KSampler samplers"}
 
 
 def _spec(spec: list) -> dict:
@@ -55,9 +60,13 @@ def interface(object_info: dict) -> dict:
             "output": list(info["output"]),
             "output_name": list(info["output_name"]),
             "output_node": bool(info["output_node"]),
-            **{section: [[name, _spec(inputs[section][name])] for name in order.get(section, [])]
+            **{section: [[name, _spec(inputs[section][name]) | ({"options": HOST_LISTS[node_id, name]}
+                                                                  if (node_id, name) in HOST_LISTS else {})]
+                         for name in order.get(section, [])]
                for section in ("required", "optional")},
-            "hidden": sorted(inputs.get("hidden", {})),
+            # comfy_api gives every output node the hidden prompt and extra_pnginfo, which the executor fills
+            # in (a V1 output node declared none); a saved workflow never holds hidden inputs
+            "hidden": sorted(set(inputs.get("hidden", {})) - (V3_OUTPUT_HIDDEN if info["output_node"] else set())),
         }
     return out
 
