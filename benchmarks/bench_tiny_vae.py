@@ -106,7 +106,7 @@ def _build_tiny_vae(tiny: dict):
         shutil.copy(tiny[key], d / f"{key}.safetensors")
     folder_paths.add_model_folder_path("vae_approx", str(d), is_default=True)
     tv = plugin_module("nodes.tiny_vae")
-    (vae,) = tv.ADDTinyVAELoader().load("taesd_decoder.safetensors", "auto")
+    (vae,) = tv.ADDTinyVAELoader.execute("taesd_decoder.safetensors", "auto")
     return vae, tv
 
 
@@ -128,9 +128,9 @@ def worker(kind: str, batch: int, size: int, repeats: int, device: str, op: str 
         encode = lambda px: nodes.VAEEncode().encode(vae, px)[0]["samples"]  # noqa: E731
     else:
         vae, tv = _build_tiny_vae(tiny)
-        dec_node, enc_node = tv.ADDTinyVAEDecode(), tv.ADDTinyVAEEncode()
-        decode = lambda z: dec_node.decode({"samples": z}, vae, 8, "auto")[0]  # noqa: E731
-        encode = lambda px: enc_node.encode(px, vae, 8, "auto")[0]["samples"]  # noqa: E731
+        dec_node, enc_node = tv.ADDTinyVAEDecode, tv.ADDTinyVAEEncode
+        decode = lambda z: dec_node.execute({"samples": z}, vae, 8, "auto")[0]  # noqa: E731
+        encode = lambda px: enc_node.execute(px, vae, 8, "auto")[0]["samples"]  # noqa: E731
     params = sum(p.numel() for p in vae.first_stage_model.parameters())
     g = torch.Generator().manual_seed(0)
     if op == "encode":

@@ -14,6 +14,7 @@ import comfy.samplers
 import comfy.sd
 import latent_preview
 import folder_paths
+from comfy_api.latest import io
 
 from ..adapters import comfy_internals as internals
 from ..adapters import model as adapter
@@ -21,7 +22,7 @@ from ..core import files, images
 from ..core.errors import ADDError
 from ..training.setup import parse_prompts
 from .sampling import add_sample, build_sigmas
-from .train import CATEGORY, _tip, check_name
+from .train import CATEGORY, check_name
 
 def _count_evals(model):
     """A clone of ``model`` counting UNet sample-evaluations (batch entries) in ``counter[0]``."""
@@ -43,39 +44,40 @@ def pick_timesteps(trained: list[int], steps: int) -> list[int]:
     return [trained[round(i * len(trained) / steps)] for i in range(steps)]
 
 
-class ADDCompare:
-    DESCRIPTION = ("Teacher vs ADD student on the same prompts and seeds: the base model at N steps with CFG against the "
-                   "model with the trained LoRA at 1-4 steps without CFG; a grid labelled with measured seconds and model "
-                   "evaluations per image.")
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("grid",)
-    OUTPUT_TOOLTIPS = ("Rows = prompts; columns = teacher, student.",)
-    FUNCTION = "compare"
-    CATEGORY = CATEGORY
+class ADDCompare(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ADDCompare", display_name="ADD Compare (teacher vs student)", category=CATEGORY,
+            description=("Teacher vs ADD student on the same prompts and seeds: the base model at N steps with CFG "
+                         "against the model with the trained LoRA at 1-4 steps without CFG; a grid labelled with "
+                         "measured seconds and model evaluations per image."),
+            inputs=[
+                io.Model.Input("model", tooltip="The base model (teacher)."),
+                io.Clip.Input("clip", tooltip="The base model's CLIP."),
+                io.Vae.Input("vae", tooltip="Decodes both columns (a TinyVAE is fine)."),
+                io.String.Input("lora_name", default="my_turbo_lora.safetensors", tooltip=
+                    "The trained LoRA's file name in models/loras (connect ADD Train's lora_name)."),
+                io.String.Input("prompts", multiline=True,
+                                default="a photograph of a red fox in a snowy forest, golden hour",
+                                tooltip="One prompt per line (a row each)."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
+                             tooltip="Noise seed, the same for both."),
+                io.Int.Input("teacher_steps", default=25, min=1, max=200, tooltip="Teacher sampling steps."),
+                io.Float.Input("teacher_cfg", default=7.0, min=1.0, max=30.0, step=0.1, tooltip="Teacher CFG scale."),
+                io.Combo.Input("teacher_sampler", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
+                               tooltip="Teacher sampler."),
+                io.Int.Input("student_steps", default=1, min=1, max=4, tooltip=
+                    "Student steps (1-4), taken from the timesteps it was trained on."),
+                io.Int.Input("width", default=512, min=64, max=4096, step=8, tooltip="Image width (multiple of 8)."),
+                io.Int.Input("height", default=512, min=64, max=4096, step=8, tooltip="Image height (multiple of 8)."),
+            ],
+            outputs=[io.Image.Output(display_name="grid", tooltip="Rows = prompts; columns = teacher, student.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", _tip("The base model (teacher).")),
-            "clip": ("CLIP", _tip("The base model's CLIP.")),
-            "vae": ("VAE", _tip("Decodes both columns (a TinyVAE is fine).")),
-            "lora_name": ("STRING", _tip("The trained LoRA's file name in models/loras (connect ADD Train's lora_name).",
-                                         default="my_turbo_lora.safetensors")),
-            "prompts": ("STRING", _tip("One prompt per line (a row each).", multiline=True,
-                                       default="a photograph of a red fox in a snowy forest, golden hour")),
-            "seed": ("INT", _tip("Noise seed, the same for both.", default=0, min=0, max=0xffffffffffffffff,
-                                 control_after_generate=True)),
-            "teacher_steps": ("INT", _tip("Teacher sampling steps.", default=25, min=1, max=200)),
-            "teacher_cfg": ("FLOAT", _tip("Teacher CFG scale.", default=7.0, min=1.0, max=30.0, step=0.1)),
-            "teacher_sampler": (comfy.samplers.KSampler.SAMPLERS, _tip("Teacher sampler.", default="euler")),
-            "student_steps": ("INT", _tip("Student steps (1-4), taken from the timesteps it was trained on.",
-                                          default=1, min=1, max=4)),
-            "width": ("INT", _tip("Image width (multiple of 8).", default=512, min=64, max=4096, step=8)),
-            "height": ("INT", _tip("Image height (multiple of 8).", default=512, min=64, max=4096, step=8)),
-        }}
-
-    def compare(self, model, clip, vae, lora_name, prompts, seed, teacher_steps, teacher_cfg, teacher_sampler,
-                student_steps, width, height):
+    def execute(cls, model, clip, vae, lora_name, prompts, seed, teacher_steps, teacher_cfg, teacher_sampler,
+                student_steps, width, height) -> io.NodeOutput:
         prompt_list = parse_prompts(prompts)
         if not prompt_list:
             raise ADDError("prompts is empty: type at least one prompt (one per line).")
@@ -126,7 +128,7 @@ class ADDCompare:
                        else f"student: {name} not saved yet - queue again after its first save")
         grid = images.image_grid([img for row in rows for img in row], columns=len(headers), headers=headers,
                                  background=(24, 24, 24))
-        return (images.to_image(grid),)
+        return io.NodeOutput(images.to_image(grid))
 
 
 def _encode(clip, text: str):
@@ -134,5 +136,4 @@ def _encode(clip, text: str):
     return clip.encode_from_tokens_scheduled(tokens)
 
 
-NODE_CLASS_MAPPINGS = {"ADDCompare": ADDCompare}
-NODE_DISPLAY_NAME_MAPPINGS = {"ADDCompare": "ADD Compare (teacher vs student)"}
+NODES = [ADDCompare]

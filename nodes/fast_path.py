@@ -21,6 +21,7 @@ import torch
 
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from comfy.patcher_extension import CallbacksMP, WrappersMP
+from comfy_api.latest import io
 
 from ..adapters import comfy_internals as internals
 from ..core import fast_path as core
@@ -166,27 +167,27 @@ def apply_fast_path(model, mode: str, compile_mode: str = "default", cache_size:
     return attach(model, make_runner(mode, compile_mode, size))
 
 
-class ADDFastPath:
-    DESCRIPTION = ("GPU fast path for ADD sampling: replays the UNet as a CUDA graph (or runs it torch.compile-d) "
-                   "for fixed shapes, falling back to the exact normal path for anything else. Off on a CPU.")
-    RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = ("The model with the fast path attached (a clone; the input model is unchanged).",)
-    FUNCTION = "apply"
-    CATEGORY = "ADD/sampling"
+class ADDFastPath(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ADDFastPath", display_name="ADD Fast Path", category="ADD/sampling",
+            description=("GPU fast path for ADD sampling: replays the UNet as a CUDA graph (or runs it torch.compile-d) "
+                         "for fixed shapes, falling back to the exact normal path for anything else. Off on a CPU."),
+            inputs=[
+                io.Model.Input("model", tooltip="An SD1.x/2.x/XL-family model (SD-Turbo, SDXL-Turbo, your ADD models); "
+                                                "put LoRA loaders before or after this node, both work."),
+                io.Combo.Input("mode", options=list(MODES), default="cuda_graph", tooltip=_MODE_TOOLTIP),
+                io.Combo.Input("compile_mode", options=list(COMPILE_MODES), default="default", tooltip=_COMPILE_TOOLTIP),
+                io.Int.Input("cache_size", default=4, min=1, max=MAX_CACHE, tooltip=_CACHE_TOOLTIP),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with the fast path attached (a clone; the input model is "
+                                             "unchanged).")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "An SD1.x/2.x/XL-family model (SD-Turbo, SDXL-Turbo, your ADD models); put "
-                                           "LoRA loaders before or after this node, both work."}),
-            "mode": (list(MODES), {"default": "cuda_graph", "tooltip": _MODE_TOOLTIP}),
-            "compile_mode": (list(COMPILE_MODES), {"default": "default", "tooltip": _COMPILE_TOOLTIP}),
-            "cache_size": ("INT", {"default": 4, "min": 1, "max": MAX_CACHE, "tooltip": _CACHE_TOOLTIP}),
-        }}
-
-    def apply(self, model, mode, compile_mode, cache_size):
-        return (apply_fast_path(model, mode, compile_mode, cache_size),)
+    def execute(cls, model, mode, compile_mode, cache_size) -> io.NodeOutput:
+        return io.NodeOutput(apply_fast_path(model, mode, compile_mode, cache_size))
 
 
-NODE_CLASS_MAPPINGS = {"ADDFastPath": ADDFastPath}
-NODE_DISPLAY_NAME_MAPPINGS = {"ADDFastPath": "ADD Fast Path"}
+NODES = [ADDFastPath]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 
 import folder_paths
+from comfy_api.latest import io
 
 from ..core.errors import ADDError
 from .lora_match import LoraMatch, check_lora_values, check_strength, read_lora
@@ -43,45 +44,46 @@ def _with_sampling(model, mode: str):
     return m
 
 
-class ADDLoraMerge:
+class ADDLoraMerge(io.ComfyNode):
     """Fuse a LoRA into a NEW model (and CLIP), with a report of exactly what matched."""
 
-    DESCRIPTION = ("Fuses a LoRA (LCM-LoRA, ADD LoRA, any kohya / ComfyUI / diffusers / PEFT layout) into a new copy of "
-                   "the model's weights. The input model is untouched. Reports matched keys per component; refuses "
-                   "LoRAs made for another architecture.")
-    CATEGORY = "ADD/lora"
-    FUNCTION = "merge"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("MODEL", "CLIP", "STRING")
-    RETURN_NAMES = ("model", "clip", "report")
-    OUTPUT_TOOLTIPS = ("A new model whose own weights contain the LoRA.",
-                       "A new CLIP whose weights contain the LoRA's text-encoder part (the input CLIP when none is connected).",
-                       "What matched: modules per component, unmatched examples, format, family, LCM detection.")
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ADDLoraMerge", display_name="ADD LoRA Merge (fuse)", category="ADD/lora",
+            description=("Fuses a LoRA (LCM-LoRA, ADD LoRA, any kohya / ComfyUI / diffusers / PEFT layout) into a new "
+                         "copy of the model's weights. The input model is untouched. Reports matched keys per component; "
+                         "refuses LoRAs made for another architecture."),
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to fuse the LoRA into (it is not modified)."),
+                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                               tooltip="LoRA file from models/loras."),
+                io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Scale of the LoRA delta on the diffusion model."),
+                io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Scale of the LoRA delta on the text encoder (when a CLIP is connected)."),
+                io.Combo.Input("sampling", options=list(SAMPLING_MODES), default="auto", tooltip=
+                    "Model sampling patch: auto = 'lcm' when the file's metadata or name says LCM, else leave as is; "
+                    "eps / lcm force ComfyUI's ModelSamplingDiscrete patch; none = leave as is."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="Optional text encoder to fuse the LoRA's text-encoder keys into."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="A new model whose own weights contain the LoRA."),
+                io.Clip.Output(display_name="clip", tooltip="A new CLIP whose weights contain the LoRA's text-encoder "
+                                                            "part (the input CLIP when none is connected)."),
+                io.String.Output(display_name="report", tooltip="What matched: modules per component, unmatched "
+                                                                "examples, format, family, LCM detection."),
+            ],
+            is_output_node=True,
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "The diffusion model to fuse the LoRA into (it is not modified)."}),
-                "lora_name": (folder_paths.get_filename_list("loras"), {"tooltip": "LoRA file from models/loras."}),
-                "strength_model": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
-                                             "tooltip": "Scale of the LoRA delta on the diffusion model."}),
-                "strength_clip": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
-                                            "tooltip": "Scale of the LoRA delta on the text encoder (when a CLIP is connected)."}),
-                "sampling": (list(SAMPLING_MODES), {"default": "auto",
-                             "tooltip": "Model sampling patch: auto = 'lcm' when the file's metadata or name says LCM, else "
-                                        "leave as is; eps / lcm force ComfyUI's ModelSamplingDiscrete patch; none = leave as is."}),
-            },
-            "optional": {
-                "clip": ("CLIP", {"tooltip": "Optional text encoder to fuse the LoRA's text-encoder keys into."}),
-            },
-        }
-
-    def merge(self, model, lora_name, strength_model, strength_clip, sampling, clip=None):
+    def execute(cls, model, lora_name, strength_model, strength_clip, sampling, clip=None) -> io.NodeOutput:
         lora_sd, metadata = read_lora(lora_name)
         new_model, new_clip, report = fuse_lora(model, clip, lora_sd, metadata or {}, lora_name,
                                                 strength_model, strength_clip, sampling)
-        return {"ui": {"text": [report]}, "result": (new_model, new_clip, report)}
+        return io.NodeOutput(new_model, new_clip, report, ui={"text": [report]})
 
 
 def fuse_lora(model, clip, lora_sd, metadata, lora_name, strength_model, strength_clip, sampling="auto"):
@@ -127,5 +129,4 @@ def fuse_lora(model, clip, lora_sd, metadata, lora_name, strength_model, strengt
     return new_model, new_clip, report
 
 
-NODE_CLASS_MAPPINGS = {"ADDLoraMerge": ADDLoraMerge}
-NODE_DISPLAY_NAME_MAPPINGS = {"ADDLoraMerge": "ADD LoRA Merge (fuse)"}
+NODES = [ADDLoraMerge]

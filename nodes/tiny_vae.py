@@ -21,6 +21,7 @@ import comfy.sd
 import comfy.utils
 import folder_paths
 from comfy.taesd.taesd import TAESD
+from comfy_api.latest import io
 
 from ..adapters import comfy_internals as internals
 from ..core import files
@@ -200,91 +201,89 @@ def tiny_encode(vae, pixels: torch.Tensor, chunk: int = 8, dtype: str = "auto") 
     return run_chunked(step, pixels, chunk, mm.intermediate_device())
 
 
-_CHUNK = ("INT", {"default": 8, "min": 1, "max": 4096,
-                  "tooltip": "How many images go through the TAESD at once; lower it to bound memory for big batches or video frames."})
-_DTYPE = (["auto", "fp32", "fp16", "bf16"],
-          {"default": "auto", "tooltip": "Compute precision. auto: on a GPU the dtype ComfyUI loaded the VAE in (fp16/bf16), fp32 on CPU."})
-_MODEL = ("MODEL", {"tooltip": "Optional: the model that made (or will take) the latent; a TAESD for a different "
-                               "latent space is then an error naming the file to use."})
+def _chunk_input() -> io.Int.Input:
+    return io.Int.Input("batch_chunk", default=8, min=1, max=4096, tooltip=
+        "How many images go through the TAESD at once; lower it to bound memory for big batches or video frames.")
 
 
-class ADDTinyVAELoader:
+def _dtype_input() -> io.Combo.Input:
+    return io.Combo.Input("dtype", options=["auto", "fp32", "fp16", "bf16"], default="auto", tooltip=
+        "Compute precision. auto: on a GPU the dtype ComfyUI loaded the VAE in (fp16/bf16), fp32 on CPU.")
+
+
+def _model_input() -> io.Model.Input:
+    return io.Model.Input("model", optional=True, tooltip=
+        "Optional: the model that made (or will take) the latent; a TAESD for a different latent space is then an "
+        "error naming the file to use.")
+
+
+class ADDTinyVAELoader(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
+    def define_schema(cls) -> io.Schema:
         names = list(core.pair_files(folder_paths.get_filename_list(FOLDER), _video_tae_prefixes()))
-        return {"required": {
-            "tae_name": (names, {"tooltip": "A TAESD file in models/vae_approx: a *_decoder file (its *_encoder "
-                                            "sibling is paired automatically) or a diffusers AutoencoderTiny file."}),
-            "variant": (VARIANT_CHOICES, {"default": "auto", "tooltip": "Which latent space the file is for. auto: "
-                                          "4 vs 16 channels from the weights, sd/sdxl and sd3/f1 from the file name."}),
-        }}
+        return io.Schema(
+            node_id="ADDTinyVAELoader", display_name="ADD TinyVAE Loader", category="ADD/vae",
+            description=("Loads a TAESD-family tiny autoencoder (taesd, taesdxl, taesd3, taef1), in madebyollin's or "
+                         "diffusers' layout, decoder alone or with its encoder: ~50x less decode work than the full VAE."),
+            inputs=[
+                io.Combo.Input("tae_name", options=names, tooltip=
+                    "A TAESD file in models/vae_approx: a *_decoder file (its *_encoder sibling is paired "
+                    "automatically) or a diffusers AutoencoderTiny file."),
+                io.Combo.Input("variant", options=VARIANT_CHOICES, default="auto", tooltip=
+                    "Which latent space the file is for. auto: 4 vs 16 channels from the weights, sd/sdxl and sd3/f1 "
+                    "from the file name."),
+            ],
+            outputs=[io.Vae.Output(tooltip="A standard VAE (works with core VAE Decode/Encode too); decoder-only files "
+                                           "cannot encode.")],
+        )
 
-    RETURN_TYPES = ("VAE",)
-    OUTPUT_TOOLTIPS = ("A standard VAE (works with core VAE Decode/Encode too); decoder-only files cannot encode.",)
-    FUNCTION = "load"
-    CATEGORY = "ADD/vae"
-    DESCRIPTION = ("Loads a TAESD-family tiny autoencoder (taesd, taesdxl, taesd3, taef1), in madebyollin's or "
-                   "diffusers' layout, decoder alone or with its encoder: ~50x less decode work than the full VAE.")
-
-    def load(self, tae_name, variant):
-        return (load_tiny_vae(tae_name, variant),)
-
-
-class ADDTinyVAEDecode:
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "samples": ("LATENT", {"tooltip": "The latent to decode."}),
-                "vae": ("VAE", {"tooltip": "A TAESD from ADD TinyVAE Loader."}),
-                "batch_chunk": _CHUNK,
-                "dtype": _DTYPE,
-            },
-            "optional": {"model": _MODEL},
-        }
-
-    RETURN_TYPES = ("IMAGE",)
-    OUTPUT_TOOLTIPS = ("The decoded images.",)
-    FUNCTION = "decode"
-    CATEGORY = "ADD/vae"
-    DESCRIPTION = "Decodes latents with a TAESD in bounded chunks; checks the TAESD fits the latent (and the model)."
-
-    def decode(self, samples, vae, batch_chunk, dtype, model=None):
-        check_model_fits(vae, model)
-        return (tiny_decode(vae, samples["samples"], batch_chunk, dtype),)
+    def execute(cls, tae_name, variant) -> io.NodeOutput:
+        return io.NodeOutput(load_tiny_vae(tae_name, variant))
 
 
-class ADDTinyVAEEncode:
+class ADDTinyVAEDecode(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "pixels": ("IMAGE", {"tooltip": "Images to encode (cropped to multiples of 8)."}),
-                "vae": ("VAE", {"tooltip": "A TAESD with an encoder, from ADD TinyVAE Loader."}),
-                "batch_chunk": _CHUNK,
-                "dtype": _DTYPE,
-            },
-            "optional": {"model": _MODEL},
-        }
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ADDTinyVAEDecode", display_name="ADD TinyVAE Decode", category="ADD/vae",
+            description="Decodes latents with a TAESD in bounded chunks; checks the TAESD fits the latent (and the model).",
+            inputs=[
+                io.Latent.Input("samples", tooltip="The latent to decode."),
+                io.Vae.Input("vae", tooltip="A TAESD from ADD TinyVAE Loader."),
+                _chunk_input(),
+                _dtype_input(),
+                _model_input(),
+            ],
+            outputs=[io.Image.Output(tooltip="The decoded images.")],
+        )
 
-    RETURN_TYPES = ("LATENT",)
-    OUTPUT_TOOLTIPS = ("The latent, for img2img.",)
-    FUNCTION = "encode"
-    CATEGORY = "ADD/vae"
-    DESCRIPTION = "Encodes images with a TAESD encoder in bounded chunks (fast img2img input)."
-
-    def encode(self, pixels, vae, batch_chunk, dtype, model=None):
+    @classmethod
+    def execute(cls, samples, vae, batch_chunk, dtype, model=None) -> io.NodeOutput:
         check_model_fits(vae, model)
-        return ({"samples": tiny_encode(vae, pixels, batch_chunk, dtype)},)
+        return io.NodeOutput(tiny_decode(vae, samples["samples"], batch_chunk, dtype))
 
 
-NODE_CLASS_MAPPINGS = {
-    "ADDTinyVAELoader": ADDTinyVAELoader,
-    "ADDTinyVAEDecode": ADDTinyVAEDecode,
-    "ADDTinyVAEEncode": ADDTinyVAEEncode,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "ADDTinyVAELoader": "ADD TinyVAE Loader",
-    "ADDTinyVAEDecode": "ADD TinyVAE Decode",
-    "ADDTinyVAEEncode": "ADD TinyVAE Encode",
-}
+class ADDTinyVAEEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ADDTinyVAEEncode", display_name="ADD TinyVAE Encode", category="ADD/vae",
+            description="Encodes images with a TAESD encoder in bounded chunks (fast img2img input).",
+            inputs=[
+                io.Image.Input("pixels", tooltip="Images to encode (cropped to multiples of 8)."),
+                io.Vae.Input("vae", tooltip="A TAESD with an encoder, from ADD TinyVAE Loader."),
+                _chunk_input(),
+                _dtype_input(),
+                _model_input(),
+            ],
+            outputs=[io.Latent.Output(tooltip="The latent, for img2img.")],
+        )
+
+    @classmethod
+    def execute(cls, pixels, vae, batch_chunk, dtype, model=None) -> io.NodeOutput:
+        check_model_fits(vae, model)
+        return io.NodeOutput({"samples": tiny_encode(vae, pixels, batch_chunk, dtype)})
+
+
+NODES = [ADDTinyVAELoader, ADDTinyVAEDecode, ADDTinyVAEEncode]

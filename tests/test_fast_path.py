@@ -291,9 +291,9 @@ def _stand_in_runner(CF):
 def test_node_is_registered_with_tooltips(host_nodes):
     cls = host_nodes.NODE_CLASS_MAPPINGS["ADDFastPath"]
     assert host_nodes.NODE_DISPLAY_NAME_MAPPINGS["ADDFastPath"] == "ADD Fast Path"
-    assert cls.RETURN_TYPES == ("MODEL",) and cls.DESCRIPTION and cls.OUTPUT_TOOLTIPS
+    assert cls.RETURN_TYPES == ["MODEL"] and cls.DESCRIPTION and cls.OUTPUT_TOOLTIPS
     spec = cls.INPUT_TYPES()["required"]
-    assert set(spec["mode"][0]) == {"off", "cuda_graph", "torch_compile"}
+    assert set(spec["mode"][1]["options"]) == {"off", "cuda_graph", "torch_compile"}
     for _, options in spec.values():
         assert options.get("tooltip")
     assert "CPU" in spec["mode"][1]["tooltip"]
@@ -306,7 +306,7 @@ def test_off_and_cpu_give_the_model_back_unchanged_and_bit_identical(F, S, sd15,
         pytest.skip("ComfyUI runs on a GPU in this session: the CPU pass-through does not apply")
     positive = _positive()
     ref = _sample(S, model, positive, steps=2)
-    out_model = F.ADDFastPath().apply(model, mode, "default", 4)[0]
+    out_model = F.ADDFastPath.execute(model, mode, "default", 4)[0]
     assert out_model is model and not F.has_fast_path(out_model)
     assert torch.equal(_sample(S, out_model, positive, steps=2), ref)
 

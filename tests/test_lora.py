@@ -84,9 +84,9 @@ def unet_weights(patcher):
 
 
 def merge(lora_merge, model, name, strength=1.0, sampling="none", clip=None, strength_clip=1.0):
-    res = lora_merge.ADDLoraMerge().merge(model, name, strength, strength_clip, sampling, clip=clip)
-    assert res["ui"]["text"][0] == res["result"][2]
-    return res["result"]
+    res = lora_merge.ADDLoraMerge.execute(model, name, strength, strength_clip, sampling, clip=clip)
+    assert res.ui["text"][0] == res[2]
+    return tuple(res)
 
 
 def _close(a, b, tol=1e-5):

@@ -113,7 +113,7 @@ def _image(n=2, seed=1):
 
 
 def test_loader_lists_decoders_not_encoders(approx, tv):
-    names = tv.ADDTinyVAELoader.INPUT_TYPES()["required"]["tae_name"][0]
+    names = tv.ADDTinyVAELoader.INPUT_TYPES()["required"]["tae_name"][1]["options"]
     assert "taesd_decoder.safetensors" in names and "taesd_encoder.safetensors" not in names
     assert "diffusers/taesd_autoencoder_tiny.safetensors" in names
 
@@ -122,30 +122,30 @@ def test_decode_and_encode_match_comfyui_taesd(comfy, approx, tv):
     import comfy.sd as comfy_sd
 
     ref = comfy_sd.VAE(sd=comfy.VAELoader.load_taesd("taesd"))
-    (ours,) = tv.ADDTinyVAELoader().load("taesd_decoder.safetensors", "auto")
+    (ours,) = tv.ADDTinyVAELoader.execute("taesd_decoder.safetensors", "auto")
     z = _latent()
     want = ref.decode(z)
-    (got,) = tv.ADDTinyVAEDecode().decode({"samples": z}, ours, 8, "fp32")
+    (got,) = tv.ADDTinyVAEDecode.execute({"samples": z}, ours, 8, "fp32")
     assert got.shape == (2, 64, 64, 3)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     (core_path,) = comfy.VAEDecode().decode(ours, {"samples": z})  # core node accepts our VAE
     torch.testing.assert_close(core_path, want, atol=1e-5, rtol=0)
 
     img = _image()
-    (lat,) = tv.ADDTinyVAEEncode().encode(img, ours, 8, "fp32")
+    (lat,) = tv.ADDTinyVAEEncode.execute(img, ours, 8, "fp32")
     torch.testing.assert_close(lat["samples"], ref.encode(img), atol=1e-5, rtol=0)
 
 
 def test_both_layouts_give_identical_output(approx, tv):
-    (a,) = tv.ADDTinyVAELoader().load("taesd_decoder.safetensors", "auto")
-    (b,) = tv.ADDTinyVAELoader().load("diffusers/taesd_autoencoder_tiny.safetensors", "auto")
+    (a,) = tv.ADDTinyVAELoader.execute("taesd_decoder.safetensors", "auto")
+    (b,) = tv.ADDTinyVAELoader.execute("diffusers/taesd_autoencoder_tiny.safetensors", "auto")
     z, img = _latent(), _image()
     assert torch.equal(tv.tiny_decode(a, z), tv.tiny_decode(b, z))
     assert torch.equal(tv.tiny_encode(a, img), tv.tiny_encode(b, img))
 
 
 def test_chunked_equals_one_shot(approx, tv):
-    (vae,) = tv.ADDTinyVAELoader().load("taesd_decoder.safetensors", "auto")
+    (vae,) = tv.ADDTinyVAELoader.execute("taesd_decoder.safetensors", "auto")
     z = _latent(5)
     torch.testing.assert_close(tv.tiny_decode(vae, z, chunk=2), tv.tiny_decode(vae, z, chunk=5), atol=1e-5, rtol=1e-5)
     img = _image(5)
@@ -155,7 +155,7 @@ def test_chunked_equals_one_shot(approx, tv):
 def test_dtype_option_runs_on_a_private_copy(approx, tv):
     """A dtype other than the VAE's decodes in a converted copy kept on the VAE (the decoder itself
     runs in that dtype), and the shared TAESD keeps its weights."""
-    (vae,) = tv.ADDTinyVAELoader().load("taesd_decoder.safetensors", "auto")
+    (vae,) = tv.ADDTinyVAELoader.execute("taesd_decoder.safetensors", "auto")
     shared = vae.first_stage_model
     assert vae.vae_dtype != torch.bfloat16
     z = _latent()
@@ -179,12 +179,12 @@ def test_dtype_option_runs_on_a_private_copy(approx, tv):
 
 
 def test_decoder_only_file_decodes_and_refuses_to_encode(comfy, approx, tv, err):
-    (solo,) = tv.ADDTinyVAELoader().load("solo_decoder.safetensors", "auto")
-    (pair,) = tv.ADDTinyVAELoader().load("taesd_decoder.safetensors", "auto")
+    (solo,) = tv.ADDTinyVAELoader.execute("solo_decoder.safetensors", "auto")
+    (pair,) = tv.ADDTinyVAELoader.execute("taesd_decoder.safetensors", "auto")
     z = _latent()
     assert torch.equal(tv.tiny_decode(solo, z), tv.tiny_decode(pair, z))
     with pytest.raises(err, match="decoder-only"):
-        tv.ADDTinyVAEEncode().encode(_image(), solo, 8, "auto")
+        tv.ADDTinyVAEEncode.execute(_image(), solo, 8, "auto")
     with pytest.raises(err, match="solo_encoder"):
         comfy.VAEEncode().encode(solo, _image())  # the core node gets the same clear error
 
@@ -196,12 +196,12 @@ def test_decoder_only_file_decodes_and_refuses_to_encode(comfy, approx, tv, err)
 ])
 def test_bad_files_are_clear_errors(approx, tv, err, name, match):
     with pytest.raises((err, tv.files.ADDError), match=match) as e:
-        tv.ADDTinyVAELoader().load(name, "auto")
+        tv.ADDTinyVAELoader.execute(name, "auto")
     assert name in str(e.value)
 
 
 def test_channel_mismatch_latent_vs_decoder(approx, tv, err):
-    (sd3,) = tv.ADDTinyVAELoader().load("taesd3_decoder.safetensors", "auto")
+    (sd3,) = tv.ADDTinyVAELoader.execute("taesd3_decoder.safetensors", "auto")
     assert sd3.tiny_variant == "taesd3" and sd3.first_stage_model.vae_scale.item() == pytest.approx(1.5305)
     assert tv.tiny_decode(sd3, _latent(c=16)).shape == (2, 64, 64, 3)
     with pytest.raises(err, match=r"4 channels but taesd3 decodes 16.*taesd_decoder\.safetensors"):
@@ -209,27 +209,27 @@ def test_channel_mismatch_latent_vs_decoder(approx, tv, err):
 
 
 def test_variant_override_changes_scale_and_shift(approx, tv, err):
-    (f1,) = tv.ADDTinyVAELoader().load("taesd3_decoder.safetensors", "taef1")
+    (f1,) = tv.ADDTinyVAELoader.execute("taesd3_decoder.safetensors", "taef1")
     assert f1.tiny_variant == "taef1"
     assert f1.first_stage_model.vae_shift.item() == pytest.approx(0.1159)
     with pytest.raises(err, match="needs 4"):
-        tv.ADDTinyVAELoader().load("taesd3_decoder.safetensors", "taesd")
+        tv.ADDTinyVAELoader.execute("taesd3_decoder.safetensors", "taesd")
 
 
 def test_wrong_variant_for_the_model(approx, tv, err, sd15, sdxl):
     sd15_model = sd15[0]
-    (taesd,) = tv.ADDTinyVAELoader().load("taesd_decoder.safetensors", "auto")
-    (xl,) = tv.ADDTinyVAELoader().load("taesdxl_decoder.safetensors", "auto")
-    (sd3,) = tv.ADDTinyVAELoader().load("taesd3_decoder.safetensors", "auto")
+    (taesd,) = tv.ADDTinyVAELoader.execute("taesd_decoder.safetensors", "auto")
+    (xl,) = tv.ADDTinyVAELoader.execute("taesdxl_decoder.safetensors", "auto")
+    (sd3,) = tv.ADDTinyVAELoader.execute("taesd3_decoder.safetensors", "auto")
     z = {"samples": _latent()}
-    tv.ADDTinyVAEDecode().decode(z, taesd, 8, "auto", model=sd15_model)  # fits: no error
-    tv.ADDTinyVAEDecode().decode(z, xl, 8, "auto", model=sdxl)
+    tv.ADDTinyVAEDecode.execute(z, taesd, 8, "auto", model=sd15_model)  # fits: no error
+    tv.ADDTinyVAEDecode.execute(z, xl, 8, "auto", model=sdxl)
     with pytest.raises(err, match=r"taesd .*SDXL.*taesdxl_decoder\.safetensors"):
-        tv.ADDTinyVAEDecode().decode(z, taesd, 8, "auto", model=sdxl)
+        tv.ADDTinyVAEDecode.execute(z, taesd, 8, "auto", model=sdxl)
     with pytest.raises(err, match=r"taesdxl .*SD15.*taesd_decoder\.safetensors"):
-        tv.ADDTinyVAEEncode().encode(_image(), xl, 8, "auto", model=sd15_model)
+        tv.ADDTinyVAEEncode.execute(_image(), xl, 8, "auto", model=sd15_model)
     with pytest.raises(err, match=r"16-channel.*SD15.*4-channel.*taesd_decoder\.safetensors"):
-        tv.ADDTinyVAEDecode().decode({"samples": _latent(c=16)}, sd3, 8, "auto", model=sd15_model)
+        tv.ADDTinyVAEDecode.execute({"samples": _latent(c=16)}, sd3, 8, "auto", model=sd15_model)
 
 
 def test_decode_node_rejects_a_full_vae(tv, err, sd15):

@@ -271,8 +271,8 @@ def test_status_and_compare_nodes(T, plugin, sd15, loras_dir):
         T.ADDTrainingStatus().status("0123456789ab")
     model, clip, vae = sd15
     compare = plugin("nodes.compare")
-    (grid,) = compare.ADDCompare().compare(model, clip, vae, "compare_run", "a red fox\na blue car", 0, 2, 3.0, "euler",
-                                     2, 64, 64)
+    (grid,) = compare.ADDCompare.execute(model, clip, vae, "compare_run", "a red fox\na blue car", 0, 2, 3.0, "euler",
+                                         2, 64, 64)
     assert grid.shape[0] == 1 and grid.shape[2] == 128 and grid.shape[1] == 28 + 2 * 64
     assert compare.pick_timesteps([999, 749, 499, 249], 2) == [999, 499]
 
@@ -346,7 +346,7 @@ def test_our_merge_node_fuses_the_trained_lora_with_every_module_matched(T, sd15
     wait(start(T, sd15, name="merge_me", max_steps=1, preview_every=0))
     L = plugin("nodes.lora_merge")
     model, clip, _ = sd15
-    fused, _clip, report = L.ADDLoraMerge().merge(model, "merge_me.safetensors", 1.0, 0.0, "auto", clip=clip)["result"]
+    fused, _clip, report = L.ADDLoraMerge.execute(model, "merge_me.safetensors", 1.0, 0.0, "auto", clip=clip)
     assert "WARNING" not in report and "note: ComfyUI's LoraLoader would skip" not in report, report
     import re
     m = re.search(r"unet: (\d+)/(\d+) LoRA modules matched", report)
