@@ -57,9 +57,14 @@ def interface(object_info: dict) -> dict:
             "output_node": bool(info["output_node"]),
             **{section: [[name, _spec(inputs[section][name])] for name in order.get(section, [])]
                for section in ("required", "optional")},
-            "hidden": sorted(inputs.get("hidden", {})),
+            "hidden": sorted(set(inputs.get("hidden", {})) - (_OUTPUT_NODE_HIDDEN if info["output_node"] else set())),
         }
     return out
+
+
+# comfy_api's Schema gives every output node these hidden inputs by itself (io.Schema.finalize); they
+# are not widgets or sockets, so saved workflows do not see them: not part of the compared interface.
+_OUTPUT_NODE_HIDDEN = {"prompt", "extra_pnginfo"}
 
 
 def plugin_inputs(workflow: dict, object_info: dict) -> dict:
