@@ -12,6 +12,7 @@ import torch
 
 import comfy.utils
 import folder_paths
+from comfy_api.latest import io
 
 from ..core.errors import ADDError
 from ..training import lora_extract
@@ -53,33 +54,32 @@ def extract_lora_sd(turbo, base, rank: int, prefix="diffusion_model.", dtype=tor
     return sd, report.errors, report.overall
 
 
-class ADDExtractLoRA:
+class ADDExtractLoRA(io.ComfyNode):
     """Low-rank LoRA (per-layer SVD) reproducing turbo − base; reports the reconstruction error."""
 
-    DESCRIPTION = ("Extracts a LoRA from a turbo model and its base (truncated SVD per layer at the chosen rank), saves it "
-                   "to models/loras in ComfyUI-native keys (loads in ADD LoRA Merge and core LoraLoader) and reports the "
-                   "relative reconstruction error, overall and for the worst layer. Files are numbered "
-                   "(<prefix>_00001_.safetensors, ...): queueing again never replaces one, unless exact_name_overwrite is on.")
-    CATEGORY = "ADD/lora"
-    FUNCTION = "extract"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("report",)
-    OUTPUT_TOOLTIPS = ("File written, rank, relative error overall and worst layers.",)
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ADDExtractLoRA", display_name="ADD Extract LoRA", category="ADD/lora",
+            description=("Extracts a LoRA from a turbo model and its base (truncated SVD per layer at the chosen rank), "
+                         "saves it to models/loras in ComfyUI-native keys (loads in ADD LoRA Merge and core LoraLoader) "
+                         "and reports the relative reconstruction error, overall and for the worst layer. Files are "
+                         "numbered (<prefix>_00001_.safetensors, ...): queueing again never replaces one, unless "
+                         "exact_name_overwrite is on."),
+            inputs=[
+                io.Model.Input("turbo_model", tooltip="The fast (distilled / LoRA-merged) model."),
+                io.Model.Input("base_model", tooltip="The base model the turbo model was made from (same architecture)."),
+                io.Int.Input("rank", default=64, min=1, max=1024, tooltip="LoRA rank: higher = closer, bigger file."),
+                saving.prefix_input("add_extracted_lora", "models/loras"),
+                saving.exact_input(),
+            ],
+            outputs=[io.String.Output(display_name="report",
+                                      tooltip="File written, rank, relative error overall and worst layers.")],
+            is_output_node=True,
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "turbo_model": ("MODEL", {"tooltip": "The fast (distilled / LoRA-merged) model."}),
-                "base_model": ("MODEL", {"tooltip": "The base model the turbo model was made from (same architecture)."}),
-                "rank": ("INT", {"default": 64, "min": 1, "max": 1024, "tooltip": "LoRA rank: higher = closer, bigger file."}),
-                "filename_prefix": saving.prefix_input("add_extracted_lora", "models/loras"),
-                "exact_name_overwrite": saving.exact_input(),
-            },
-        }
-
-    def extract(self, turbo_model, base_model, rank, filename_prefix, exact_name_overwrite):
+    def execute(cls, turbo_model, base_model, rank, filename_prefix, exact_name_overwrite) -> io.NodeOutput:
         fam_t, fam_b = _model_family(turbo_model), _model_family(base_model)
         if fam_t != fam_b:
             raise ADDError(f"turbo_model is {fam_t[1]} but base_model is {fam_b[1]}: connect the base of the same family")
@@ -103,8 +103,7 @@ class ADDExtractLoRA:
                   f"{sum(1 for k in sd if k.endswith(('.diff', '.diff_b')))} exact 1-D diffs\n"
                   f"relative error overall: {overall:.4g}\n"
                   + "\n".join(f"worst: {k} {v:.4g}" for k, v in worst))
-        return {"ui": {"text": [report]}, "result": (report,)}
+        return io.NodeOutput(report, ui={"text": [report]})
 
 
-NODE_CLASS_MAPPINGS = {"ADDExtractLoRA": ADDExtractLoRA}
-NODE_DISPLAY_NAME_MAPPINGS = {"ADDExtractLoRA": "ADD Extract LoRA"}
+NODES = [ADDExtractLoRA]

@@ -20,6 +20,7 @@ from typing import Mapping
 import torch
 
 import folder_paths
+from comfy_api.latest import io
 
 from ..core import files
 from ..core.errors import ADDError
@@ -27,19 +28,19 @@ from ..core.errors import ADDError
 EXT = ".safetensors"
 
 
-def prefix_input(default: str, where: str) -> tuple:
+def prefix_input(default: str, where: str) -> io.String.Input:
     """The ``filename_prefix`` widget of a saver writing into ``where`` (for the tooltip)."""
-    return ("STRING", {"default": default, "tooltip": (
+    return io.String.Input("filename_prefix", default=default, tooltip=(
         f"Name of the file in {where}, without '.safetensors'; sub-folders with '/'. Saved as "
         "<prefix>_00001_.safetensors, then _00002_ and so on (the next free number, as ComfyUI's own savers "
-        "do), so queueing again never fails and never replaces a file.")})
+        "do), so queueing again never fails and never replaces a file."))
 
 
-def exact_input() -> tuple:
+def exact_input() -> io.Boolean.Input:
     """The ``exact_name_overwrite`` widget."""
-    return ("BOOLEAN", {"default": False, "tooltip": (
+    return io.Boolean.Input("exact_name_overwrite", default=False, tooltip=(
         "Off (default): numbered files, nothing is ever replaced. On: write exactly <prefix>.safetensors and "
-        "replace an existing file of that name (atomically: until the new file is complete the old one stays).")})
+        "replace an existing file of that name (atomically: until the new file is complete the old one stays)."))
 
 
 def check_prefix(prefix, folder: str, exact: bool = False) -> str:

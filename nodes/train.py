@@ -15,6 +15,7 @@ import torch
 
 import comfy.model_management as mm
 import folder_paths
+from comfy_api.latest import io
 
 from ..adapters import run_setup
 from ..core import files
@@ -59,132 +60,134 @@ def load_image_folder(folder: str, width: int, height: int) -> tuple[torch.Tenso
 # ADD Train (background)
 # --------------------------------------------------------------------------------------------
 def _tip(text: str, **kw) -> dict:
+    """A V1 widget's options with its tooltip (nodes/compare.py's inputs use it)."""
     return {"tooltip": text, **kw}
 
 
-class ADDTrain:
-    DESCRIPTION = ("Distils the connected checkpoint into a 1-4 step ADD LoRA (Adversarial Diffusion Distillation), in "
-                   "the background: the prompt returns at once with a job id while training continues; keep generating "
-                   "meanwhile. No dataset needed: the teacher makes its own training images from the prompt list. "
-                   "The LoRA is saved to models/loras/<name>.safetensors every save_every steps; queue the same name "
-                   "again to resume. Progress, losses and previews are in the ADD Training sidebar tab.")
-    RETURN_TYPES = ("STRING", "STRING")
-    RETURN_NAMES = ("job_id", "lora_name")
-    OUTPUT_TOOLTIPS = ("The job's id, for ADD Training Status.", "The LoRA's file name in models/loras (for LoraLoader "
-                       "and ADD Compare).")
-    FUNCTION = "start"
-    CATEGORY = CATEGORY
-    OUTPUT_NODE = True
+class ADDTrain(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ADDTrain", display_name="ADD Train (background)", category=CATEGORY,
+            description=("Distils the connected checkpoint into a 1-4 step ADD LoRA (Adversarial Diffusion Distillation), "
+                         "in the background: the prompt returns at once with a job id while training continues; keep "
+                         "generating meanwhile. No dataset needed: the teacher makes its own training images from the "
+                         "prompt list. The LoRA is saved to models/loras/<name>.safetensors every save_every steps; queue "
+                         "the same name again to resume. Progress, losses and previews are in the ADD Training sidebar tab."),
+            inputs=[
+                io.Model.Input("model", tooltip="The checkpoint to distil: teacher and the student's base (SD1.x, SD2.x, SDXL)."),
+                io.Clip.Input("clip", tooltip="The checkpoint's CLIP, to encode the prompts (once, before training starts)."),
+                io.String.Input("name", default="my_turbo_lora", tooltip=
+                    "The run's name, not a file prefix: the LoRA is models/loras/<name>.safetensors (never numbered), its "
+                    "resumable state <name>.add-state/ beside it. Queueing again with the same name continues that run: it "
+                    "reports the job while it trains, resumes after a Cancel or a restart, and says 'done' once max_steps "
+                    "is reached (raise max_steps to train on). Only max_steps, save_every and preview_every may change on "
+                    "resume; other changes are refused with a message. A new name starts a new run."),
+                io.String.Input("prompts", default=_DEFAULT_PROMPTS, multiline=True, tooltip=
+                    "One prompt per line. Without images, the teacher generates the training images from these (LADD: no "
+                    "dataset needed); with images, a caption for images that have none."),
+                io.Int.Input("max_steps", default=2000, min=1, max=1_000_000, tooltip=
+                    "Training iterations (one discriminator + one student update each). Can be raised on resume."),
+                io.Int.Input("batch_size", default=4, min=1, max=256, tooltip=
+                    "Samples per iteration. >= 4 recommended (hinge loss collapses at batch 1)."),
+                io.Int.Input("width", default=512, min=64, max=4096, step=8, tooltip=
+                    "Training image width in pixels (multiple of 8; 512 for SD1.5/2.x, 1024 for SDXL)."),
+                io.Int.Input("height", default=512, min=64, max=4096, step=8, tooltip=
+                    "Training image height in pixels (multiple of 8)."),
+                io.String.Input("student_timesteps", default="999,749,499,249", tooltip=
+                    "Timesteps the student learns to denoise from in one step; sample the trained LoRA with the same ones "
+                    "(ADD Scheduler 'custom'). Default: the paper's 4 steps."),
+                io.Int.Input("lora_rank", default=16, min=1, max=1024, tooltip=
+                    "LoRA rank (capacity and file size). With training_mode full: the rank the fine-tune is exported at "
+                    "(higher = closer to the student)."),
+                io.Float.Input("lora_alpha", default=16.0, min=0.01, max=1024.0, step=0.01, tooltip=
+                    "LoRA alpha (scale = alpha / rank); usually equal to the rank."),
+                io.Float.Input("lr_lora", default=1e-4, min=1e-7, max=1e-1, step=1e-6, round=False, tooltip=
+                    "Student (LoRA) learning rate (AdamW)."),
+                io.Float.Input("lr_disc", default=1e-4, min=1e-7, max=1e-1, step=1e-6, round=False, tooltip=
+                    "Discriminator heads' learning rate (AdamW, betas 0/0.999)."),
+                io.Float.Input("distill_weight", default=2.5, min=0.0, max=100.0, step=0.1, tooltip=
+                    "lambda: weight of the distillation loss against the adversarial loss (paper: 2.5)."),
+                io.Combo.Input("discriminator", options=list(DISCRIMINATOR_TYPES), tooltip=
+                    "teacher: the frozen teacher UNet's own features (LADD; latent space, no extra file). dinov2: DINOv2 "
+                    "ViT-S on decoded images (paper; needs the VAE and dinov2_file)."),
+                io.Float.Input("data_cfg", default=7.0, min=1.0, max=30.0, step=0.1, tooltip=
+                    "CFG scale of the teacher when it generates training images from the prompts."),
+                io.Int.Input("data_steps", default=25, min=1, max=200, tooltip=
+                    "Teacher sampling steps per generated training image (DDIM). More = cleaner targets, slower iterations."),
+                io.Float.Input("distill_cfg", default=1.0, min=0.0, max=30.0, step=0.1, tooltip=
+                    "CFG scale of the teacher's distillation target (1 = no CFG, one teacher pass)."),
+                io.Int.Input("save_every", default=500, min=0, max=1_000_000, tooltip=
+                    "Save the LoRA and the resumable state every N steps (and at the end and on cancel). A crash loses at "
+                    "most N steps. 0 = only at the end."),
+                io.Int.Input("preview_every", default=100, min=0, max=1_000_000, tooltip=
+                    "Make preview images (fixed seeds, 1-step student) every N steps; 0 = never."),
+                # Not named 'seed': the front end gives such widgets a 'randomize after queue' control, and
+                # a changed seed cannot resume the run.
+                io.Int.Input("training_seed", default=0, min=0, max=2**63 - 1, tooltip=
+                    "Seed of the whole run (initialisation, data, noise): the same seed and settings give the same LoRA. "
+                    "Fixed: a run resumes only with its seed."),
+                io.Boolean.Input("gradient_checkpointing", default=False, tooltip=
+                    "Recompute activations in the backward pass: much less memory, ~30% slower. Turn on for SDXL or "
+                    "large batches."),
+                io.Combo.Input("run_mode", options=list(RUN_MODES), tooltip=
+                    "polite: training pauses while ComfyUI runs prompts and continues when the queue is idle. alongside: "
+                    "trains while prompts run (both slower)."),
+                # optional
+                io.Vae.Input("vae", optional=True, tooltip=
+                    "Needed for images (encoding) and the dinov2 discriminator; a TinyVAE (TAESD) also decodes the "
+                    "previews (otherwise a cheap latent approximation is shown)."),
+                io.Image.Input("images", optional=True, tooltip=
+                    "Train on these images (encoded with the VAE) instead of teacher-generated ones; captions are taken "
+                    "from the prompt lines in order (cycled)."),
+                io.String.Input("image_folder", default="", optional=True, tooltip=
+                    "A folder inside ComfyUI's input/ with images (png/jpg/webp/bmp/tif, natural order) and same-name "
+                    "UTF-8 .txt captions (e.g. my_dataset); symbolic links in input/ are followed. Empty = not used."),
+                io.String.Input("dinov2_file", default="", optional=True, tooltip=
+                    "For discriminator dinov2: DINOv2 ViT-S/14 .safetensors, path relative to ComfyUI's models/ folder."),
+                # Added after the others: saved workflows restore widget values by position.
+                io.Int.Input("disc_max_timestep", default=999, min=0, max=999, optional=True, tooltip=
+                    "Discriminator teacher: the highest noise level t-hat at which the teacher's features of real and "
+                    "generated latents are compared (0 to the model's last timestep, 999). 999 = LADD's full range. On "
+                    "small data or small models a low value (e.g. 50) is what lets the discriminator tell real from "
+                    "generated at all (found in this plugin's digits proof)."),
+                io.Combo.Input("disc_norm", options=list(DISC_NORMS), optional=True, tooltip=
+                    "Normalisation in the discriminator heads: batch_local (StyleGAN-T's, statistics over small groups of "
+                    "the batch) or sample (per-sample GroupNorm: no mixing between samples; steadier at small batches)."),
+                io.Combo.Input("lr_schedule", options=list(LR_SCHEDULES), optional=True, tooltip=
+                    "Learning rate after the warm-up, for student and discriminator: constant, or cosine (decays to 0 at "
+                    "max_steps; raising max_steps on resume stretches the curve)."),
+                io.Combo.Input("training_mode", options=list(TRAINING_MODES), optional=True, tooltip=
+                    "lora: train low-rank adapters on the shared weights (one consumer GPU; lr_lora). full: fine-tune "
+                    "every weight of a copy, as the ADD paper does (lr_full; about 16 bytes per weight more memory: copy, "
+                    "gradient, optimiser). Either way the result is a LoRA file: a full run is exported as a LoRA of rank "
+                    "lora_rank extracted from student - teacher, with its reconstruction error in the status and the file."),
+                io.Float.Input("lr_full", default=1e-6, min=1e-9, max=1e-1, step=1e-7, round=False, optional=True, tooltip=
+                    "Student learning rate when training_mode is full (AdamW; the whole network, so far smaller than "
+                    "lr_lora)."),
+                io.Combo.Input("preset", options=list(PRESET_NAMES), optional=True, tooltip=
+                    "A named set of settings that replaces the inputs it names: none (the inputs as set), paper (the ADD "
+                    "paper's starting values for SD-class models), small_data (what the plugin's digits proof found for "
+                    "small models and little data: learning rates 1e-3, discriminator at low noise and on the input "
+                    "convolution too, per-sample head norm, cosine decay, EMA of the student). The node's text lists "
+                    "what it set."),
+            ],
+            outputs=[io.String.Output(display_name="job_id", tooltip="The job's id, for ADD Training Status."),
+                     io.String.Output(display_name="lora_name", tooltip=
+                         "The LoRA's file name in models/loras (for LoraLoader and ADD Compare).")],
+            is_output_node=True,
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", _tip("The checkpoint to distil: teacher and the student's base (SD1.x, SD2.x, SDXL).")),
-            "clip": ("CLIP", _tip("The checkpoint's CLIP, to encode the prompts (once, before training starts).")),
-            "name": ("STRING", _tip("The run's name, not a file prefix: the LoRA is models/loras/<name>.safetensors "
-                                    "(never numbered), its resumable state <name>.add-state/ beside it. Queueing again "
-                                    "with the same name continues that run: it reports the job while it trains, resumes "
-                                    "after a Cancel or a restart, and says 'done' once max_steps is reached (raise "
-                                    "max_steps to train on). Only max_steps, save_every and preview_every may change on "
-                                    "resume; other changes are refused with a message. A new name starts a new run.", default="my_turbo_lora")),
-            "prompts": ("STRING", _tip("One prompt per line. Without images, the teacher generates the training images "
-                                       "from these (LADD: no dataset needed); with images, a caption for images that "
-                                       "have none.", default=_DEFAULT_PROMPTS, multiline=True)),
-            "max_steps": ("INT", _tip("Training iterations (one discriminator + one student update each). Can be "
-                                      "raised on resume.", default=2000, min=1, max=1_000_000)),
-            "batch_size": ("INT", _tip("Samples per iteration. >= 4 recommended (hinge loss collapses at batch 1).",
-                                       default=4, min=1, max=256)),
-            "width": ("INT", _tip("Training image width in pixels (multiple of 8; 512 for SD1.5/2.x, 1024 for SDXL).",
-                                  default=512, min=64, max=4096, step=8)),
-            "height": ("INT", _tip("Training image height in pixels (multiple of 8).", default=512, min=64, max=4096,
-                                   step=8)),
-            "student_timesteps": ("STRING", _tip("Timesteps the student learns to denoise from in one step; sample the "
-                                                 "trained LoRA with the same ones (ADD Scheduler 'custom'). Default: the "
-                                                 "paper's 4 steps.", default="999,749,499,249")),
-            "lora_rank": ("INT", _tip("LoRA rank (capacity and file size). With training_mode full: the rank the "
-                                      "fine-tune is exported at (higher = closer to the student).", default=16,
-                                      min=1, max=1024)),
-            "lora_alpha": ("FLOAT", _tip("LoRA alpha (scale = alpha / rank); usually equal to the rank.", default=16.0,
-                                         min=0.01, max=1024.0, step=0.01)),
-            "lr_lora": ("FLOAT", _tip("Student (LoRA) learning rate (AdamW).", default=1e-4, min=1e-7, max=1e-1,
-                                      step=1e-6, round=False)),
-            "lr_disc": ("FLOAT", _tip("Discriminator heads' learning rate (AdamW, betas 0/0.999).", default=1e-4,
-                                      min=1e-7, max=1e-1, step=1e-6, round=False)),
-            "distill_weight": ("FLOAT", _tip("lambda: weight of the distillation loss against the adversarial loss "
-                                             "(paper: 2.5).", default=2.5, min=0.0, max=100.0, step=0.1)),
-            "discriminator": (list(DISCRIMINATOR_TYPES), _tip("teacher: the frozen teacher UNet's own features (LADD; "
-                                                              "latent space, no extra file). dinov2: DINOv2 ViT-S on "
-                                                              "decoded images (paper; needs the VAE and dinov2_file).")),
-            "data_cfg": ("FLOAT", _tip("CFG scale of the teacher when it generates training images from the prompts.",
-                                       default=7.0, min=1.0, max=30.0, step=0.1)),
-            "data_steps": ("INT", _tip("Teacher sampling steps per generated training image (DDIM). More = cleaner "
-                                       "targets, slower iterations.", default=25, min=1, max=200)),
-            "distill_cfg": ("FLOAT", _tip("CFG scale of the teacher's distillation target (1 = no CFG, one teacher "
-                                          "pass).", default=1.0, min=0.0, max=30.0, step=0.1)),
-            "save_every": ("INT", _tip("Save the LoRA and the resumable state every N steps (and at the end and on "
-                                       "cancel). A crash loses at most N steps. 0 = only at the end.", default=500,
-                                       min=0, max=1_000_000)),
-            "preview_every": ("INT", _tip("Make preview images (fixed seeds, 1-step student) every N steps; 0 = never.",
-                                          default=100, min=0, max=1_000_000)),
-            # Not named 'seed': the front end gives such widgets a 'randomize after queue' control, and
-            # a changed seed cannot resume the run.
-            "training_seed": ("INT", _tip("Seed of the whole run (initialisation, data, noise): the same seed and "
-                                          "settings give the same LoRA. Fixed: a run resumes only with its seed.",
-                                          default=0, min=0, max=2**63 - 1)),
-            "gradient_checkpointing": ("BOOLEAN", _tip("Recompute activations in the backward pass: much less memory, "
-                                                       "~30% slower. Turn on for SDXL or large batches.", default=False)),
-            "run_mode": (list(RUN_MODES), _tip("polite: training pauses while ComfyUI runs prompts and continues when "
-                                               "the queue is idle. alongside: trains while prompts run (both slower).")),
-        }, "optional": {
-            "vae": ("VAE", _tip("Needed for images (encoding) and the dinov2 discriminator; a TinyVAE (TAESD) also "
-                                "decodes the previews (otherwise a cheap latent approximation is shown).")),
-            "images": ("IMAGE", _tip("Train on these images (encoded with the VAE) instead of teacher-generated ones; "
-                                     "captions are taken from the prompt lines in order (cycled).")),
-            "image_folder": ("STRING", _tip("A folder inside ComfyUI's input/ with images (png/jpg/webp/bmp/tif, "
-                                            "natural order) and same-name UTF-8 .txt captions (e.g. my_dataset); "
-                                            "symbolic links in input/ are followed. Empty = not used.", default="")),
-            "dinov2_file": ("STRING", _tip("For discriminator dinov2: DINOv2 ViT-S/14 .safetensors, path relative to "
-                                           "ComfyUI's models/ folder.", default="")),
-            # Added after the others: saved workflows restore widget values by position.
-            "disc_max_timestep": ("INT", _tip("Discriminator teacher: the highest noise level t-hat at which the teacher's "
-                                              "features of real and generated latents are compared (0 to the model's "
-                                              "last timestep, 999). 999 = LADD's full range. On small data or small "
-                                              "models a low value (e.g. 50) is what lets the discriminator tell real "
-                                              "from generated at all (found in this plugin's digits proof).",
-                                              default=999, min=0, max=999)),
-            "disc_norm": (list(DISC_NORMS), _tip("Normalisation in the discriminator heads: batch_local (StyleGAN-T's, "
-                                                 "statistics over small groups of the batch) or sample (per-sample "
-                                                 "GroupNorm: no mixing between samples; steadier at small batches).")),
-            "lr_schedule": (list(LR_SCHEDULES), _tip("Learning rate after the warm-up, for student and discriminator: "
-                                                     "constant, or cosine (decays to 0 at max_steps; raising max_steps "
-                                                     "on resume stretches the curve).")),
-            "training_mode": (list(TRAINING_MODES), _tip("lora: train low-rank adapters on the shared weights (one "
-                                                         "consumer GPU; lr_lora). full: fine-tune every weight of a "
-                                                         "copy, as the ADD paper does (lr_full; about 16 bytes per "
-                                                         "weight more memory: copy, gradient, optimiser). Either way "
-                                                         "the result is a LoRA file: a full run is exported as a LoRA "
-                                                         "of rank lora_rank extracted from student - teacher, with its "
-                                                         "reconstruction error in the status and the file.")),
-            "lr_full": ("FLOAT", _tip("Student learning rate when training_mode is full (AdamW; the whole network, "
-                                      "so far smaller than lr_lora).", default=1e-6, min=1e-9, max=1e-1, step=1e-7,
-                                      round=False)),
-            "preset": (list(PRESET_NAMES), _tip("A named set of settings that replaces the inputs it names: none (the "
-                                                "inputs as set), paper (the ADD paper's starting values for SD-class "
-                                                "models), small_data (what the plugin's digits proof found for small "
-                                                "models and little data: learning rates 1e-3, discriminator at low "
-                                                "noise and on the input convolution too, per-sample head norm, cosine "
-                                                "decay, EMA of the student). The node's text lists what it set.")),
-        }}
-
-    @classmethod
-    def IS_CHANGED(cls, **kwargs):
+    def fingerprint_inputs(cls, **kwargs):
         return float("nan")  # every queue re-checks the run (resume after a cancel, status line)
 
-    def start(self, model, clip, name, prompts, max_steps, batch_size, width, height, student_timesteps, lora_rank,
-              lora_alpha, lr_lora, lr_disc, distill_weight, discriminator, data_cfg, data_steps, distill_cfg,
-              save_every, preview_every, training_seed, gradient_checkpointing, run_mode, vae=None, images=None,
-              image_folder="", dinov2_file="", disc_max_timestep=999, disc_norm="batch_local", lr_schedule="constant",
-              training_mode="lora", lr_full=1e-6, preset="none"):
+    @classmethod
+    def execute(cls, model, clip, name, prompts, max_steps, batch_size, width, height, student_timesteps, lora_rank,
+                lora_alpha, lr_lora, lr_disc, distill_weight, discriminator, data_cfg, data_steps, distill_cfg,
+                save_every, preview_every, training_seed, gradient_checkpointing, run_mode, vae=None, images=None,
+                image_folder="", dinov2_file="", disc_max_timestep=999, disc_norm="batch_local", lr_schedule="constant",
+                training_mode="lora", lr_full=1e-6, preset="none") -> io.NodeOutput:
         args = locals_without_self(locals())
         args["seed"] = args.pop("training_seed")
         job = start_training(**args)
@@ -197,11 +200,12 @@ class ADDTrain:
                 line += f"; {job.message}"
         if preset != "none":
             line += f"\npreset {preset}: " + ", ".join(f"{k} = {v}" for k, v in preset_fields(preset).items())
-        return {"ui": {"text": [line]}, "result": (job.id, os.path.basename(job.lora_path))}
+        return io.NodeOutput(job.id, os.path.basename(job.lora_path), ui={"text": [line]})
 
 
 def locals_without_self(d: dict) -> dict:
-    return {k: v for k, v in d.items() if k not in ("self", "__class__")}
+    """A method's ``locals()`` as its keyword arguments (without self / cls)."""
+    return {k: v for k, v in d.items() if k not in ("self", "cls", "__class__")}
 
 
 def _dinov2_path(name: str) -> str:
@@ -372,25 +376,26 @@ def status_text(job: Job) -> str:
     return "\n".join(lines)
 
 
-class ADDTrainingStatus:
-    DESCRIPTION = "State of an ADD training job: step, losses, speed, ETA, LoRA path, and its latest preview."
-    RETURN_TYPES = ("STRING", "IMAGE")
-    RETURN_NAMES = ("status", "preview")
-    OUTPUT_TOOLTIPS = ("Status text.", "The latest preview (1-step student, fixed seeds); black until the first one.")
-    FUNCTION = "status"
-    CATEGORY = CATEGORY
-    OUTPUT_NODE = True
+class ADDTrainingStatus(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ADDTrainingStatus", display_name="ADD Training Status", category=CATEGORY,
+            description="State of an ADD training job: step, losses, speed, ETA, LoRA path, and its latest preview.",
+            inputs=[io.String.Input("job_id", default="",
+                                    tooltip="The job id ADD Train returns (connect its job_id output).")],
+            outputs=[io.String.Output(display_name="status", tooltip="Status text."),
+                     io.Image.Output(display_name="preview", tooltip=
+                         "The latest preview (1-step student, fixed seeds); black until the first one.")],
+            is_output_node=True,
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"job_id": ("STRING", _tip("The job id ADD Train returns (connect its job_id output).",
-                                                       default=""))}}
-
-    @classmethod
-    def IS_CHANGED(cls, **kwargs):
+    def fingerprint_inputs(cls, **kwargs):
         return float("nan")
 
-    def status(self, job_id):
+    @classmethod
+    def execute(cls, job_id) -> io.NodeOutput:
         job = REGISTRY.get(str(job_id).strip())
         if job is None:
             raise ADDError(f"job_id {str(job_id)[:40]!r}: no ADD training job with this id in this ComfyUI session (jobs "
@@ -398,8 +403,7 @@ class ADDTrainingStatus:
                              "restart, queue ADD Train with the same name.")
         img = job.preview_image if job.preview_image is not None else torch.zeros(1, 64, 64, 3)
         text = status_text(job)
-        return {"ui": {"text": [text]}, "result": (text, img)}
+        return io.NodeOutput(text, img, ui={"text": [text]})
 
 
-NODE_CLASS_MAPPINGS = {"ADDTrain": ADDTrain, "ADDTrainingStatus": ADDTrainingStatus}
-NODE_DISPLAY_NAME_MAPPINGS = {"ADDTrain": "ADD Train (background)", "ADDTrainingStatus": "ADD Training Status"}
+NODES = [ADDTrain, ADDTrainingStatus]

@@ -16,6 +16,7 @@ import torch
 
 import comfy.model_management
 import folder_paths
+from comfy_api.latest import io
 
 from ..adapters import comfy_internals as internals
 from ..core import files
@@ -72,39 +73,37 @@ def turbo_metadata(model, title: str, steps: int, cfg: float, base_model_name: s
     return md, extra
 
 
-class ADDSaveTurboCheckpoint:
+class ADDSaveTurboCheckpoint(io.ComfyNode):
     """Save a fused model (+ CLIP + VAE) as one .safetensors with honest metadata, atomically."""
 
-    DESCRIPTION = ("Writes model + CLIP + VAE as one .safetensors checkpoint in the output folder with modelspec metadata "
-                   "(base model, merged LoRAs and strengths, recommended steps / timesteps / cfg). Numbered like "
-                   "ComfyUI's Save Checkpoint (<prefix>_00001_.safetensors, ...): queueing again writes the next "
-                   "number and never replaces a file, unless exact_name_overwrite is on. Atomic.")
-    CATEGORY = "ADD/lora"
-    FUNCTION = "save"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("report",)
-    OUTPUT_TOOLTIPS = ("Where the file went and the metadata written.",)
-
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "The fused model (from ADD LoRA Merge, or any model)."}),
-                "clip": ("CLIP", {"tooltip": "Text encoder saved into the checkpoint."}),
-                "vae": ("VAE", {"tooltip": "VAE saved into the checkpoint."}),
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ADDSaveTurboCheckpoint", display_name="ADD Save Turbo Checkpoint", category="ADD/lora",
+            description=("Writes model + CLIP + VAE as one .safetensors checkpoint in the output folder with modelspec "
+                         "metadata (base model, merged LoRAs and strengths, recommended steps / timesteps / cfg). Numbered "
+                         "like ComfyUI's Save Checkpoint (<prefix>_00001_.safetensors, ...): queueing again writes the "
+                         "next number and never replaces a file, unless exact_name_overwrite is on. Atomic."),
+            inputs=[
+                io.Model.Input("model", tooltip="The fused model (from ADD LoRA Merge, or any model)."),
+                io.Clip.Input("clip", tooltip="Text encoder saved into the checkpoint."),
+                io.Vae.Input("vae", tooltip="VAE saved into the checkpoint."),
                 # filename_prefix / exact_name_overwrite sit where the old filename / overwrite widgets were:
                 # old workflows restore their values by position (see nodes/saving.py).
-                "filename_prefix": saving.prefix_input("checkpoints/turbo_model", "ComfyUI's output folder"),
-                "exact_name_overwrite": saving.exact_input(),
-                "steps": ("INT", {"default": 4, "min": 1, "max": 50, "tooltip": "Recommended sampling steps written to metadata."}),
-                "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 30.0, "step": 0.1, "tooltip": "Recommended cfg written to metadata."}),
-                "base_model_name": ("STRING", {"default": "", "tooltip": "Name of the checkpoint the merge started from "
-                                               "(MODEL does not carry its file name); written to metadata."}),
-            },
-        }
+                saving.prefix_input("checkpoints/turbo_model", "ComfyUI's output folder"),
+                saving.exact_input(),
+                io.Int.Input("steps", default=4, min=1, max=50, tooltip="Recommended sampling steps written to metadata."),
+                io.Float.Input("cfg", default=1.0, min=0.0, max=30.0, step=0.1, tooltip="Recommended cfg written to metadata."),
+                io.String.Input("base_model_name", default="", tooltip=
+                    "Name of the checkpoint the merge started from (MODEL does not carry its file name); written to "
+                    "metadata."),
+            ],
+            outputs=[io.String.Output(display_name="report", tooltip="Where the file went and the metadata written.")],
+            is_output_node=True,
+        )
 
-    def save(self, model, clip, vae, filename_prefix, exact_name_overwrite, steps, cfg, base_model_name):
+    @classmethod
+    def execute(cls, model, clip, vae, filename_prefix, exact_name_overwrite, steps, cfg, base_model_name) -> io.NodeOutput:
         out = folder_paths.get_output_directory()
         # the name is checked before gathering gigabytes of weights
         title = os.path.basename(saving.check_prefix(filename_prefix, out, exact_name_overwrite))
@@ -112,7 +111,7 @@ class ADDSaveTurboCheckpoint:
         path = saving.save_safetensors(out, filename_prefix, exact_name_overwrite,
                                        checkpoint_state_dict(model, clip, vae, extra), md)
         report = f"saved {path}\n" + "\n".join(f"{k}: {v}" for k, v in md.items())
-        return {"ui": {"text": [report]}, "result": (report,)}
+        return io.NodeOutput(report, ui={"text": [report]})
 
 
 def checkpoint_state_dict(model, clip, vae, extra_keys: dict) -> dict:
@@ -129,5 +128,4 @@ def checkpoint_state_dict(model, clip, vae, extra_keys: dict) -> dict:
     return sd
 
 
-NODE_CLASS_MAPPINGS = {"ADDSaveTurboCheckpoint": ADDSaveTurboCheckpoint}
-NODE_DISPLAY_NAME_MAPPINGS = {"ADDSaveTurboCheckpoint": "ADD Save Turbo Checkpoint"}
+NODES = [ADDSaveTurboCheckpoint]

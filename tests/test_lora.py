@@ -292,8 +292,8 @@ def test_save_reload_same_output_and_metadata(lora_merge, turbo_ckpt, sd15, lora
 
     model, clip, vae = sd15
     fused = merge(lora_merge, model, "tiny_lcm_lora_sd15.safetensors", 0.9, sampling="none")[0]
-    rep = turbo_ckpt.ADDSaveTurboCheckpoint().save(fused, clip, vae, "lora_test/turbo_a", True, 4, 1.0,
-                                          "v1-5-pruned-emaonly.safetensors")["result"][0]
+    rep = turbo_ckpt.ADDSaveTurboCheckpoint.execute(fused, clip, vae, "lora_test/turbo_a", True, 4, 1.0,
+                                             "v1-5-pruned-emaonly.safetensors")[0]
     path = os.path.join(folder_paths.get_output_directory(), "lora_test", "turbo_a.safetensors")
     assert rep.startswith(f"saved {path}")
     md = safe_open(path, "pt").metadata()
@@ -316,7 +316,7 @@ def test_saved_timesteps_are_what_add_scheduler_samples(turbo_ckpt, plugin, sd15
     import folder_paths
 
     model, clip, vae = sd15
-    turbo_ckpt.ADDSaveTurboCheckpoint().save(model, clip, vae, f"lora_steps/turbo_{steps}", True, steps, 1.0, "")
+    turbo_ckpt.ADDSaveTurboCheckpoint.execute(model, clip, vae, f"lora_steps/turbo_{steps}", True, steps, 1.0, "")
     path = os.path.join(folder_paths.get_output_directory(), "lora_steps", f"turbo_{steps}.safetensors")
     md = safe_open(path, "pt").metadata()
     assert md["add.sampling"] == "eps" and md["add.recommended_steps"] == str(steps)
@@ -344,12 +344,12 @@ def test_save_numbers_files_and_never_overwrites(turbo_ckpt, sd15, comfy):
     user_file = os.path.join(folder, "turbo.safetensors")
     with open(user_file, "wb") as f:
         f.write(b"the user's own file")
-    node = turbo_ckpt.ADDSaveTurboCheckpoint()
-    first = node.save(model, clip, vae, "lora_numbered/turbo", False, 4, 1.0, "")["result"][0]
+    node = turbo_ckpt.ADDSaveTurboCheckpoint
+    first = node.execute(model, clip, vae, "lora_numbered/turbo", False, 4, 1.0, "")[0]
     p1 = os.path.join(folder, "turbo_00001_.safetensors")
     assert first.startswith(f"saved {p1}\n")
     before = _state(p1)
-    second = node.save(model, clip, vae, "lora_numbered/turbo.safetensors", False, 4, 1.0, "")["result"][0]
+    second = node.execute(model, clip, vae, "lora_numbered/turbo.safetensors", False, 4, 1.0, "")[0]
     p2 = os.path.join(folder, "turbo_00002_.safetensors")
     assert second.startswith(f"saved {p2}\n")
     assert _state(p1) == before and open(user_file, "rb").read() == b"the user's own file"
@@ -372,7 +372,7 @@ def test_save_takes_the_next_number_when_one_is_taken_meanwhile(turbo_ckpt, sd15
             f.write(b"written by another save")
         return got
     monkeypatch.setattr(turbo_ckpt.saving.folder_paths, "get_save_image_path", stale_counter)
-    rep = turbo_ckpt.ADDSaveTurboCheckpoint().save(model, clip, vae, "lora_race/m", False, 4, 1.0, "")["result"][0]
+    rep = turbo_ckpt.ADDSaveTurboCheckpoint.execute(model, clip, vae, "lora_race/m", False, 4, 1.0, "")[0]
     assert rep.startswith(f"saved {os.path.join(folder, 'm_00002_.safetensors')}\n")
     assert open(os.path.join(folder, "m_00001_.safetensors"), "rb").read() == b"written by another save"
 
@@ -387,7 +387,7 @@ def test_exact_name_overwrite_replaces_atomically(turbo_ckpt, sd15, monkeypatch,
     path = os.path.join(folder, "keep.safetensors")
     with open(path, "wb") as f:
         f.write(b"old file")
-    node = turbo_ckpt.ADDSaveTurboCheckpoint()
+    node = turbo_ckpt.ADDSaveTurboCheckpoint
     real_writer = turbo_ckpt.files.write_safetensors_to
 
     def broken_writer(f, tensors, metadata=None):
@@ -396,13 +396,13 @@ def test_exact_name_overwrite_replaces_atomically(turbo_ckpt, sd15, monkeypatch,
 
     monkeypatch.setattr(turbo_ckpt.files, "write_safetensors_to", broken_writer)
     with pytest.raises(OSError, match="disk full"):
-        node.save(model, clip, vae, "lora_atomic/keep", True, 4, 1.0, "")
+        node.execute(model, clip, vae, "lora_atomic/keep", True, 4, 1.0, "")
     with pytest.raises(OSError, match="disk full"):
-        node.save(model, clip, vae, "lora_atomic/new_one", False, 4, 1.0, "")
+        node.execute(model, clip, vae, "lora_atomic/new_one", False, 4, 1.0, "")
     assert open(path, "rb").read() == b"old file"
     assert sorted(os.listdir(folder)) == ["keep.safetensors"]  # no temporary, no numbered half file
     monkeypatch.setattr(turbo_ckpt.files, "write_safetensors_to", real_writer)
-    rep = node.save(model, clip, vae, "lora_atomic/keep", True, 4, 1.0, "")["result"][0]
+    rep = node.execute(model, clip, vae, "lora_atomic/keep", True, 4, 1.0, "")[0]
     assert rep.startswith(f"saved {path}\n") and sorted(os.listdir(folder)) == ["keep.safetensors"]
     assert comfy.sd.load_checkpoint_guess_config(path)[0] is not None  # the old bytes are gone, a checkpoint is there
 
@@ -412,7 +412,7 @@ def test_exact_name_overwrite_replaces_atomically(turbo_ckpt, sd15, monkeypatch,
 def test_save_rejects_path_escapes(turbo_ckpt, sd15, bad, exact):
     model, clip, vae = sd15
     with pytest.raises(ValueError, match="filename_prefix .*file name"):
-        turbo_ckpt.ADDSaveTurboCheckpoint().save(model, clip, vae, bad, exact, 4, 1.0, "")
+        turbo_ckpt.ADDSaveTurboCheckpoint.execute(model, clip, vae, bad, exact, 4, 1.0, "")
 
 
 def test_save_refuses_a_symlinked_folder_leading_out(turbo_ckpt, sd15, tmp_path, comfy):
@@ -423,7 +423,7 @@ def test_save_refuses_a_symlinked_folder_leading_out(turbo_ckpt, sd15, tmp_path,
     if not os.path.islink(link):
         os.symlink(tmp_path, link)
     with pytest.raises(ValueError, match="resolves outside"):
-        turbo_ckpt.ADDSaveTurboCheckpoint().save(model, clip, vae, "lora_link_out/x", False, 4, 1.0, "")
+        turbo_ckpt.ADDSaveTurboCheckpoint.execute(model, clip, vae, "lora_link_out/x", False, 4, 1.0, "")
     assert os.listdir(tmp_path) == []
 
 
@@ -439,7 +439,7 @@ def test_extract_then_merge_approximates_turbo(lora_merge, lora_extract, sd15, l
     # the delta has rank 64: at rank 64 only fp16 storage error remains
     assert lora_extract.extract_lora_sd(turbo, model, 64)[2] < 5e-3
     name = "extracted_r8"
-    report = lora_extract.ADDExtractLoRA().extract(turbo, model, 8, name, True)["result"][0]
+    report = lora_extract.ADDExtractLoRA.execute(turbo, model, 8, name, True)[0]
     overall = float(report.split("relative error overall: ")[1].split()[0])
     assert overall > 0.1 and "worst: diffusion_model." in report
     path = os.path.join(folder_paths.get_folder_paths("loras")[0], name + ".safetensors")
@@ -459,7 +459,7 @@ def test_extract_then_merge_approximates_turbo(lora_merge, lora_extract, sd15, l
     out_t = run(turbo)
     assert float((out_b - out_t).norm()) < float((run(model) - out_t).norm())
     before = _state(path)
-    again = lora_extract.ADDExtractLoRA().extract(turbo, model, 8, name, False)["result"][0]  # the default: numbered
+    again = lora_extract.ADDExtractLoRA.execute(turbo, model, 8, name, False)[0]  # the default: numbered
     numbered = os.path.join(os.path.dirname(path), name + "_00001_.safetensors")
     assert again.startswith(f"saved {numbered}\n") and _state(path) == before
     assert _load(numbered).keys() == _load(path).keys()
@@ -490,4 +490,4 @@ def test_extract_checks_the_name_before_any_work(lora_extract, sd15, monkeypatch
     model = sd15[0]
     monkeypatch.setattr(lora_extract, "extract_lora_sd", lambda *a, **k: pytest.fail("the SVD ran before the name check"))
     with pytest.raises(ValueError, match="filename_prefix 'sub/../x'"):
-        lora_extract.ADDExtractLoRA().extract(model, model, 4, "sub/../x", False)
+        lora_extract.ADDExtractLoRA.execute(model, model, 4, "sub/../x", False)

@@ -265,10 +265,10 @@ def test_gradient_checkpointing_recomputes_the_blocks_and_gives_the_same_first_s
 
 def test_status_and_compare_nodes(T, plugin, sd15, loras_dir):
     job = wait(start(T, sd15, name="compare_run", max_steps=2, preview_every=1))
-    text, img = T.ADDTrainingStatus().status(job.id)["result"]
+    text, img = T.ADDTrainingStatus.execute(job.id)
     assert "compare_run" in text and "done" in text and img.shape[-1] == 3
     with pytest.raises(ValueError, match="no ADD training job with this id"):
-        T.ADDTrainingStatus().status("0123456789ab")
+        T.ADDTrainingStatus.execute("0123456789ab")
     model, clip, vae = sd15
     compare = plugin("nodes.compare")
     (grid,) = compare.ADDCompare.execute(model, clip, vae, "compare_run", "a red fox\na blue car", 0, 2, 3.0, "euler",
