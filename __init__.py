@@ -22,8 +22,8 @@ State that outlives a prompt (for the life of the ComfyUI process unless said ot
   VAE object as ``_add_tiny_runners``, for as long as that VAE lives;
 - core/schedules.py: ``lcm_timesteps``, a memo of constant timestep tables.
 """
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # TRANSITION: comfy_entrypoint once all are moved
+from .nodes import comfy_entrypoint
 
 WEB_DIRECTORY = "./web"
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
+__all__ = ["comfy_entrypoint", "WEB_DIRECTORY"]

@@ -26,20 +26,8 @@ _MODULES: tuple[str, ...] = (
     "fast_path",
 )
 
-NODES: list = []
-# TRANSITION (removed when every module is moved): modules still on the V1 API export mappings.
-_V1_CLASSES: dict = {}
-_V1_NAMES: dict = {}
-for _name in _MODULES:
-    _mod = import_module(f".{_name}", __name__)
-    if hasattr(_mod, "NODES"):
-        NODES.extend(_mod.NODES)
-    else:
-        _V1_CLASSES.update(_mod.NODE_CLASS_MAPPINGS)
-        _V1_NAMES.update(_mod.NODE_DISPLAY_NAME_MAPPINGS)
-NODE_CLASSES: dict = {node.GET_SCHEMA().node_id: node for node in NODES} | _V1_CLASSES
-NODE_CLASS_MAPPINGS = NODE_CLASSES
-NODE_DISPLAY_NAME_MAPPINGS = {node.GET_SCHEMA().node_id: node.GET_SCHEMA().display_name for node in NODES} | _V1_NAMES
+NODES: list = [node for name in _MODULES for node in import_module(f".{name}", __name__).NODES]
+NODE_CLASSES: dict = {node.GET_SCHEMA().node_id: node for node in NODES}
 
 
 class ADDExtension(ComfyExtension):

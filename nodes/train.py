@@ -59,11 +59,6 @@ def load_image_folder(folder: str, width: int, height: int) -> tuple[torch.Tenso
 # --------------------------------------------------------------------------------------------
 # ADD Train (background)
 # --------------------------------------------------------------------------------------------
-def _tip(text: str, **kw) -> dict:
-    """A V1 widget's options with its tooltip (nodes/compare.py's inputs use it)."""
-    return {"tooltip": text, **kw}
-
-
 class ADDTrain(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:

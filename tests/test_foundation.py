@@ -83,7 +83,7 @@ def test_server_loads_plugin_and_lists_nodes_with_tooltips(comfy_server):
     from scripts.comfy_host import import_comfy, plugin_module
 
     import_comfy()
-    expected = set(plugin_module().NODE_CLASS_MAPPINGS)
+    expected = set(plugin_module("nodes").NODE_CLASSES)
     listed = {name for name, v in info.items() if "comfyui-add" in v.get("python_module", "")}
     assert expected <= listed, expected - listed
     for name in listed:

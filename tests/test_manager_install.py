@@ -15,7 +15,7 @@ requirements.txt`` with the interpreter ComfyUI runs on. Here:
 4. the plugin COPIED (its git files, as a clone has them) into the fresh ``custom_nodes/``, the
    user's model files put under the names the templates use (tiny stand-ins), the server started
    on that environment, and: no import error in the log, /object_info lists every node of the
-   plugin's NODE_CLASS_MAPPINGS, the front-end extension is served, and the template that reads
+   plugin's nodes (nodes.NODE_CLASSES), the front-end extension is served, and the template that reads
    frames from input/ runs (its example clip ships with the plugin).
 """
 from __future__ import annotations
@@ -155,7 +155,7 @@ def fresh_server(fresh, tiny):
 
 def test_plugin_loads_and_lists_every_node(fresh_server, plugin):
     client, log_path, _ = fresh_server
-    expected = set(plugin("").NODE_CLASS_MAPPINGS)
+    expected = set(plugin("nodes").NODE_CLASSES)
     assert expected, "the plugin registers no node"
     info = client.get("/object_info")
     extensions = client.get("/extensions")
