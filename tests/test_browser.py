@@ -207,16 +207,28 @@ OLD_WORKFLOWS = sorted((ROOT / "tests" / "data" / "workflows_0.2").glob("*@*.jso
 
 
 @pytest.mark.parametrize("path", OLD_WORKFLOWS + SHIPPED, ids=lambda p: p.stem)
-def test_saved_workflows_of_0_2_open_in_the_page_with_their_values(comfy_page, path):
+def test_saved_workflows_of_0_2_open_in_the_page_with_their_values(comfy_page, comfy_server, path):
     """A workflow saved with 0.2.x (the V1 node API) opens with no missing node and no value outside
-    its choices, and the page turns it into the same inputs for the plugin's nodes as on 0.2
-    (tests/data/workflows_0.2/expected_inputs.json, see test_node_api.py)."""
+    its choices, and the page sends the same inputs for the plugin's nodes as on 0.2
+    (tests/data/workflows_0.2/expected_inputs.json, see test_node_api.py); a widget the file predates
+    is sent at its default."""
     expected = json.loads((ROOT / "tests" / "data" / "workflows_0.2" / "expected_inputs.json").read_text())[path.name]
+    info = comfy_server.get("/object_info")
     cp = comfy_page
     cp.open_workflow(path)
     assert cp.problems() == [], f"{path.name} as the page shows it"
     prompt = cp.page.evaluate("async () => (await window.app.graphToPrompt()).output")
-    got = {nid: {"class_type": n["class_type"],
-                 "inputs": {k: v for k, v in n["inputs"].items() if not isinstance(v, list)}}
-           for nid, n in prompt.items() if n["class_type"].startswith("ADD")}
-    assert got == expected
+    got = {nid: n for nid, n in prompt.items() if n["class_type"].startswith("ADD")}
+    assert sorted(got) == sorted(expected) and all(got[k]["class_type"] == expected[k]["class_type"] for k in got)
+    for nid, node in expected.items():
+        sent = got[nid]["inputs"]
+        wrong = {k: (sent.get(k), v) for k, v in node["inputs"].items() if sent.get(k) != v}
+        assert not wrong, f"node {nid} ({node['class_type']}), input: (the page sends, 0.2 sent): {wrong}"
+        spec = {k: v for section in ("required", "optional")
+                for k, v in info[node["class_type"]]["input"].get(section, {}).items()}
+        for name, value in sent.items():
+            if name not in node["inputs"] and not isinstance(value, list):  # a widget the saved file predates
+                kind, opts = spec[name][0], spec[name][1]
+                options = kind if isinstance(kind, list) else opts.get("options")
+                default = opts.get("default", options[0] if options else None)  # a combo starts at its first choice
+                assert value == default, (nid, name, value, spec[name])
