@@ -419,6 +419,7 @@ def test_save_refuses_a_symlinked_folder_leading_out(turbo_ckpt, sd15, tmp_path,
     import folder_paths
 
     model, clip, vae = sd15
+    os.makedirs(folder_paths.get_output_directory(), exist_ok=True)  # a fresh home has none yet
     link = os.path.join(folder_paths.get_output_directory(), "lora_link_out")
     if not os.path.islink(link):
         os.symlink(tmp_path, link)
