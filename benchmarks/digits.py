@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -307,7 +306,12 @@ def train_classifier(size: Size, x: torch.Tensor, y: torch.Tensor) -> dict:
 
 def cached(name: str, key: str, make: Callable[[], dict], log: Callable[[str], None] = _log) -> dict:
     """A state dict from ``.cache/digits/{name}-{key}.safetensors``, made (and written atomically) when absent."""
-    from safetensors.torch import load_file, save
+    from safetensors.torch import load_file
+
+    from scripts.plugin_package import load
+
+    load()
+    from comfyui_add.core.files import atomic_write_safetensors
 
     CACHE.mkdir(parents=True, exist_ok=True)
     path = CACHE / f"{name}-{key}.safetensors"
@@ -316,9 +320,7 @@ def cached(name: str, key: str, make: Callable[[], dict], log: Callable[[str], N
         return load_file(str(path))
     t0 = time.perf_counter()
     sd = make()
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_bytes(save({k: v.contiguous() for k, v in sd.items()}))
-    os.replace(tmp, path)
+    atomic_write_safetensors({k: v.contiguous() for k, v in sd.items()}, path)
     log(f"{name}: trained in {time.perf_counter() - t0:.0f} s -> {path.relative_to(ROOT)}")
     return sd
 

@@ -12,4 +12,10 @@ for a in "$@"; do
   case "$a" in -*) ;; *) [ -e "${a%%::*}" ] && has_path=1 ;; esac
 done
 [ "$has_path" = 1 ] || set -- "$@" "$ROOT/tests"
+# Tests run in parallel worker processes (pytest-xdist), one per core up to 4, unless the caller
+# chose (-n / --numprocesses / -p no:xdist). Each test still computes on one thread (tests/conftest.py).
+case " $* " in
+  *" -n"*|*" --numprocesses"*|*"no:xdist"*) ;;
+  *) set -- -n auto --maxprocesses 4 "$@" ;;
+esac
 exec "$ROOT/.venv/bin/python" -m pytest -c "$ROOT/tests/pytest.ini" --rootdir "$ROOT/tests" "$@"

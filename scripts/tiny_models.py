@@ -33,7 +33,6 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 # Bump when any builder below changes what it writes: caches of an older version are rebuilt.
@@ -92,10 +91,15 @@ def init_module_(module: torch.nn.Module, seed: int, gain: float = 1.0,
 
 
 def _atomic_save(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    """The plugin's atomic writer: a temporary name of this process's own, so parallel test workers
+    building the cache at once never write into each other's file."""
+    from scripts.plugin_package import load
+
+    load()
+    from comfyui_add.core.files import atomic_write_safetensors
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    atomic_write_safetensors({k: v.contiguous() for k, v in tensors.items()}, path, metadata)
 
 
 # --------------------------------------------------------------------------------------------

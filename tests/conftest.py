@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 # One compute thread per process, here and in every server / torchrun process the tests start: the
-# models are tiny, the machine has 2 cores shared by a test process and a server, and a torch thread
-# pool on a busy core spin-waits (the suite measured 15.3 min with the default pools).
+# models are tiny, scripts/test.sh runs one test worker per core (pytest-xdist), each with its own
+# server, and a torch thread pool on a busy core spin-waits.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
