@@ -76,6 +76,14 @@ SWEEPS: dict[str, dict[str, dict[str, Any]]] = {
         "ema_lr3e-4": {"disc_features": "input+encoder", "ema_decay": 0.99, "lr_lora": 3e-4},
         "ema_lr3e-4_d3e-4": {"disc_features": "input+encoder", "ema_decay": 0.99, "lr_lora": 3e-4, "lr_disc": 3e-4},
     },
+    # the student: LoRA rank 16 (the proof's) and 64 against every weight (the paper's setup), the full
+    # student sampled through a LoRA extracted at rank 1024 (wider than any layer: exact up to fp16)
+    "student": {
+        "lora16": {},
+        "lora64": {"lora_rank": 64},
+        "full_1e-4": {"training_mode": "full", "lr_full": 1e-4, "lora_rank": 1024},
+        "full_1e-5": {"training_mode": "full", "lr_full": 1e-5, "lora_rank": 1024},
+    },
 }
 
 
