@@ -394,9 +394,11 @@ def _live_call(sn, model, positive, lat, unique_id="7", workflow="wf-a", **kw):
     args.update(kw)
     from comfy_api.latest import io
 
-    # the hidden inputs as ComfyUI hands them to a node in a prompt (a class clone per run)
-    node = sn.ADDStreamBatch.PREPARE_CLASS_CLONE({io.Hidden.unique_id: unique_id, io.Hidden.prompt: {},
-                                                 io.Hidden.extra_pnginfo: {"workflow": {"id": workflow}}})
+    # the hidden inputs as ComfyUI hands them to a node in a prompt: on a copy of the class, per run
+    # (its PREPARE_CLASS_CLONE, whose argument differs between hosts: 0.33 takes the executor's v3_data)
+    hidden = io.HiddenHolder.from_dict({io.Hidden.unique_id: unique_id, io.Hidden.prompt: {},
+                                        io.Hidden.extra_pnginfo: {"workflow": {"id": workflow}}})
+    node = type("ADDStreamBatchInAPrompt", (sn.ADDStreamBatch,), {"hidden": hidden})
     res = node.execute(model, positive, lat, **args)
     assert res.ui == {"text": [res[1]]}
     return res[0]["samples"], res[1]
