@@ -210,7 +210,7 @@ def screenshots(cp, server) -> list[Path]:
     cp.open_workflow(WORKFLOWS / "add_train_lora.json")
     _size_for_cpu(cp)
     cp.page.get_by_role("button", name="Run").first.click()
-    cp.page.locator(".add-training-tab-button").click()
+    cp.training_panel_button().click()
     card = cp.page.locator("[data-job-name='picture_run']").first
     card.wait_for(timeout=300_000)
     cp.page.wait_for_function("""() => { const i = document.querySelector("[data-job-name='picture_run'] [data-testid='add-preview']");
@@ -219,7 +219,7 @@ def screenshots(cp, server) -> list[Path]:
                               timeout=600_000)
     written.append(cp.screenshot(SHOTS / "training_panel.png"))
     card.locator("[data-testid='add-cancel']").click()
-    cp.page.locator(".add-training-tab-button").click()
+    cp.training_panel_button().click()
     return written
 
 

@@ -156,6 +156,11 @@ class ComfyPage:
         return self.page.evaluate("""([type, name]) => window.app.graph._nodes.filter(n => n.type === type)
             .map(n => (n.widgets.find(w => w.name === name) || {}).value)""", [node_type, name])
 
+    def training_panel_button(self):
+        """The sidebar button of the ADD Training panel, as a user finds it: front ends up to 1.49 give a
+        custom tab's button the class ``<id>-tab-button``; newer ones (1.58) only its tooltip as label."""
+        return self.page.locator(".add-training-tab-button, button.side-bar-button[aria-label^='ADD Training']").first
+
     def fit_view(self) -> None:
         """Frame the whole graph (the front end's 'fit view', key '.')."""
         self.page.evaluate("() => window.app.extensionManager.command.execute('Comfy.Canvas.FitView')")

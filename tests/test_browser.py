@@ -63,6 +63,7 @@ def browser_page(comfy_page):
     page = comfy_page.page
     page.errors = comfy_page.console_errors
     page.close_dialogs = comfy_page.close_dialogs
+    page.training_panel_button = comfy_page.training_panel_button
     return page
 
 
@@ -137,7 +138,7 @@ def test_training_panel_follows_a_job_started_from_the_page(browser_page, comfy_
         }""", wf)
     assert missing == []
     page.close_dialogs()
-    page.locator(".add-training-tab-button").click()
+    page.training_panel_button().click()
     card = _job_card(page, "browser_run")
     card.wait_for(timeout=120_000)
     assert "browser_run" in card.inner_text()
