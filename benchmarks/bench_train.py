@@ -158,7 +158,7 @@ class _Mem:
         return _status("VmHWM")
 
 
-def _separate_teacher_student(model, device, loop_mod):
+def _separate_teacher_student(model, device, step_mod):
     """A LoRAStudent whose adapters sit on a second frozen copy (B) while the teacher is the RunSpec's
     network (A): build_models wires the discriminator's teacher features and the distillation target
     to ``teacher_network()`` / ``teacher()``, i.e. to copy A."""
@@ -169,7 +169,7 @@ def _separate_teacher_student(model, device, loop_mod):
 
     adapter = plugin_module("adapters.model")
 
-    class SeparateTeacherLoRAStudent(loop_mod.LoRAStudent):
+    class SeparateTeacherLoRAStudent(step_mod.LoRAStudent):
         def __init__(self, network, denoise, rank, alpha, generator, target_modules=None):
             self.teacher_net = network  # copy A: the teacher
             with torch.inference_mode():  # as the node makes its copy, on the prompt thread
@@ -209,7 +209,7 @@ def _add_case(case, model, cond, pooled, uncond, c_dim, lat, a, device, mem, rss
     adapter = plugin_module("adapters.model")
     ADDConfig = plugin_module("training.config").ADDConfig
     LatentDataset = plugin_module("training.data").LatentDataset
-    loop_mod = plugin_module("training.loop")
+    step_mod = plugin_module("training.add_step")  # build_models makes the LoRAStudent
     run_mod = plugin_module("training.run")
     DiscreteSchedule = plugin_module("training.schedule").DiscreteSchedule
 
@@ -230,13 +230,13 @@ def _add_case(case, model, cond, pooled, uncond, c_dim, lat, a, device, mem, rss
         feature_modules=adapter.feature_modules(network, cfg.disc_features), target_modules=adapter.lora_targets(network),
         checkpoint_modules=adapter.checkpoint_modules(network) if a.ckpt else (), c_dim=c_dim)
     run = run_mod.ADDRun(spec)
-    original = loop_mod.LoRAStudent
+    original = step_mod.LoRAStudent
     if case == "add_separate":
-        loop_mod.LoRAStudent = _separate_teacher_student(model, device, loop_mod)
+        step_mod.LoRAStudent = _separate_teacher_student(model, device, step_mod)
     try:
         run.build()
     finally:
-        loop_mod.LoRAStudent = original
+        step_mod.LoRAStudent = original
     student = run.models.student
     assert (student.teacher_network() is student.network) == (case == "add_shared")
     sync()

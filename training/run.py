@@ -37,7 +37,8 @@ from .checkpoint import (_RESUMABLE_CHANGES, atomic_write_bytes, atomic_write_js
                          find_checkpoint, list_checkpoints, load_checkpoint, plugin_version, read_meta)
 from .config import ADDConfig
 from .distributed import Dist, resolve_streams
-from .loop import ADDModels, DataFn, TrainResult, Trainer, build_models
+from .loop import TrainResult, Trainer
+from .add_step import ADDModels, DataFn, build_models
 from .schedule import DiscreteSchedule
 from .lora_extract import ExtractReport
 from .student import DenoiseFn, FullStudent, LoRAStudent

@@ -21,7 +21,8 @@ from torch import Tensor
 from .config import ADDConfig
 from .data import teacher_sample
 from .discriminator import init_from_generator_
-from .loop import build_models, Trainer
+from .loop import Trainer
+from .add_step import build_models
 from .schedule import DiscreteSchedule
 
 RING_MODES = 8

@@ -7,11 +7,11 @@ import torch
 import torch.nn as nn
 
 from training_helpers import single_thread, ring_data, tiny_config, tiny_models, tiny_network  # noqa: F401 (autouse)
-from comfyui_add.training import loop
+from comfyui_add.training import add_step
 from comfyui_add.core.errors import ADDError
 from comfyui_add.training.discriminator import (Discriminator, DinoV2Features, FrozenModule, HookedActivations, load_dinov2,
                                     probe_feature_channels)
-from comfyui_add.training.loop import step, student_input
+from comfyui_add.training.add_step import step, student_input
 from comfyui_add.training.schedule import DiscreteSchedule
 from comfyui_add.training.student import LoRAStudent
 from comfyui_add.training.toy import toy_denoise
@@ -61,14 +61,14 @@ def test_teacher_target_is_detached(monkeypatch):
     cfg = tiny_config(adv_weight=0.0, training_mode="lora")
     models = tiny_models(cfg)
     seen = []
-    original = loop.teacher_x0
+    original = add_step.teacher_x0
 
     def spy(*args, **kwargs):
         out = original(*args, **kwargs)
         seen.append(out.requires_grad)
         return out
 
-    monkeypatch.setattr(loop, "teacher_x0", spy)
+    monkeypatch.setattr(add_step, "teacher_x0", spy)
     losses, _ = step(_batch(cfg), models, cfg, "G", generator=torch.Generator().manual_seed(0))
     assert seen == [False]
     losses["total"].backward()
@@ -275,7 +275,7 @@ def test_gradient_shares_are_logged_and_split_the_gradient_on_x_hat(adv_weight):
     models = tiny_models(cfg)
     batch = _batch(cfg)
     gen = torch.Generator().manual_seed(0)
-    fake = loop.student_forward(batch, models, cfg, gen)
+    fake = add_step.student_forward(batch, models, cfg, gen)
     seen = {}
 
     def keep(g):
@@ -300,7 +300,7 @@ def test_adv_grad_balance_rescales_the_adversarial_pull_on_x_hat(balance):
     models = tiny_models(cfg)
     batch = _batch(cfg)
     gen = torch.Generator().manual_seed(0)
-    fake = loop.student_forward(batch, models, cfg, gen)
+    fake = add_step.student_forward(batch, models, cfg, gen)
     losses, logs = step(batch, models, cfg, "G", generator=gen, fake=fake)
     g_d = torch.autograd.grad(losses["distill"] * cfg.distill_weight, fake, retain_graph=True)[0]
     seen = {}

@@ -22,7 +22,7 @@ _load_package()  # the package 'comfyui_add' (core/, training/) without ComfyUI
 
 from comfyui_add.training.config import ADDConfig  # noqa: E402
 from comfyui_add.training.discriminator import init_from_generator_  # noqa: E402
-from comfyui_add.training.loop import build_models  # noqa: E402
+from comfyui_add.training.add_step import build_models  # noqa: E402
 from comfyui_add.training.schedule import DiscreteSchedule  # noqa: E402
 from comfyui_add.training.toy import TOY_FEATURES, ToyEpsMLP, sample_ring, toy_denoise  # noqa: E402
 

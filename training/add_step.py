@@ -1,0 +1,238 @@
+"""The ADD training step (arXiv 2311.17042, Sec. 3 / Fig. 2; spec steps 1-6): the models it needs and
+the losses of one iteration, with no optimiser in it.
+
+x0 -> student input x_s at s ~ U(T_student) -> x_hat_theta = student(x_s, s, c) -> phase 'D' on
+sg(x_hat_theta) (hinge + gamma R1) -> phase 'G' (hinge adv + lambda * c(t) distill). training/loop.py's
+:class:`~.loop.Trainer` runs it (optimisers, EMA, RNG streams, non-finite bookkeeping).
+
+Noise form: every x handed to a denoiser here is VE form, x = x0 + sigma * eps (ComfyUI's).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .config import ADDConfig
+from .discriminator import (Discriminator, HookedActivations, PixelFeatures, TeacherFeatures, check_frozen,
+                            probe_feature_channels)
+from .losses import DistillationLoss, HingeDLoss, HingeGLoss, R1Penalty
+from .schedule import DiscreteSchedule, add_noise_ve, broadcast_like
+from .student import DenoiseFn, FullStudent, LoRAStudent
+
+Batch = Mapping[str, Any]  # {"x0": (B, ...) latents, "cond": any, "uncond": any?, "pooled": (B, c)?}
+DataFn = Callable[[torch.Generator, int], Batch]  # (generator, batch_size) -> batch; deterministic
+
+
+@dataclass
+class ADDModels:
+    """Everything :func:`step` needs. ``student`` is a LoRAStudent or FullStudent."""
+
+    student: LoRAStudent | FullStudent
+    discriminator: Discriminator | None  # None when adv_weight == 0 (distillation-only ablation)
+    schedule: DiscreteSchedule
+
+
+def build_models(network: nn.Module, denoise: DenoiseFn, cfg: ADDConfig, schedule: DiscreteSchedule,
+                 *, feature_modules: Sequence[str] | None = None,
+                 feature_fn: Callable[[Tensor, Any, torch.Generator], list] | None = None,
+                 probe_batch: Batch | None = None, c_dim: int = 0,
+                 target_modules: Sequence[str] | None = None,
+                 full_copy: Callable[[nn.Module], nn.Module] | None = None) -> ADDModels:
+    """Build student + discriminator around one host network.
+
+    - ``denoise(network, x_ve, sigma, cond) -> x0`` runs the network (ComfyUI adapter or toy).
+    - 'teacher' discriminator: pass ``feature_modules`` (names of submodules of ``network`` whose
+      outputs are the features; read with forward hooks on the frozen teacher, adapters off).
+    - 'dinov2' (or any custom) discriminator: pass ``feature_fn(x0, cond, generator) -> list``,
+      e.g. a :class:`training.discriminator.DinoV2Features`.
+    ``probe_batch`` (one batch) is used once to read the feature widths. ``c_dim > 0`` makes the
+    heads projection-conditioned on ``batch['pooled']``. ``full_copy(network)`` builds the trainable
+    copy of ``training_mode='full'`` (default: a deep copy; see FullStudent).
+    """
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)  # init-only generator, separate from training's
+    if cfg.training_mode == "lora":
+        student: LoRAStudent | FullStudent = LoRAStudent(network, denoise, cfg.lora_rank, cfg.lora_alpha, gen,
+                                                         target_modules=target_modules)
+    else:
+        student = FullStudent(network, denoise, make_copy=full_copy)
+    check_frozen(student.teacher_params(), "teacher")
+    disc = None
+    if cfg.adv_weight > 0:
+        head_channels = cfg.disc_head_channels
+        if feature_fn is None and cfg.discriminator == "pixel":
+            feature_fn = PixelFeatures(schedule, cfg.disc_timestep_range)
+            head_channels = head_channels or 64  # a latent has too few channels to be a head's width
+        if feature_fn is None:
+            if cfg.discriminator != "teacher" or not feature_modules:
+                raise ValueError("build_models: discriminator='teacher' needs feature_modules (submodule names of "
+                                 "the network); discriminator='dinov2' needs feature_fn=DinoV2Features(...).")
+            hooks = HookedActivations(student.teacher_network(), feature_modules)
+
+            def teacher_features(x: Tensor, sigma: Tensor, cond: Any) -> list:
+                return hooks(lambda: student.teacher(x, sigma, cond))
+
+            feature_fn = TeacherFeatures(teacher_features, schedule, cfg.disc_timestep_range,
+                                         frozen_params=student.teacher_params())
+        if probe_batch is None:
+            raise ValueError("build_models: pass probe_batch (one batch from your data) to size the heads.")
+        probe_gen = torch.Generator(device=_gen_device(probe_batch["x0"])).manual_seed(cfg.seed)
+        channels = probe_feature_channels(feature_fn, probe_batch["x0"], probe_batch.get("cond"), probe_gen)
+        disc = Discriminator(feature_fn, channels, c_dim=c_dim, head_channels=head_channels,
+                             norm=cfg.disc_norm, spectral=cfg.disc_spectral_norm, generator=gen)
+        disc.to(probe_batch["x0"].device)
+    return ADDModels(student=student, discriminator=disc, schedule=schedule)
+
+
+def _gen_device(x: Tensor) -> str:
+    return "cuda" if x.is_cuda else "cpu"
+
+
+# --------------------------------------------------------------------------------------------
+# the step
+# --------------------------------------------------------------------------------------------
+def student_input(x0: Tensor, models: ADDModels, cfg: ADDConfig, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """Spec step 2: s ~ U(T_student), x = x0 + sigma_s * eps (VE).
+
+    At the top timestep tau_N (index T-1) with ``pure_noise_at_top`` the input is pure noise,
+    x = eps / alpha_top (= ComfyUI's full-denoise noise scaling eps * sqrt(1+sigma^2)): zero
+    terminal SNR without ever dividing by alpha = 0, since alpha_top is the table's finite value.
+    Returns (x_ve (B,...), sigma (B,), t (B,) long).
+    """
+    b = x0.shape[0]
+    ts = torch.tensor(cfg.student_timesteps, dtype=torch.long)
+    idx = torch.randint(0, len(ts), (b,), generator=generator, device=generator.device).cpu()
+    t = ts[idx]
+    sigma = models.schedule.sigma(t, dtype=x0.dtype, device=x0.device)
+    eps = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=x0.dtype).to(x0.device)
+    x = add_noise_ve(x0, sigma, eps)
+    if cfg.pure_noise_at_top:
+        top = (t == models.schedule.num_timesteps - 1).to(x0.device)
+        if bool(top.any()):
+            pure = eps * broadcast_like((1.0 + sigma * sigma).sqrt(), x0)
+            x = torch.where(broadcast_like(top, x0).bool(), pure, x)
+    return x, sigma, t
+
+
+def student_forward(batch: Batch, models: ADDModels, cfg: ADDConfig, generator: torch.Generator) -> Tensor:
+    """Spec step 3: x_hat_theta = student(x_s, s, c), one evaluation, predicting x0 (B, ...)."""
+    x, sigma, _ = student_input(batch["x0"], models, cfg, generator)
+    return models.student.student(x, sigma, batch.get("cond"))
+
+
+def teacher_x0(models: ADDModels, x: Tensor, sigma: Tensor, batch: Batch, cfg_scale: float) -> Tensor:
+    """One teacher denoising step (adapters off), with classifier-free guidance when
+    ``cfg_scale != 1`` and ``batch['uncond']`` is given: x0 = u + w (c - u). Caller decides grad."""
+    cond = models.student.teacher(x, sigma, batch.get("cond"))
+    if cfg_scale == 1.0 or batch.get("uncond") is None:
+        return cond
+    uncond = models.student.teacher(x, sigma, batch["uncond"])
+    return uncond + cfg_scale * (cond - uncond)
+
+
+_HINGE_D, _HINGE_G = HingeDLoss(), HingeGLoss()
+
+
+def step(batch: Batch, models: ADDModels, cfg: ADDConfig, phase: str, *, generator: torch.Generator,
+         fake: Tensor | None = None) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """Losses of one phase. ``fake`` = x_hat_theta (computed here when None).
+
+    phase 'D' (spec step 4): L_D = hinge(real, sg(fake)) + gamma * R1(real head inputs).
+    phase 'G' (spec step 5): L_G = adv_weight * L_adv + lambda * c(t) * ||x_hat - x_hat_psi||^2.
+    Returns ({'total': scalar to backward, parts...}, {name: float for logging}).
+    """
+    if phase not in ("D", "G"):
+        raise ValueError(f"step: phase must be 'D' or 'G', got {phase!r}.")
+    x0, cond, pooled = batch["x0"], batch.get("cond"), batch.get("pooled")
+    disc = models.discriminator
+    if phase == "D":
+        if disc is None:
+            raise ValueError("step(phase='D') needs a discriminator; cfg.adv_weight is 0.")
+        if fake is None:
+            with torch.no_grad():
+                fake = student_forward(batch, models, cfg, generator)
+        fake = fake.detach()  # sg(x_hat_theta): no gradient to the student in the D phase
+        real_logits, real_inputs = disc(x0, cond, pooled, generator=generator, grad_through_features=False,
+                                        return_inputs=True)
+        fake_logits = disc(fake, cond, pooled, generator=generator, grad_through_features=False)
+        hinge = _HINGE_D(real_logits, fake_logits)
+        r1 = R1Penalty(cfg.r1_gamma)(real_logits, real_inputs)
+        total = hinge + r1
+        with torch.no_grad():
+            real_mean = torch.stack([r.mean() for r in real_logits]).mean()
+            fake_mean = torch.stack([f.mean() for f in fake_logits]).mean()
+        losses = {"total": total, "d_hinge": hinge, "r1": r1}
+        logs = {"d_loss": float(total.detach()), "r1": float(r1.detach()),
+                "d_real": float(real_mean), "d_fake": float(fake_mean)}
+        return losses, logs
+
+    if fake is None:
+        fake = student_forward(batch, models, cfg, generator)
+    zero = fake.new_zeros((), dtype=torch.float32)
+    adv = zero
+    if disc is not None and cfg.adv_weight > 0:
+        with _frozen_heads(disc):  # heads are not optimised in phase G; only x_hat gets gradient
+            fake_logits = disc(fake, cond, pooled, generator=generator, grad_through_features=True)
+        adv = _HINGE_G(fake_logits)
+    distill = zero
+    if cfg.distill_weight > 0:
+        b = fake.shape[0]
+        lo, hi = cfg.teacher_timestep_range
+        t = torch.randint(lo, hi + 1, (b,), generator=generator, device=generator.device).cpu()
+        sigma_t = models.schedule.sigma(t, dtype=fake.dtype, device=fake.device)
+        eps = torch.randn(fake.shape, generator=generator, device=generator.device, dtype=fake.dtype).to(fake.device)
+        # Re-noise the STUDENT's output (not x0): x_hat_theta,t = x_hat_theta + sigma_t * eps' (VE form).
+        with torch.no_grad():  # the teacher target x_hat_psi never carries gradient
+            target = teacher_x0(models, add_noise_ve(fake.detach(), sigma_t, eps), sigma_t, batch,
+                                cfg.teacher_cfg_scale)
+        distill = DistillationLoss(cfg.distill_weighting)(fake, target, sigma_t)
+    total = cfg.adv_weight * adv + cfg.distill_weight * distill
+    losses = {"total": total, "adv": adv, "distill": distill}
+    logs = {"g_loss": float(total.detach()), "adv": float(adv.detach()), "distill": float(distill.detach())}
+    if fake.requires_grad and torch.is_grad_enabled():
+        _gradient_shares(fake, cfg.distill_weight * distill if cfg.distill_weight > 0 else None, logs,
+                         cfg.adv_grad_balance if disc is not None and cfg.adv_weight > 0 else 0.0)
+    return losses, logs
+
+
+def _gradient_shares(fake: Tensor, weighted_distill: Tensor | None, logs: dict[str, float],
+                     balance: float = 0.0) -> None:
+    """How hard each term pulls on x_hat, and (``balance`` > 0) the adversarial pull rescaled.
+
+    ``grad_distill`` = ||d(lambda L_distill)/d x_hat|| is computed now (cheap: the target is detached);
+    ``grad_adv`` = the rest of the gradient that reaches x_hat in the backward pass is measured there by
+    a hook, which writes it into ``logs`` (the caller reads logs after backward). With ``balance`` > 0
+    the hook rescales that adversarial part to ``balance`` x the distillation part's norm before it
+    flows on into the student (an adaptive weight like VQGAN's, taken at the generator's output: the
+    teacher-feature discriminator's gradient can be ~50x the distillation's and would drown it)."""
+    g_d = (torch.autograd.grad(weighted_distill, fake, retain_graph=True)[0]
+           if weighted_distill is not None else torch.zeros_like(fake))
+    d_norm = g_d.float().norm()
+    logs["grad_distill"] = float(d_norm)
+    logs["grad_adv"] = 0.0  # until the backward pass reaches x_hat
+
+    def hook(g: Tensor) -> Tensor | None:
+        g_adv = g - g_d.to(g.dtype)
+        a_norm = g_adv.float().norm()
+        logs["grad_adv"] = float(a_norm)
+        if balance > 0 and float(d_norm) > 0 and float(a_norm) > 0:
+            return g_d.to(g.dtype) + g_adv * (balance * d_norm / a_norm).to(g.dtype)
+        return None
+
+    fake.register_hook(hook)
+
+
+@contextlib.contextmanager
+def _frozen_heads(disc: Discriminator) -> Iterator[None]:
+    flags = [p.requires_grad for p in disc.heads.parameters()]
+    disc.heads.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(disc.heads.parameters(), flags):
+            p.requires_grad_(f)
