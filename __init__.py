@@ -6,7 +6,7 @@ declared, and nodes/jobs.py (imported by nodes/train.py) makes the empty trainin
 registry and, when ComfyUI's PromptServer exists, adds the job routes to it (GET /add/jobs,
 GET /add/jobs/{id}, GET /add/jobs/{id}/preview.png, POST /add/jobs/{id}/cancel) and points the
 registry's page events and queue check at it. No model or file is read or written and no thread
-is started at import.
+is started at import (building the node schemas only lists the model folders a file choice offers).
 
 State that outlives a prompt (for the life of the ComfyUI process unless said otherwise):
 - nodes/jobs.py ``REGISTRY``: every training job of the session (its thread while it runs, its

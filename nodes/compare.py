@@ -83,6 +83,9 @@ class ADDCompare(io.ComfyNode):
             raise ADDError("prompts is empty: type at least one prompt (one per line).")
         if not (math.isfinite(float(teacher_cfg)) and 1.0 <= float(teacher_cfg) <= 30.0):  # NaN passes min/max
             raise ADDError(f"teacher_cfg is {teacher_cfg!r}: type a number from 1 to 30 (7 is typical).")
+        if teacher_sampler not in comfy.samplers.KSampler.SAMPLERS:  # a comfy_api combo: not every host checks it
+            raise ADDError(f"teacher_sampler {teacher_sampler!r} is not a sampler of this ComfyUI: pick one from the "
+                           "list (euler is a safe choice).")
         name = check_name(lora_name, "lora_name") + ".safetensors"
         for label, v in (("width", width), ("height", height)):
             images.check_size(v, label)

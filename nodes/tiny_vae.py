@@ -26,6 +26,7 @@ from comfy_api.latest import io
 from ..adapters import comfy_internals as internals
 from ..core import files
 from ..core import taesd as core
+from ..core.errors import ADDError
 
 FOLDER = "vae_approx"
 VARIANT_CHOICES = ["auto", *core.VARIANTS]
@@ -124,6 +125,8 @@ def working_dtype(choice: str, vae) -> torch.dtype:
     (fp16/bf16 where the device supports it), so no converted copy is needed."""
     if choice == "auto":
         return torch.float32 if vae.device.type == "cpu" else vae.vae_dtype
+    if choice not in DTYPES:  # a comfy_api combo: not every host checks the value before the node runs
+        raise ADDError(f"dtype {choice!r} is not one of auto, {', '.join(DTYPES)}: pick one from the list.")
     return DTYPES[choice]
 
 

@@ -152,6 +152,13 @@ def test_chunked_equals_one_shot(approx, tv):
     torch.testing.assert_close(tv.tiny_encode(vae, img, chunk=2), tv.tiny_encode(vae, img, chunk=5), atol=1e-5, rtol=1e-5)
 
 
+def test_a_dtype_outside_the_list_is_an_error_naming_the_input(approx, tv):
+    """0.3.75 does not check a comfy_api combo's value before the node runs: the node does."""
+    (vae,) = tv.ADDTinyVAELoader.execute("taesd_decoder.safetensors", "auto")
+    with pytest.raises(ValueError, match="dtype 'fp64' is not one of auto, fp32, fp16, bf16"):
+        tv.ADDTinyVAEDecode.execute({"samples": torch.zeros(1, 4, 8, 8)}, vae, 4, "fp64")
+
+
 def test_dtype_option_runs_on_a_private_copy(approx, tv):
     """A dtype other than the VAE's decodes in a converted copy kept on the VAE (the decoder itself
     runs in that dtype), and the shared TAESD keeps its weights."""

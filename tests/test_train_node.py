@@ -275,6 +275,8 @@ def test_status_and_compare_nodes(T, plugin, sd15, loras_dir):
                                          2, 64, 64)
     assert grid.shape[0] == 1 and grid.shape[2] == 128 and grid.shape[1] == 28 + 2 * 64
     assert compare.pick_timesteps([999, 749, 499, 249], 2) == [999, 499]
+    with pytest.raises(ValueError, match="teacher_sampler 'no_such' is not a sampler"):  # 0.3.75 leaves it to the node
+        compare.ADDCompare.execute(model, clip, vae, "compare_run", "a red fox", 0, 2, 3.0, "no_such", 2, 64, 64)
 
 
 def test_job_never_touches_comfyuis_interrupt_flag(T, sd15, loras_dir):
