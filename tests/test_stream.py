@@ -564,3 +564,10 @@ def test_live_stream_reruns_on_the_server_and_keeps_its_state(comfy_server):
         reports.append(hist["outputs"]["4"]["text"][0])
     assert "run 1 of this stream" in reports[0] and "1 frames in flight" in reports[0]
     assert "run 2 of this stream" in reports[1]
+    # Two nodes with the same stream_id in one workflow keep two states: the host hands each its own
+    # unique_id (a hidden input); without it they would share one stream.
+    two = dict(api, **{nid: {**api["4"], "inputs": {**api["4"]["inputs"], "stream_id": "twin"}} for nid in ("4", "6")})
+    two["7"] = {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": "stream_twin"}}
+    hist = comfy_server.run(two)
+    assert hist["status"]["status_str"] == "success", str(hist["status"])[:2000]
+    assert all("run 1 of this stream" in hist["outputs"][nid]["text"][0] for nid in ("4", "6")), hist["outputs"]
