@@ -27,7 +27,7 @@ INTERFACE = json.loads((DATA / "node_interface_0.2.json").read_text())
 OLD_WORKFLOWS = sorted((DATA / "workflows_0.2").glob("*@*.json"))
 SHIPPED = sorted((ROOT / "workflows").glob("*.json"))
 EXPECTED_INPUTS = json.loads((DATA / "workflows_0.2" / "expected_inputs.json").read_text())
-SPEC_KEYS = ("options", "default", "min", "max", "step", "control_after_generate", "multiline")
+SPEC_KEYS = ("options", "default", "min", "max", "step", "round", "control_after_generate", "multiline")
 V3_OUTPUT_HIDDEN = {"prompt", "extra_pnginfo"}
 # Choices that come from the host or the user's files, not from the plugin: compared as a combo only.
 HOST_LISTS = {("ADDLoraMerge", "lora_name"): "files in models/loras",
