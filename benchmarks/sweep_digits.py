@@ -84,6 +84,12 @@ SWEEPS: dict[str, dict[str, dict[str, Any]]] = {
         "full_1e-4": {"training_mode": "full", "lr_full": 1e-4, "lora_rank": 1024},
         "full_1e-5": {"training_mode": "full", "lr_full": 1e-5, "lora_rank": 1024},
     },
+    # the distillation target's CFG: the training data (what D calls real) is the teacher at CFG 2, the
+    # target defaults to CFG 1, so the two terms may pull toward two distributions
+    "target": {
+        "distill_cfg2": {"distill_cfg": 2.0},
+        "distill_cfg3": {"distill_cfg": 3.0},
+    },
 }
 
 
