@@ -5,7 +5,7 @@ train the same way, write the same files, and either can resume the other's run:
 
 1. :func:`plan_run` — the model's family and schedule, the request's ``ADDConfig``, the base weights'
    fingerprint and the data record (``run.json``); nothing is copied yet;
-2. ``training.run.check_start`` (by the caller: the node first looks for a running job) — new run,
+2. ``training.resume.check_start`` (by the caller: the node first looks for a running job) — new run,
    resume, or a conflict named in the user's words;
 3. :func:`check_memory` — refuse a run that would not fit, with the numbers;
 4. :func:`build_run_spec` — the job's own frozen copy of the base weights, the prompts encoded once,

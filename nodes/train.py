@@ -24,7 +24,8 @@ from ..core.images import png_bytes
 from ..training import image_folder as image_files
 from ..training.config import DISC_NORMS, DISCRIMINATOR_TYPES, LR_SCHEDULES, TRAINING_MODES
 from ..training.presets import PRESET_NAMES, preset_fields
-from ..training.run import STATE_SUFFIX, ADDRun, RunHooks, RunSpec, check_start, existing_run, state_dir_for
+from ..training.resume import STATE_SUFFIX, check_start, existing_run, state_dir_for
+from ..training.run import ADDRun, RunHooks, RunSpec
 from ..training.setup import RUN_MODES, WIDGET_NAMES, RunRequest, describe_change, parse_prompts
 from .jobs import REGISTRY, Job
 

@@ -319,7 +319,8 @@ def _train(settings: dict, dist, device) -> int:
     from comfyui_add.adapters import run_setup
     from comfyui_add.training import distributed
     from comfyui_add.training.checkpoint import atomic_write_bytes
-    from comfyui_add.training.run import ADDRun, check_start, existing_run
+    from comfyui_add.training.resume import check_start, existing_run
+    from comfyui_add.training.run import ADDRun
 
     request, lora_path, main_rank = settings["request"], settings["output"], dist.is_main
     model, clip, vae = run_setup.load_checkpoint(settings["model"], "model file")

@@ -87,7 +87,7 @@ def config_for_model(t_max: int, **fields) -> ADDConfig:
 
 def run_summary(width: int, height: int, prompt_list: list[str], data_cfg: float, data_steps: int,
                 n_images: int | None = None) -> dict:
-    """What run.json records of a run's data, and what a resume must match (training.run.RUN_INFO_COMPARED):
+    """What run.json records of a run's data, and what a resume must match (training.resume.RUN_INFO_COMPARED):
     size, and the prompts (count and hash), data_cfg and data_steps of teacher data, or the image count."""
     info = {"width": int(width), "height": int(height)}
     if n_images is not None:

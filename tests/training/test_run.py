@@ -1,4 +1,4 @@
-"""training/run.py without ComfyUI: files beside the LoRA, resume rules, atomic writes, teacher data."""
+"""training/run.py and training/resume.py without ComfyUI: files beside the LoRA, resume rules, atomic writes, teacher data."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from safetensors.torch import save_file
 from training_helpers import ROOT, single_thread, ring_data, tiny_config, tiny_network  # noqa: F401 (autouse)
 from comfyui_add.training import checkpoint as ckpt_mod
 from comfyui_add.training import run as run_mod
-from comfyui_add.training.run import ADDRun, ResumeConflict, RunHooks, RunSpec, check_start, state_dir_for
+from comfyui_add.core.errors import ResumeConflict
+from comfyui_add.training.resume import check_start, state_dir_for
+from comfyui_add.training.run import ADDRun, RunHooks, RunSpec
 from comfyui_add.training.schedule import DiscreteSchedule
 from comfyui_add.training.toy import TOY_FEATURES, toy_denoise
 
