@@ -53,7 +53,7 @@ def plan_run(model, request: RunRequest, n_images: int | None = None) -> RunPlan
     """The request on ``model`` (a ComfyUI MODEL): ADDError naming what cannot be trained or set."""
     family = adapter.check_trainable(model)
     t_max = len(adapter.schedule_sigmas(model)) - 1
-    cfg = request.config(t_max)
+    cfg = request.config(t_max, images=n_images is not None)
     return RunPlan(cfg=cfg, family=family, fingerprint=weights_fingerprint(model),
                    run_info=request.run_info(n_images), t_max=t_max)
 

@@ -78,6 +78,9 @@ class Size:
     adv_grad_balance: float = 0.0  # ADDConfig.adv_grad_balance (0 = off)
     lr_schedule: str = "cosine"  # ADDConfig.lr_schedule: 'constant' | 'cosine' (to 0 at the last step)
     distill_cfg: float = 1.0  # CFG of the teacher's distillation target (ADD Train's distill_cfg default)
+    # ADDConfig.paired_weight: the noise-paired regression of the 1-step student onto the pool sample each noise
+    # became (the small_data preset's; 0 = the paper's terms only). Runs on the real split have no pairs: 0 there.
+    paired_weight: float = 100.0
     per_class: int = 100  # samples per class per row
     pool_per_class: int = 256  # teacher samples per class prompt in the cached training-data pool
     seed: int = 0
@@ -543,6 +546,13 @@ def teacher_pool(mp, clip: ClassEmbeddingCLIP, size: Size, log: Callable[[str], 
     return sd["x0"].float(), sd["classes"].long()
 
 
+def pool_noise(size: Size) -> torch.Tensor:
+    """The pure noise every sample of :func:`teacher_pool` started from (N, 1, 8, 8), replayed from its
+    generator (``teacher_sample`` draws nothing else from it): the pairs of the noise-paired regression."""
+    g = torch.Generator().manual_seed(size.seed + 4242)
+    return torch.cat([torch.randn((size.pool_per_class, 1, 8, 8), generator=g) for _ in range(CLASSES)])
+
+
 def train_student(mp, clip: ClassEmbeddingCLIP, size: Size, lora_path: str, *, data: str = "teacher",
                   distill_weight: float = 2.5, adv_weight: float = 1.0, steps: int | None = None,
                   real: tuple[torch.Tensor, torch.Tensor] | None = None, save_every: int = 0,
@@ -567,7 +577,7 @@ def train_student(mp, clip: ClassEmbeddingCLIP, size: Size, lora_path: str, *, d
 
     device = torch.device(device) if device is not None else torch.device("cpu")
     t_max = len(adapter.schedule_sigmas(mp)) - 1
-    cfg = tr_config.ADDConfig(
+    cfg = tr_config.ADDConfig(**{**dict(
         student_timesteps=(999, 749, 499, 249), num_train_timesteps=t_max + 1, lora_rank=size.lora_rank,
         lora_alpha=float(size.lora_rank), lr_lora=size.lr_lora, lr_disc=size.lr_disc, distill_weight=distill_weight,
         adv_weight=adv_weight, teacher_cfg_scale=size.distill_cfg, lr_schedule=size.lr_schedule, batch_size=size.add_batch,
@@ -576,9 +586,8 @@ def train_student(mp, clip: ClassEmbeddingCLIP, size: Size, lora_path: str, *, d
         teacher_timestep_range=(1, t_max), disc_timestep_range=(0, size.disc_t_hi),
         disc_spectral_norm=size.spectral_norm, ema_decay=size.ema_decay, disc_norm=size.disc_norm,
         disc_features=size.disc_features, adv_grad_balance=size.adv_grad_balance,
-        training_mode=size.training_mode, lr_full=size.lr_full)
-    if overrides:
-        cfg = cfg.replace(**overrides)
+        training_mode=size.training_mode, lr_full=size.lr_full,
+        paired_weight=size.paired_weight if data != "real" else 0.0), **(overrides or {})})  # one validation of the whole set
     network = adapter.frozen_copy(mp, device)
     bank = adapter.PromptBank(clip, PROMPTS, network, 64, 64)
     schedule = tr_schedule.DiscreteSchedule(adapter.schedule_sigmas(mp))
@@ -588,9 +597,11 @@ def train_student(mp, clip: ClassEmbeddingCLIP, size: Size, lora_path: str, *, d
         # data_steps x 2 teacher calls per training batch in every run of a sweep.
         x_pool, y_pool = teacher_pool(mp, clip, size, log)
         cond, pooled = bank.encode([PROMPTS[int(c)] for c in y_pool], device)
+        noise = pool_noise(size).to(device)
 
         def data_factory(_teacher):
-            return tr_data.LatentDataset(x_pool.to(device), cond=cond, pooled=pooled, uncond=bank.uncond_on(device))
+            return tr_data.LatentDataset(x_pool.to(device), cond=cond, pooled=pooled, uncond=bank.uncond_on(device),
+                                         noise=noise)
     elif data == "teacher_live":
         def data_factory(teacher):
             return tr_data.SyntheticTeacherData(teacher, bank.prompts, lambda ps: bank.encode(ps, device), (1, 8, 8),
@@ -622,7 +633,7 @@ def train_student(mp, clip: ClassEmbeddingCLIP, size: Size, lora_path: str, *, d
         if on_progress is not None:
             on_progress(stats["logs"])
         if stats["step"] % every == 0:
-            shown = {k: round(v, 4) for k, v in stats["logs"].items() if k in ("d_loss", "d_real", "d_fake", "adv", "distill", "grad_adv", "grad_distill")}
+            shown = {k: round(v, 4) for k, v in stats["logs"].items() if k in ("d_loss", "d_real", "d_fake", "fake_loss", "adv", "distill", "grad_adv", "grad_distill")}
             log(f"  step {stats['step']}/{cfg.max_steps} {shown} ({time.perf_counter() - t0:.0f} s)")
 
     run.train(hooks=tr_run.RunHooks(progress=progress, saved=on_save))

@@ -40,15 +40,20 @@ OUT = ROOT / "out" / "sweeps"
 # --------------------------------------------------------------------------------------------
 # the configurations tried (README_digits.md records what each showed)
 # --------------------------------------------------------------------------------------------
-BASE: dict[str, Any] = {}  # benchmarks.digits.FULL as it is (since the 'critic' sweep: EMA + input features)
+# Every configuration starts from benchmarks.digits.FULL as it is now. The sweeps before 'paired' ran when FULL had
+# no noise-paired regression (paired_weight 0; since 'critic': EMA + input features): add {"paired_weight": 0.0}
+# to re-run one of them as it was.
 
 SWEEPS: dict[str, dict[str, dict[str, Any]]] = {
     # Does longer training help or hurt, and is the adversarial part the cause? (--steps 1000 or more)
     "length": {
-        "add": {},
+        "add": {"paired_weight": 0.0},  # round two's settings
+        "pairs_only": {"adv_weight": 0.0, "distill_weight": 0.0},
+        "adv_paired100": {"distill_weight": 0.0, "paired_weight": 100.0},
         "distill_only": {"adv_weight": 0.0},
         "adv_only": {"distill_weight": 0.0},
         "balance1": {"adv_grad_balance": 1.0},
+        "add_paired100": {"paired_weight": 100.0},
     },
     # One seed each, 300 steps: what the discriminator sees, its regularisation, the student's EMA.
     "scan": {
@@ -89,6 +94,45 @@ SWEEPS: dict[str, dict[str, dict[str, Any]]] = {
     "target": {
         "distill_cfg2": {"distill_cfg": 2.0},
         "distill_cfg3": {"distill_cfg": 3.0},
+    },
+    # what the discriminator calls real: the real train split instead of the teacher's samples
+    "data": {
+        "real": {"data": "real"},
+    },
+    # distribution matching (DMD/DMD2) in place of the pointwise regression: a fake score (second LoRA on
+    # the teacher) learns the student's samples; the student moves along teacher score - fake score
+    "dmd": {
+        "dmd": {"distill_loss": "dmd"},
+        "dmd_only": {"distill_loss": "dmd", "adv_weight": 0.0},
+        "dmd_only_cfg2": {"distill_loss": "dmd", "adv_weight": 0.0, "distill_cfg": 2.0},
+    },
+    # distribution matching needs the fake score to keep up: a student learning rate well below the critics'
+    "dmd_lr": {
+        "dmd_only_lr1e-4": {"distill_loss": "dmd", "adv_weight": 0.0, "lr_lora": 1e-4},
+        "dmd_only_lr3e-5": {"distill_loss": "dmd", "adv_weight": 0.0, "lr_lora": 3e-5},
+    },
+    # distribution matching on the single step only: the fake score then models exactly the 1-step samples
+    "dmd_ts999": {
+        "dmd_only_ts999_lr1e-4": {"distill_loss": "dmd", "adv_weight": 0.0, "lr_lora": 1e-4, "student_timesteps": [999]},
+        "dmd_only_ts999": {"distill_loss": "dmd", "adv_weight": 0.0, "student_timesteps": [999]},
+    },
+    # the noise-paired regression (paired_weight): the 1-step student from the noise each pool sample started
+    # from, regressed onto that sample (the teacher's ODE map), alone and added to ADD
+    "paired": {
+        "paired_only": {"adv_weight": 0.0, "distill_weight": 0.0, "paired_weight": 1.0},
+        "add_paired10": {"paired_weight": 10.0},
+        "add_paired100": {"paired_weight": 100.0},
+    },
+    # which student timesteps are trained: the single step starts at 999 only; the default spreads the batch
+    # over four (999, 749, 499, 249), so a quarter of it trains the 1-step map
+    "timesteps": {
+        "ts999": {"student_timesteps": [999]},
+        "ts999_499": {"student_timesteps": [999, 499]},
+    },
+    # distribution matching with t inside [0.02 T, 0.98 T] (DMD2), and the critic's two time-scale rule
+    "dmd_trim": {
+        "dmd_only": {"distill_loss": "dmd", "adv_weight": 0.0},
+        "dmd_only_ttur3": {"distill_loss": "dmd", "adv_weight": 0.0, "disc_updates": 3},
     },
 }
 

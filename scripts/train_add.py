@@ -171,7 +171,7 @@ def check_config(data: dict, source: str = "config") -> dict:
                          explicit=frozenset(train), dinov2_path=dino, where=f"{source}: ")
     try:
         request.check(has_images=bool(folder))
-        request.config()
+        request.config(images=bool(folder))
     except ADDError as exc:
         raise ConfigError(str(exc)) from None
     out["request"] = request

@@ -388,6 +388,23 @@ def test_sdxl_and_v_prediction_train_through_the_node(T, family, request, loras_
     assert len(patches) == len({k.rsplit(".", 2)[0] for k in sd if k.endswith(".lora_up.weight")}) > 10
 
 
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd2v"])
+def test_pairs_and_distribution_matching_train_through_the_node_on_every_family(T, family, request, loras_dir):
+    """paired_weight (the teacher data's own noise) and distill_loss 'dmd' (the fake score's LoRA on the job's
+    copy) on SD1.5, SDXL (ADM conditioning) and v-prediction; the options reach the run's saved config."""
+    model = request.getfixturevalue(family)
+    clip = {"sd15": None, "sdxl": _StandInClip(2048, 1280), "sd2v": _StandInClip(1024, 1024)}[family]
+    if family == "sd15":
+        model, clip = model[0], model[1]
+    name = f"pairs_dmd_{family}"
+    job = wait(T.start_training(model=model, clip=clip, vae=None, **settings(
+        name=name, max_steps=2, preview_every=0, save_every=0, paired_weight=10.0, distill_loss="dmd")))
+    assert job.state == "done", job.error
+    saved = next(json.loads(p.read_text())["config"] for p in (loras_dir / f"{name}.add-state").rglob("meta.json"))
+    assert saved["paired_weight"] == 10.0 and saved["distill_loss"] == "dmd"
+    assert (loras_dir / f"{name}.safetensors").is_file()
+
+
 def test_a_finished_run_queued_again_reports_done_and_trains_further_when_asked(T, sd15, loras_dir):
     first = wait(start(T, sd15, name="finished_run", max_steps=1, preview_every=0))
     assert first.state == "done"

@@ -2,7 +2,9 @@
 the losses of one iteration, with no optimiser in it.
 
 x0 -> student input x_s at s ~ U(T_student) -> x_hat_theta = student(x_s, s, c) -> phase 'D' on
-sg(x_hat_theta) (hinge + gamma R1) -> phase 'G' (hinge adv + lambda * c(t) distill). training/loop.py's
+sg(x_hat_theta) (hinge + gamma R1) -> phase 'G' (hinge adv + lambda * c(t) distill). With
+``distill_loss='dmd'`` a phase 'F' (the fake score denoises sg(x_hat_theta)) comes before 'G', and 'G''s
+distillation term is distribution matching (training/fake_score.py). training/loop.py's
 :class:`~.loop.Trainer` runs it (optimisers, EMA, RNG streams, non-finite bookkeeping).
 
 Noise form: every x handed to a denoiser here is VE form, x = x0 + sigma * eps (ComfyUI's).
@@ -18,7 +20,11 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..core.errors import ADDError
 from .config import ADDConfig
+from .fake_score import FakeScore
+import torch.nn.functional as F
+
 from .discriminator import (Discriminator, HookedActivations, PixelFeatures, TeacherFeatures, check_frozen,
                             probe_feature_channels)
 from .losses import DistillationLoss, HingeDLoss, HingeGLoss, R1Penalty
@@ -36,6 +42,7 @@ class ADDModels:
     student: LoRAStudent | FullStudent
     discriminator: Discriminator | None  # None when adv_weight == 0 (distillation-only ablation)
     schedule: DiscreteSchedule
+    fake_score: FakeScore | None = None  # distill_loss == 'dmd' only
 
 
 def build_models(network: nn.Module, denoise: DenoiseFn, cfg: ADDConfig, schedule: DiscreteSchedule,
@@ -62,6 +69,10 @@ def build_models(network: nn.Module, denoise: DenoiseFn, cfg: ADDConfig, schedul
     else:
         student = FullStudent(network, denoise, make_copy=full_copy)
     check_frozen(student.teacher_params(), "teacher")
+    fake_score = None
+    if cfg.distill_loss == "dmd":
+        fake_score = FakeScore(student.teacher_network(), student.teacher, cfg.lora_rank, cfg.lora_alpha, gen,
+                               target_modules=target_modules)
     disc = None
     if cfg.adv_weight > 0:
         head_channels = cfg.disc_head_channels
@@ -86,7 +97,7 @@ def build_models(network: nn.Module, denoise: DenoiseFn, cfg: ADDConfig, schedul
         disc = Discriminator(feature_fn, channels, c_dim=c_dim, head_channels=head_channels,
                              norm=cfg.disc_norm, spectral=cfg.disc_spectral_norm, generator=gen)
         disc.to(probe_batch["x0"].device)
-    return ADDModels(student=student, discriminator=disc, schedule=schedule)
+    return ADDModels(student=student, discriminator=disc, schedule=schedule, fake_score=fake_score)
 
 
 def _gen_device(x: Tensor) -> str:
@@ -136,6 +147,7 @@ def teacher_x0(models: ADDModels, x: Tensor, sigma: Tensor, batch: Batch, cfg_sc
 
 
 _HINGE_D, _HINGE_G = HingeDLoss(), HingeGLoss()
+DMD_TRIM = 0.02  # distribution matching and the fake score use t in [0.02 T, 0.98 T] (DMD2's min/max step)
 
 
 def step(batch: Batch, models: ADDModels, cfg: ADDConfig, phase: str, *, generator: torch.Generator,
@@ -143,11 +155,20 @@ def step(batch: Batch, models: ADDModels, cfg: ADDConfig, phase: str, *, generat
     """Losses of one phase. ``fake`` = x_hat_theta (computed here when None).
 
     phase 'D' (spec step 4): L_D = hinge(real, sg(fake)) + gamma * R1(real head inputs).
-    phase 'G' (spec step 5): L_G = adv_weight * L_adv + lambda * c(t) * ||x_hat - x_hat_psi||^2.
+    phase 'G' (spec step 5): L_G = adv_weight * L_adv + lambda * c(t) * ||x_hat - x_hat_psi||^2
+    (``distill_loss='dmd'``: lambda * the distribution-matching loss, :func:`dmd_loss`).
+    phase 'F' (``distill_loss='dmd'``): the fake score's denoising loss on sg(x_hat), :func:`fake_score_loss`;
+    run it and its backward inside ``models.fake_score.active()``.
     Returns ({'total': scalar to backward, parts...}, {name: float for logging}).
     """
-    if phase not in ("D", "G"):
-        raise ValueError(f"step: phase must be 'D' or 'G', got {phase!r}.")
+    if phase not in ("D", "G", "F"):
+        raise ValueError(f"step: phase must be 'D', 'G' or 'F', got {phase!r}.")
+    if phase == "F":
+        if fake is None:
+            with torch.no_grad():
+                fake = student_forward(batch, models, cfg, generator)
+        loss = fake_score_loss(batch, models, cfg, fake.detach(), generator)
+        return {"total": loss}, {"fake_loss": float(loss.detach())}
     x0, cond, pooled = batch["x0"], batch.get("cond"), batch.get("pooled")
     disc = models.discriminator
     if phase == "D":
@@ -180,24 +201,95 @@ def step(batch: Batch, models: ADDModels, cfg: ADDConfig, phase: str, *, generat
             fake_logits = disc(fake, cond, pooled, generator=generator, grad_through_features=True)
         adv = _HINGE_G(fake_logits)
     distill = zero
-    if cfg.distill_weight > 0:
-        b = fake.shape[0]
-        lo, hi = cfg.teacher_timestep_range
-        t = torch.randint(lo, hi + 1, (b,), generator=generator, device=generator.device).cpu()
-        sigma_t = models.schedule.sigma(t, dtype=fake.dtype, device=fake.device)
-        eps = torch.randn(fake.shape, generator=generator, device=generator.device, dtype=fake.dtype).to(fake.device)
+    if cfg.distill_weight > 0 and cfg.distill_loss == "dmd":
+        distill = dmd_loss(batch, models, cfg, fake, generator)
+    elif cfg.distill_weight > 0:
         # Re-noise the STUDENT's output (not x0): x_hat_theta,t = x_hat_theta + sigma_t * eps' (VE form).
+        x_t, sigma_t = _noised(fake.detach(), models, cfg, generator)
         with torch.no_grad():  # the teacher target x_hat_psi never carries gradient
-            target = teacher_x0(models, add_noise_ve(fake.detach(), sigma_t, eps), sigma_t, batch,
-                                cfg.teacher_cfg_scale)
+            target = teacher_x0(models, x_t, sigma_t, batch, cfg.teacher_cfg_scale)
         distill = DistillationLoss(cfg.distill_weighting)(fake, target, sigma_t)
     total = cfg.adv_weight * adv + cfg.distill_weight * distill
     losses = {"total": total, "adv": adv, "distill": distill}
+    if cfg.paired_weight > 0:
+        losses["paired"] = paired_loss(batch, models)
+        total = total + cfg.paired_weight * losses["paired"]
+        losses["total"] = total
     logs = {"g_loss": float(total.detach()), "adv": float(adv.detach()), "distill": float(distill.detach())}
+    if "paired" in losses:
+        logs["paired"] = float(losses["paired"].detach())
     if fake.requires_grad and torch.is_grad_enabled():
         _gradient_shares(fake, cfg.distill_weight * distill if cfg.distill_weight > 0 else None, logs,
                          cfg.adv_grad_balance if disc is not None and cfg.adv_weight > 0 else 0.0)
     return losses, logs
+
+
+def _noised(x: Tensor, models: ADDModels, cfg: ADDConfig, generator: torch.Generator,
+            trim: float = 0.0) -> tuple[Tensor, Tensor]:
+    """x re-noised at t ~ U{teacher_timestep_range}: (x_t VE form, sigma_t (B,)). ``trim`` > 0 keeps t
+    inside [trim * T, (1 - trim) * T] as well (DMD2's 0.02: the score difference is ill-conditioned at the
+    ends of the schedule)."""
+    lo, hi = cfg.teacher_timestep_range
+    if trim > 0:
+        top = cfg.num_train_timesteps - 1
+        lo, hi = max(lo, round(trim * top)), min(hi, round((1.0 - trim) * top))
+        lo = min(lo, hi)
+    t = torch.randint(lo, hi + 1, (x.shape[0],), generator=generator, device=generator.device).cpu()
+    sigma = models.schedule.sigma(t, dtype=x.dtype, device=x.device)
+    eps = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
+    return add_noise_ve(x, sigma, eps), sigma
+
+
+def dmd_loss(batch: Batch, models: ADDModels, cfg: ADDConfig, fake: Tensor, generator: torch.Generator) -> Tensor:
+    """Distribution matching (DMD, arXiv 2311.18828, Eq. 7-8; DMD2's normalisation): at t ~ U{teacher range},
+    x_t = x_hat + sigma_t eps, the per-sample gradient g = (x0_fake(x_t) - x0_teacher(x_t)) / mean|x_hat -
+    x0_teacher(x_t)| (the teacher with CFG ``teacher_cfg_scale``); loss = 0.5 * mean((x_hat - sg(x_hat - g))^2),
+    whose gradient on x_hat is g / numel: samples move from where the student puts too much mass (fake
+    score) toward the teacher's distribution. Averaged over elements like the regression term."""
+    if models.fake_score is None:
+        raise ValueError("dmd_loss: models.fake_score is None; build the models with cfg.distill_loss='dmd'.")
+    x_t, sigma = _noised(fake.detach(), models, cfg, generator, trim=DMD_TRIM)
+    with torch.no_grad():
+        real = teacher_x0(models, x_t, sigma, batch, cfg.teacher_cfg_scale).float()
+        fake_x0 = models.fake_score.x0(x_t, sigma, batch.get("cond")).float()
+        x = fake.detach().float()
+        dims = tuple(range(1, x.ndim))
+        scale = (x - real).abs().mean(dim=dims, keepdim=True).clamp_min(1e-6)
+        g = torch.nan_to_num((fake_x0 - real) / scale)
+    return 0.5 * F.mse_loss(fake.float(), x - g)
+
+
+def fake_score_loss(batch: Batch, models: ADDModels, cfg: ADDConfig, fake: Tensor, generator: torch.Generator) -> Tensor:
+    """The fake score learns to denoise the student's samples (detached): at t ~ U{teacher range},
+    (1 + 1/sigma^2) * ||x0_fake(x_hat + sigma eps) - x_hat||^2, averaged (the v-prediction loss's
+    weighting in x0 terms: bounded at high noise, the usual epsilon-like emphasis at low noise)."""
+    if models.fake_score is None:
+        raise ValueError("fake_score_loss: models.fake_score is None; build the models with cfg.distill_loss='dmd'.")
+    x = fake.detach()
+    x_t, sigma = _noised(x, models, cfg, generator, trim=DMD_TRIM)
+    pred = models.fake_score.x0(x_t, sigma, batch.get("cond"))
+    per_sample = (pred.float() - x.float()).pow(2).reshape(x.shape[0], -1).mean(dim=1)
+    weight = 1.0 + 1.0 / sigma.float().pow(2).to(per_sample.device)
+    return (weight * per_sample).mean()
+
+
+def paired_loss(batch: Batch, models: ADDModels) -> Tensor:
+    """Noise-paired regression (Luhman & Luhman 2021; the regression term of DMD, arXiv 2311.18828): the
+    student's single step from the pure noise a teacher-generated x0 started from, x = noise * sqrt(1 +
+    sigma_top^2) at the top timestep (what the 1-step sampler feeds it), regressed onto that x0:
+    mean ||student(x, sigma_top, c) - x0||^2. It pins WHICH image each noise becomes (the teacher's ODE
+    map), which neither ADD's terms nor distribution matching do."""
+    noise = batch.get("noise")
+    if noise is None:
+        raise ADDError("paired_weight > 0 needs teacher-generated training data (each x0 with the noise it was "
+                       "sampled from); this run's data has none (images or latents given). Set paired_weight "
+                       "to 0, or train on the teacher's own samples.")
+    x0 = batch["x0"]
+    top = torch.full((x0.shape[0],), models.schedule.num_timesteps - 1, dtype=torch.long)
+    sigma = models.schedule.sigma(top, dtype=x0.dtype, device=x0.device)
+    x = noise.to(x0) * broadcast_like((1.0 + sigma * sigma).sqrt(), x0)
+    pred = models.student.student(x, sigma, batch.get("cond"))
+    return (pred.float() - x0.float()).pow(2).mean()
 
 
 def _gradient_shares(fake: Tensor, weighted_distill: Tensor | None, logs: dict[str, float],

@@ -122,12 +122,16 @@ def _collect(trainer: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if disc is not None:
         for k, v in disc.heads.state_dict().items():
             tensors[f"disc.{k}"] = v.detach().clone().contiguous().cpu()
+    if trainer.models.fake_score is not None:
+        for k, v in trainer.models.fake_score.state_dict().items():
+            tensors[f"fake.{k}"] = v.clone().contiguous().cpu()
     meta: dict[str, Any] = {}
     t, meta["opt_g"] = _flatten_optimizer(trainer.opt_g, "opt_g")
     tensors.update(t)
-    if trainer.opt_d is not None:
-        t, meta["opt_d"] = _flatten_optimizer(trainer.opt_d, "opt_d")
-        tensors.update(t)
+    for name in ("opt_d", "opt_f"):
+        if getattr(trainer, name) is not None:
+            t, meta[name] = _flatten_optimizer(getattr(trainer, name), name)
+            tensors.update(t)
     if trainer.ema is not None:
         for i, s in enumerate(trainer.ema.shadow):
             tensors[f"ema.{i}"] = s.clone().contiguous().cpu()
@@ -306,9 +310,11 @@ def load_checkpoint(trainer: Any, path: str | os.PathLike, restore_global_rng: b
     trainer.models.student.load_trainable_state_dict(sub("student."))
     if trainer.models.discriminator is not None:
         trainer.models.discriminator.heads.load_state_dict(sub("disc."), strict=True)
-    _unflatten_optimizer(trainer.opt_g, "opt_g", tensors, meta["opt_g"])
-    if trainer.opt_d is not None:
-        _unflatten_optimizer(trainer.opt_d, "opt_d", tensors, meta["opt_d"])
+    if trainer.models.fake_score is not None:
+        trainer.models.fake_score.load_state_dict(sub("fake."))
+    for name in ("opt_g", "opt_d", "opt_f"):
+        if getattr(trainer, name) is not None:
+            _unflatten_optimizer(getattr(trainer, name), name, tensors, meta[name])
     if trainer.ema is not None:
         with torch.no_grad():
             for i, s in enumerate(trainer.ema.shadow):

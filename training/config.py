@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping
 from ..core.errors import ADDError
 
 DISTILL_WEIGHTINGS = ("exponential", "sds")
+DISTILL_LOSSES = ("regression", "dmd")
 DISCRIMINATOR_TYPES = ("teacher", "dinov2", "pixel")
 DISC_FEATURES = ("encoder", "input+encoder", "all")
 TRAINING_MODES = ("lora", "full")
@@ -45,6 +46,14 @@ class ADDConfig:
     # at every step (an adaptive weight, VQGAN-style); 0 = off (the paper's fixed weights)
     adv_grad_balance: float = 0.0
     distill_weighting: str = "exponential"  # c(t) = alpha_t ('exponential') | SDS weighting
+    # the distillation term: 'regression' (the paper's Eq. 4: x_hat onto the teacher's denoising of x_hat
+    # re-noised) | 'dmd' (distribution matching, DMD/DMD2: x_hat moved along teacher score - fake score, the fake
+    # score a second LoRA on the teacher trained on the student's samples; training/fake_score.py)
+    distill_loss: str = "regression"
+    # > 0: the noise-paired regression (Luhman & Luhman 2021; DMD's regression loss) with this weight: the 1-step
+    # student from the noise a teacher-generated x0 started from (batch['noise']) is regressed onto that x0.
+    # Needs teacher-generated training data (SyntheticTeacherData); 0 = off (the paper's ADD)
+    paired_weight: float = 0.0
     r1_gamma: float = 1e-5
     teacher_cfg_scale: float = 1.0  # 1.0 = one conditional teacher pass, no CFG
     teacher_timestep_range: tuple[int, int] = (1, 999)  # t for re-noising the student output
@@ -59,7 +68,7 @@ class ADDConfig:
     disc_head_channels: int = 0  # 0 = keep each feature's own width
     disc_norm: str = "batch_local"  # heads' norm: 'batch_local' (StyleGAN-T) | 'sample' (per-sample GroupNorm)
     disc_spectral_norm: bool = True  # spectral norm on the heads' convolutions (StyleGAN-T)
-    disc_updates: int = 1  # discriminator updates per student update (DMD2's two time-scale rule: 5), fresh batches
+    disc_updates: int = 1  # critic (discriminator heads, and the fake score of 'dmd') updates per student update (DMD2's two time-scale rule: 5), fresh batches
 
     # --- optimisation (AdamW; open code) ---
     lr_lora: float = 1e-4
@@ -153,11 +162,14 @@ _RULES: dict[str, tuple[Callable[[Any, ADDConfig], bool], str]] = {
     "training_mode": (lambda v, c: v in TRAINING_MODES, f"one of {TRAINING_MODES}"),
     "lora_rank": (lambda v, c: _int(v) and 1 <= v <= 1024, "an int in [1, 1024]"),
     "lora_alpha": (lambda v, c: _finite(v) and v > 0, "a float > 0 (usually equal to lora_rank)"),
-    "distill_weight": (lambda v, c: _finite(v) and v >= 0 and (v > 0 or c.adv_weight > 0),
-                       "a float >= 0 (paper: 2.5), not 0 together with adv_weight=0"),
+    "distill_weight": (lambda v, c: _finite(v) and v >= 0 and (v > 0 or c.adv_weight > 0 or c.paired_weight > 0),
+                       "a float >= 0 (paper: 2.5), not 0 together with adv_weight=0 (unless paired_weight > 0)"),
     "adv_weight": (lambda v, c: _finite(v) and v >= 0, "a float >= 0 (1.0 = paper; 0 = distillation only)"),
     "adv_grad_balance": (lambda v, c: _finite(v) and 0 <= v <= 100, "a float in [0, 100] (0 = off; 1 = equal pull)"),
     "distill_weighting": (lambda v, c: v in DISTILL_WEIGHTINGS, f"one of {DISTILL_WEIGHTINGS}"),
+    "paired_weight": (lambda v, c: _finite(v) and 0 <= v <= 1000, "a float in [0, 1000] (0 = off)"),
+    "distill_loss": (lambda v, c: v in DISTILL_LOSSES and (v == "regression" or c.distill_weight > 0),
+                     f"one of {DISTILL_LOSSES} ('dmd' needs distill_weight > 0)"),
     "r1_gamma": (lambda v, c: _finite(v) and v >= 0, "a float >= 0 (paper: 1e-5)"),
     "teacher_cfg_scale": (lambda v, c: _finite(v) and 0 <= v <= 50, "a float in [0, 50] (1.0 = no CFG)"),
     "teacher_timestep_range": (_t_range, "(lo, hi) ints with 0 <= lo <= hi <= num_train_timesteps-1"),

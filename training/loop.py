@@ -111,6 +111,10 @@ class Trainer:
         self.disc_params = list(models.discriminator.heads.parameters()) if models.discriminator is not None else []
         self.opt_d = (torch.optim.AdamW(self.disc_params, lr=cfg.lr_disc, betas=cfg.disc_betas,
                                         weight_decay=cfg.weight_decay) if self.disc_params else None)
+        # distill_loss 'dmd': the fake score (a LoRA on the teacher) learns the student's samples at the critic's rate
+        self.fake_params = models.fake_score.parameters() if models.fake_score is not None else []
+        self.opt_f = (torch.optim.AdamW(self.fake_params, lr=cfg.lr_disc, betas=cfg.gen_betas,
+                                        weight_decay=cfg.weight_decay) if self.fake_params else None)
         self.ema = EMA(self.student_params, cfg.ema_decay) if cfg.ema_decay is not None else None
         self.step = 0
         self.nonfinite_total = 0
@@ -154,15 +158,16 @@ class Trainer:
         return self.generator
 
     def _extra_critic_updates(self) -> bool:
-        """``disc_updates - 1`` discriminator updates before the usual D/G pair, each on fresh batches
-        of every local stream (DMD2's two time-scale rule: the critic keeps up with the generator).
-        Seeded apart from the main batch's streams, so a resumed run draws the same batches."""
+        """``disc_updates - 1`` critic updates (discriminator heads; the fake score of 'dmd') before the
+        usual iteration, each on fresh batches of every local stream (DMD2's two time-scale rule: the
+        critics keep up with the generator). Seeded apart from the main batch's streams, so a resumed
+        run draws the same batches."""
         cfg, models, ok = self.cfg, self.models, True
-        if self.opt_d is None or cfg.disc_updates <= 1:
+        if (self.opt_d is None and self.opt_f is None) or cfg.disc_updates <= 1:
             return ok
         n = len(self.streams)
         for k in range(1, cfg.disc_updates):
-            self.opt_d.zero_grad(set_to_none=True)
+            self._zero_critics()
             buffers = _buffers(models.discriminator) if n > 1 else []
             for r in self.streams:
                 if n > 1:  # every stream starts from the same spectral-norm vectors, as on its own rank
@@ -171,15 +176,43 @@ class Trainer:
                 batch = self.data(gen, cfg.batch_size)
                 with torch.no_grad():
                     fake = student_forward(batch, models, cfg, gen)
-                d_losses, _ = step(batch, models, cfg, "D", generator=gen, fake=fake)
-                self._backward(d_losses["total"], self.disc_params, 1.0 / n)
-            ok &= self._finish(self.disc_params, self.opt_d)
+                self._critic_backward(batch, fake, gen, 1.0 / n)
+            ok &= self._finish_critics()
         return ok
+
+    def _zero_critics(self) -> None:
+        for opt in (self.opt_d, self.opt_f):
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+
+    def _finish_critics(self) -> bool:
+        """Step the discriminator heads and the fake score on their accumulated gradients (see _finish)."""
+        ok = True
+        if self.opt_d is not None:
+            ok &= self._finish(self.disc_params, self.opt_d)
+        if self.opt_f is not None:
+            ok &= self._finish(self.fake_params, self.opt_f)
+        return ok
+
+    def _critic_backward(self, batch: dict, fake: Tensor, gen: torch.Generator, scale: float) -> dict[str, float]:
+        """Accumulate the critics' gradients on one batch: the discriminator's (phase D), then the fake
+        score's (phase F, forward and backward with its adapters on). -> their logs."""
+        logs: dict[str, float] = {}
+        if self.opt_d is not None:
+            d_losses, d_logs = step(batch, self.models, self.cfg, "D", generator=gen, fake=fake)
+            self._backward(d_losses["total"], self.disc_params, scale)
+            logs.update(d_logs)
+        if self.opt_f is not None:
+            with self.models.fake_score.active():
+                f_losses, f_logs = step(batch, self.models, self.cfg, "F", generator=gen, fake=fake)
+                self._backward(f_losses["total"], self.fake_params, scale)
+            logs.update(f_logs)
+        return logs
 
     def train_step(self) -> dict[str, float]:
         """One iteration: D step then G step on the same x_hat_theta, over this rank's data streams. Returns logs."""
         cfg, models = self.cfg, self.models
-        for opt, base in ((self.opt_g, cfg.lr_student), (self.opt_d, cfg.lr_disc)):
+        for opt, base in ((self.opt_g, cfg.lr_student), (self.opt_d, cfg.lr_disc), (self.opt_f, cfg.lr_disc)):
             for group in (opt.param_groups if opt is not None else []):
                 group["lr"] = get_lr(self.step, base, cfg.lr_warmup_steps, cfg.lr_schedule, cfg.max_steps)
         if models.discriminator is not None:
@@ -208,13 +241,10 @@ class Trainer:
         gen = self._seed(stream)
         batch = self.data(gen, cfg.batch_size)
         fake = student_forward(batch, models, cfg, gen)  # keeps the graph for phase G
-        logs: dict[str, float] = {}
         ok = True
-        if self.opt_d is not None:
-            self.opt_d.zero_grad(set_to_none=True)
-            d_losses, d_logs = step(batch, models, cfg, "D", generator=gen, fake=fake.detach())
-            ok &= self._apply(d_losses["total"], self.disc_params, self.opt_d)
-            logs.update(d_logs)
+        self._zero_critics()
+        logs = self._critic_backward(batch, fake.detach(), gen, 1.0)
+        ok &= self._finish_critics()
         self.opt_g.zero_grad(set_to_none=True)
         g_losses, g_logs = step(batch, models, cfg, "G", generator=gen, fake=fake)
         g_ok = self._apply(g_losses["total"], self.student_params, self.opt_g)
@@ -238,22 +268,17 @@ class Trainer:
 
         ok = True
         buffers = _buffers(disc)
-        if self.opt_d is not None:
-            self.opt_d.zero_grad(set_to_none=True)
+        self._zero_critics()
         for r in streams:
             gen = self._seed(r)
             batches.append(self.data(gen, cfg.batch_size))
             after_data.append(gen.get_state())
             with torch.no_grad():
                 fake = student_forward(batches[-1], models, cfg, gen)
-            if self.opt_d is not None:
-                _restore(disc, buffers)
-                d_losses, d_logs = step(batches[-1], models, cfg, "D", generator=gen, fake=fake)
-                self._backward(d_losses["total"], self.disc_params, 1.0 / n)
-                add(d_logs)
+            _restore(disc, buffers)
+            add(self._critic_backward(batches[-1], fake, gen, 1.0 / n))
             after_d.append(gen.get_state())
-        if self.opt_d is not None:
-            ok &= self._finish(self.disc_params, self.opt_d)
+        ok &= self._finish_critics()
         buffers = _buffers(disc)
         self.opt_g.zero_grad(set_to_none=True)
         for i, batch in enumerate(batches):

@@ -204,7 +204,7 @@ class ADDRun:
         count, self.stream_note = resolve_streams(saved_streams, self.requested_streams, self.dist.world_size)
         self.trainer.set_data_streams(count)
         # Identical replicas: every rank starts from rank 0's trainable tensors and buffers.
-        self.dist.broadcast_(self.trainer.student_params + self.trainer.disc_params
+        self.dist.broadcast_(self.trainer.student_params + self.trainer.disc_params + self.trainer.fake_params
                              + (list(self.models.discriminator.heads.buffers()) if self.models.discriminator else [])
                              + (self.trainer.ema.shadow if self.trainer.ema is not None else []))
         self.dist.barrier()

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Mapping
 from ..core.errors import ADDError
 from .config import ADDConfig
 from .inputs import RULES, check_run_inputs
-from .presets import PRESET_NAMES, apply_preset
+from .presets import PRESET_NAMES, apply_preset, preset_fields
 
 RUN_MODES = ("polite", "alongside")
 MAX_STUDENT_STEPS = 8
@@ -172,9 +172,11 @@ class RunRequest:
                            "'images' or set image_folder).")
         return self
 
-    def config(self, t_max: int = 999) -> ADDConfig:
+    def config(self, t_max: int = 999, images: bool = False) -> ADDConfig:
         """The run's ADDConfig for a model whose schedule's last timestep is ``t_max`` (999 for SD-class
-        models: what a config file is checked with before its model is loaded)."""
+        models: what a config file is checked with before its model is loaded). ``images``: the run
+        trains on given images, which have no noise to pair with, so a preset's ``paired_weight`` is
+        dropped there, and one the user set is refused."""
         fields = {k: (RULES[k][0](v) if k in RULES else v) for k, v in self.train.items()}  # checked: numbers
         if "student_timesteps" in fields:
             fields["student_timesteps"] = parse_timesteps(fields["student_timesteps"], t_max,
@@ -182,6 +184,13 @@ class RunRequest:
         if self.disc_max_timestep is not None:
             fields["disc_timestep_range"] = (0, min(int(self.disc_max_timestep), t_max))
         fields, _ = apply_preset(self.preset, fields, explicit=self.explicit, t_max=t_max)
+        if images and float(fields.get("paired_weight", 0.0) or 0.0) > 0:
+            from_preset = "paired_weight" in preset_fields(self.preset) and "paired_weight" not in self.explicit
+            if not from_preset:
+                raise ADDError(f"{self.where}paired_weight is {fields['paired_weight']}, but this run trains on images, "
+                               "which carry no noise to pair with (the noise-paired regression needs the teacher's own "
+                               "samples). Set paired_weight to 0, or train from prompts.")
+            fields["paired_weight"] = 0.0  # the preset's, on data it cannot use
         try:
             return config_for_model(t_max, **fields)
         except (TypeError, ValueError) as exc:  # name the input, not ADDConfig's field

@@ -1,0 +1,104 @@
+"""paired_weight: the noise-paired regression of the 1-step student onto the teacher's own samples, and the
+data that carries the pairs (teacher_sample's noise, SyntheticTeacherData, LatentDataset)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training_helpers import single_thread, ring_data, tiny_config, tiny_models  # noqa: F401 (autouse)
+from comfyui_add.core.errors import ADDError
+from comfyui_add.training import add_step
+from comfyui_add.training.add_step import step
+from comfyui_add.training.data import LatentDataset, SyntheticTeacherData, teacher_sample
+from comfyui_add.training.schedule import DiscreteSchedule
+from comfyui_add.training.toy import toy_denoise
+
+
+def _paired_batch(n: int = 8) -> dict:
+    gen = torch.Generator().manual_seed(5)
+    return {"x0": ring_data(gen, n)["x0"], "noise": torch.randn(n, 2, generator=gen)}
+
+
+def test_paired_loss_is_the_one_step_student_from_the_batch_noise_against_x0():
+    cfg = tiny_config(paired_weight=2.0)
+    models = tiny_models(cfg)
+    with torch.no_grad():  # move the student off the teacher so the loss is the student's
+        for p in models.student.trainable_parameters():
+            p.add_(0.05)
+    batch = _paired_batch()
+    sched = models.schedule
+    sig = sched.sigma(torch.full((8,), sched.num_timesteps - 1)).float()
+    expected = (models.student.student(batch["noise"] * (1 + sig[:, None] ** 2).sqrt(), sig, None)
+                - batch["x0"]).pow(2).mean()
+    got = add_step.paired_loss(batch, models)
+    assert torch.allclose(got, expected)
+    teacher_out = models.student.teacher(batch["noise"] * (1 + sig[:, None] ** 2).sqrt(), sig, None)
+    assert not torch.allclose(got, (teacher_out - batch["x0"]).pow(2).mean())  # the student's, not the teacher's
+
+    losses, logs = step(batch, models, cfg, "G", generator=torch.Generator().manual_seed(0))
+    assert logs["paired"] == pytest.approx(float(got.detach()), rel=1e-6)
+    assert torch.allclose(losses["total"], cfg.adv_weight * losses["adv"] + cfg.distill_weight * losses["distill"]
+                          + 2.0 * losses["paired"])
+
+
+def test_paired_alone_trains_the_student_toward_the_pairs():
+    cfg = tiny_config(paired_weight=1.0, adv_weight=0.0, distill_weight=0.0)
+    models = tiny_models(cfg)
+    batch = _paired_batch()
+    opt = torch.optim.Adam(models.student.trainable_parameters(), lr=1e-2)
+    first = None
+    for _ in range(40):
+        losses, logs = step(batch, models, cfg, "G", generator=torch.Generator().manual_seed(0))
+        losses["total"].backward()
+        opt.step()
+        opt.zero_grad()
+        first = first if first is not None else logs["paired"]
+    assert logs["paired"] < 0.5 * first
+
+
+def test_paired_weight_without_noise_in_the_data_is_a_clear_error():
+    cfg = tiny_config(paired_weight=1.0)
+    models = tiny_models(cfg)
+    with pytest.raises(ADDError, match="paired_weight > 0 needs teacher-generated training data"):
+        step(ring_data(torch.Generator().manual_seed(0), 8), models, cfg, "G", generator=torch.Generator())
+    with pytest.raises(ADDError, match="paired_weight"):
+        tiny_config(paired_weight=-1.0)
+
+
+def test_teacher_sample_returns_the_noise_it_started_from_and_the_data_carries_it():
+    net = tiny_models(tiny_config()).student.teacher_network()
+    teacher = lambda x, s, c: toy_denoise(net, x, s, c)  # noqa: E731
+    sched = DiscreteSchedule.scaled_linear()
+    x0, eps = teacher_sample(teacher, (6, 2), sched, torch.Generator().manual_seed(1), 4, return_noise=True)
+    assert torch.equal(eps, torch.randn(6, 2, generator=torch.Generator().manual_seed(1)))
+    assert torch.equal(x0, teacher_sample(teacher, (6, 2), sched, torch.Generator().manual_seed(1), 4))
+
+    data = SyntheticTeacherData(teacher, ["a", "b"], lambda ps: (None, None), (2,), sched, steps=4, cfg_scale=1.0)
+    batch = data(torch.Generator().manual_seed(2), 5)
+    assert batch["noise"].shape == batch["x0"].shape == (5, 2)
+
+    ds = LatentDataset(x0, noise=eps)
+    b = ds(torch.Generator().manual_seed(3), 16)
+    rows = [int((x0 == r).all(dim=1).nonzero()[0]) for r in b["x0"]]
+    assert torch.equal(b["noise"], eps[rows])  # every row keeps its own noise
+    with pytest.raises(ValueError, match="noise"):
+        LatentDataset(x0, noise=eps[:3])
+
+
+def test_a_run_on_given_images_drops_the_presets_pairs_and_refuses_the_users():
+    from comfyui_add.training.presets import preset_fields
+    from comfyui_add.training.setup import RunRequest
+
+    assert preset_fields("small_data")["paired_weight"] > 0
+    base = dict(lora_path="x.safetensors", prompts=("a cat",), width=512, height=512, preset="small_data")
+    assert RunRequest(**base).config().paired_weight == preset_fields("small_data")["paired_weight"]
+    assert RunRequest(**base).config(images=True).paired_weight == 0.0  # images carry no noise to pair with
+    mine = RunRequest(**base, train={"paired_weight": 5.0}, explicit=frozenset({"paired_weight"}))
+    assert mine.config().paired_weight == 5.0
+    with pytest.raises(ADDError, match="paired_weight is 5.0, but this run trains on images"):
+        mine.config(images=True)
+    # the node's widgets always lose to a preset: a widget value under small_data is the preset's, dropped too
+    node = RunRequest(**base, train={"paired_weight": 0.0})
+    assert node.config(images=True).paired_weight == 0.0
+    assert node.config().paired_weight == preset_fields("small_data")["paired_weight"]
