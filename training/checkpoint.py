@@ -123,7 +123,7 @@ def _collect(trainer: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         for k, v in disc.heads.state_dict().items():
             tensors[f"disc.{k}"] = v.detach().clone().contiguous().cpu()
     if trainer.models.fake_score is not None:
-        for k, v in trainer.models.fake_score.state_dict().items():
+        for k, v in trainer.models.fake_score.trainable_state_dict().items():
             tensors[f"fake.{k}"] = v.clone().contiguous().cpu()
     meta: dict[str, Any] = {}
     t, meta["opt_g"] = _flatten_optimizer(trainer.opt_g, "opt_g")
@@ -311,7 +311,7 @@ def load_checkpoint(trainer: Any, path: str | os.PathLike, restore_global_rng: b
     if trainer.models.discriminator is not None:
         trainer.models.discriminator.heads.load_state_dict(sub("disc."), strict=True)
     if trainer.models.fake_score is not None:
-        trainer.models.fake_score.load_state_dict(sub("fake."))
+        trainer.models.fake_score.load_trainable_state_dict(sub("fake."))
     for name in ("opt_g", "opt_d", "opt_f"):
         if getattr(trainer, name) is not None:
             _unflatten_optimizer(getattr(trainer, name), name, tensors, meta[name])

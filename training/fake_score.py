@@ -15,18 +15,17 @@ teacher again. A run with ``distill_loss='dmd'`` holds one :class:`FakeScore`.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .student import LoRAAdapter, _key, find_lora_targets
+from .student import HookedAdapters
 
 
-class FakeScore:
-    """LoRA adapters on ``network`` (the frozen teacher), active only inside :meth:`active`.
+class FakeScore(HookedAdapters):
+    """LoRA adapters on ``network`` (the frozen teacher), switched on only inside :meth:`active`.
 
     ``teacher(x, sigma, cond) -> x0`` runs the teacher network with the student's own adapters off
     (``LoRAStudent.teacher`` / ``FullStudent.teacher``); inside :meth:`active` the same call is the fake
@@ -36,45 +35,13 @@ class FakeScore:
 
     def __init__(self, network: nn.Module, teacher: Callable[[Tensor, Tensor, Any], Tensor], rank: int,
                  alpha: float, generator: torch.Generator, target_modules: Sequence[str] | None = None) -> None:
-        self.network, self._teacher = network, teacher
-        self.names = find_lora_targets(network, target_modules)
-        modules = dict(network.named_modules())
-        device = next(network.parameters()).device
-        self.adapters = nn.ModuleDict(
-            {_key(n): LoRAAdapter(modules[n], rank, alpha, generator) for n in self.names}).to(device)
-        self._on = False
-        self._handles = [modules[n].register_forward_hook(self._make_hook(_key(n))) for n in self.names]
+        super().__init__(network, rank, alpha, generator, target_modules, enabled=False)
+        self._teacher = teacher
 
-    def _make_hook(self, key: str):
-        def hook(_mod: nn.Module, args: tuple, out: Tensor) -> Tensor | None:
-            if not self._on:
-                return None
-            return out + self.adapters[key](args[0]).to(out.dtype)
-        return hook
-
-    @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
-        previous, self._on = self._on, True
-        try:
-            yield
-        finally:
-            self._on = previous
+    def active(self) -> ContextManager[None]:
+        return self.adapters_enabled(True)
 
     def x0(self, x: Tensor, sigma: Tensor, cond: Any) -> Tensor:
         """The fake score's x0 prediction (VE-form x)."""
         with self.active():
             return self._teacher(x, sigma, cond)
-
-    def parameters(self) -> list[nn.Parameter]:
-        return list(self.adapters.parameters())
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {k: v.detach() for k, v in self.adapters.state_dict().items()}
-
-    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
-        self.adapters.load_state_dict(dict(state), strict=True)
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []

@@ -112,7 +112,7 @@ class Trainer:
         self.opt_d = (torch.optim.AdamW(self.disc_params, lr=cfg.lr_disc, betas=cfg.disc_betas,
                                         weight_decay=cfg.weight_decay) if self.disc_params else None)
         # distill_loss 'dmd': the fake score (a LoRA on the teacher) learns the student's samples at the critic's rate
-        self.fake_params = models.fake_score.parameters() if models.fake_score is not None else []
+        self.fake_params = models.fake_score.trainable_parameters() if models.fake_score is not None else []
         self.opt_f = (torch.optim.AdamW(self.fake_params, lr=cfg.lr_disc, betas=cfg.gen_betas,
                                         weight_decay=cfg.weight_decay) if self.fake_params else None)
         self.ema = EMA(self.student_params, cfg.ema_decay) if cfg.ema_decay is not None else None

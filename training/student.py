@@ -80,7 +80,53 @@ def find_lora_targets(network: nn.Module, target_modules: Sequence[str] | None) 
     return names
 
 
-class LoRAStudent:
+class HookedAdapters:
+    """LoRA adapters on the Linear/Conv layers of a host network, added to each layer's output by a
+    forward hook while switched on; the host's modules and state_dict stay untouched, and
+    :meth:`remove_hooks` leaves it exactly as it was. Several sets may sit on one network (the
+    student's and the fake score's): each adds its own while on."""
+
+    def __init__(self, network: nn.Module, rank: int, alpha: float, generator: torch.Generator,
+                 target_modules: Sequence[str] | None, enabled: bool) -> None:
+        self.names = find_lora_targets(network, target_modules)
+        modules = dict(network.named_modules())
+        device = next(network.parameters()).device
+        self.adapters = nn.ModuleDict(
+            {_key(n): LoRAAdapter(modules[n], rank, alpha, generator) for n in self.names}).to(device)
+        self._enabled = enabled
+        self._handles = [modules[n].register_forward_hook(self._make_hook(_key(n))) for n in self.names]
+
+    def _make_hook(self, key: str):
+        def hook(_mod: nn.Module, args: tuple, out: Tensor) -> Tensor | None:
+            if not self._enabled:
+                return None  # the host layer's output is used unchanged
+            return out + self.adapters[key](args[0]).to(out.dtype)
+        return hook
+
+    @contextlib.contextmanager
+    def adapters_enabled(self, flag: bool) -> Iterator[None]:
+        previous, self._enabled = self._enabled, flag
+        try:
+            yield
+        finally:
+            self._enabled = previous
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.adapters.parameters())
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        return {k: v.detach() for k, v in self.adapters.state_dict().items()}
+
+    def load_trainable_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        self.adapters.load_state_dict(dict(state), strict=True)
+
+    def remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+class LoRAStudent(HookedAdapters):
     """Student = teacher network + LoRA adapters applied through forward hooks.
 
     ``denoise(network, x_ve, sigma, cond) -> x0`` runs the host network. ``student(...)`` runs it
@@ -92,21 +138,8 @@ class LoRAStudent:
                  generator: torch.Generator, target_modules: Sequence[str] | None = None) -> None:
         self.network = network.eval().requires_grad_(False)
         self.denoise = denoise
-        self.names = find_lora_targets(network, target_modules)
-        modules = dict(network.named_modules())
-        device = next(network.parameters()).device
-        self.adapters = nn.ModuleDict(
-            {_key(n): LoRAAdapter(modules[n], rank, alpha, generator) for n in self.names}).to(device)
-        self._enabled = True
+        super().__init__(network, rank, alpha, generator, target_modules, enabled=True)
         self._checkpointed: list[tuple[nn.Module, Callable]] = []
-        self._handles = [modules[n].register_forward_hook(self._make_hook(_key(n))) for n in self.names]
-
-    def _make_hook(self, key: str):
-        def hook(_mod: nn.Module, args: tuple, out: Tensor) -> Tensor | None:
-            if not self._enabled:
-                return None  # teacher pass: the host layer's output is used unchanged
-            return out + self.adapters[key](args[0]).to(out.dtype)
-        return hook
 
     # ---- the two networks ---------------------------------------------------------------
     def student(self, x: Tensor, sigma: Tensor, cond: Any) -> Tensor:
@@ -120,28 +153,11 @@ class LoRAStudent:
         with self.adapters_enabled(False):
             return self.denoise(self.network, x, sigma, cond)
 
-    @contextlib.contextmanager
-    def adapters_enabled(self, flag: bool) -> Iterator[None]:
-        previous, self._enabled = self._enabled, flag
-        try:
-            yield
-        finally:
-            self._enabled = previous
-
     def teacher_network(self) -> nn.Module:
         return self.network
 
     def teacher_params(self) -> list[nn.Parameter]:
         return list(self.network.parameters())
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(self.adapters.parameters())
-
-    def trainable_state_dict(self) -> dict[str, Tensor]:
-        return {k: v.detach() for k, v in self.adapters.state_dict().items()}
-
-    def load_trainable_state_dict(self, state: Mapping[str, Tensor]) -> None:
-        self.adapters.load_state_dict(dict(state), strict=True)
 
     # ---- ComfyUI LoRA format ------------------------------------------------------------
     def lora_state_dict(self, prefix: str = "diffusion_model.", dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
@@ -172,9 +188,7 @@ class LoRAStudent:
 
     def remove(self) -> None:
         """Detach the hooks: the host network is exactly the teacher again."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self.remove_hooks()
         for module, forward in self._checkpointed:
             module.forward = forward
         self._checkpointed = []

@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training_helpers import single_thread, ring_data, tiny_config, tiny_models  # noqa: F401 (autouse)
+from training_helpers import single_thread, ring_data, straight_and_resumed, tiny_config, tiny_models  # noqa: F401 (autouse)
 from comfyui_add.core.errors import ADDError
 from comfyui_add.training import add_step
 from comfyui_add.training.add_step import step
-from comfyui_add.training.checkpoint import load_checkpoint
 from comfyui_add.training.loop import Trainer
 
 
@@ -27,7 +26,7 @@ def test_the_fake_score_starts_as_the_teacher_and_its_adapters_touch_nothing_els
     teacher = models.student.teacher(x, sigma, None)
     assert torch.equal(models.fake_score.x0(x, sigma, None), teacher)  # zero-initialised up-projections
     with torch.no_grad():
-        for p in models.fake_score.parameters():
+        for p in models.fake_score.trainable_parameters():
             p.add_(0.1)
     student = models.student.student(x, sigma, None)
     assert not torch.allclose(models.fake_score.x0(x, sigma, None), teacher)
@@ -59,7 +58,7 @@ def test_phase_F_trains_the_fake_score_toward_the_students_samples():
     models = tiny_models(cfg)
     batch = _batch(cfg)
     fake = add_step.student_forward(batch, models, cfg, torch.Generator().manual_seed(2)).detach()
-    opt = torch.optim.Adam(models.fake_score.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(models.fake_score.trainable_parameters(), lr=1e-2)
     teacher_params = [p.detach().clone() for p in models.student.teacher_params()]
     losses = []
     for i in range(30):
@@ -85,13 +84,7 @@ def test_a_dmd_run_updates_the_fake_score_every_iteration_and_resumes_bit_exactl
     assert len(calls) == 2 and "fake_loss" in logs  # disc_updates = 2: one extra critic update, then the usual
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.fake_params))
 
-    straight = Trainer(tiny_models(cfg), cfg, ring_data)
-    straight.run()
-    first = Trainer(tiny_models(cfg.replace(max_steps=2)), cfg.replace(max_steps=2), ring_data)
-    first.run(checkpoint_dir=str(tmp_path))
-    resumed = Trainer(tiny_models(cfg), cfg, ring_data)
-    load_checkpoint(resumed, str(tmp_path))
-    resumed.run()
+    straight, resumed = straight_and_resumed(cfg, tmp_path)
     for a, b in zip(straight.student_params + straight.fake_params, resumed.student_params + resumed.fake_params):
         assert torch.equal(a, b)
     assert any(not torch.equal(a, b) for a, b in zip(before, straight.fake_params))

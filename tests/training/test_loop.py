@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from training_helpers import single_thread, ring_data, tiny_config, tiny_models  # noqa: F401 (autouse)
+from training_helpers import single_thread, ring_data, straight_and_resumed, tiny_config, tiny_models  # noqa: F401 (autouse)
 from comfyui_add.core.errors import ADDError
 from comfyui_add.training import checkpoint as ckpt_mod
 from comfyui_add.training.checkpoint import list_checkpoints, load_checkpoint, read_meta, save_checkpoint
@@ -179,8 +179,6 @@ def test_interrupted_write_leaves_previous_checkpoint_intact(tmp_path, monkeypat
 def test_extra_critic_updates_train_only_the_heads_and_resume_exactly(tmp_path):
     """disc_updates = 3: two more discriminator updates per step (fresh batches), the student still one;
     a resumed run equals a straight one."""
-    from comfyui_add.training.checkpoint import load_checkpoint
-
     cfg = tiny_config(disc_updates=3, max_steps=4)
     models = tiny_models(cfg)
     student_before = [p.detach().clone() for p in models.student.trainable_parameters()]
@@ -197,12 +195,6 @@ def test_extra_critic_updates_train_only_the_heads_and_resume_exactly(tmp_path):
     assert len(calls) == 3  # three critic updates in one iteration
     assert any(not torch.equal(a, b) for a, b in zip(student_before, models.student.trainable_parameters()))
 
-    straight = Trainer(tiny_models(cfg), cfg, ring_data)
-    straight.run()
-    first = Trainer(tiny_models(cfg.replace(max_steps=2)), cfg.replace(max_steps=2), ring_data)
-    first.run(checkpoint_dir=str(tmp_path))
-    resumed = Trainer(tiny_models(cfg), cfg, ring_data)
-    load_checkpoint(resumed, str(tmp_path))
-    resumed.run()
+    straight, resumed = straight_and_resumed(cfg, tmp_path)
     for a, b in zip(straight.student_params + straight.disc_params, resumed.student_params + resumed.disc_params):
         assert torch.equal(a, b)

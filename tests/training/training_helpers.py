@@ -60,3 +60,18 @@ def tiny_models(cfg: ADDConfig, network=None, denoise=toy_denoise):
     probe = ring_data(torch.Generator().manual_seed(0), cfg.batch_size)
     return build_models(network, denoise, cfg, DiscreteSchedule.scaled_linear(),
                         feature_modules=TOY_FEATURES[:3], probe_batch=probe)
+
+
+def straight_and_resumed(cfg: ADDConfig, checkpoint_dir: str, split: int = 2):
+    """(a Trainer run straight to cfg.max_steps, one stopped at ``split``, saved, and resumed in a new Trainer)."""
+    from comfyui_add.training.checkpoint import load_checkpoint
+    from comfyui_add.training.loop import Trainer
+
+    straight = Trainer(tiny_models(cfg), cfg, ring_data)
+    straight.run()
+    first = Trainer(tiny_models(cfg.replace(max_steps=split)), cfg.replace(max_steps=split), ring_data)
+    first.run(checkpoint_dir=str(checkpoint_dir))
+    resumed = Trainer(tiny_models(cfg), cfg, ring_data)
+    load_checkpoint(resumed, str(checkpoint_dir))
+    resumed.run()
+    return straight, resumed
