@@ -280,14 +280,15 @@ class PromptBank:
 # memory
 # --------------------------------------------------------------------------------------------
 def estimate_memory(network, batch_size: int, latent_hw: tuple[int, int], rank: int,
-                    gradient_checkpointing: bool, training_mode: str = "lora", ema: bool = False) -> dict[str, int]:
+                    gradient_checkpointing: bool, training_mode: str = "lora", ema: bool = False,
+                    paired: bool = False, dmd: bool = False) -> dict[str, int]:
     """Rough bytes a run needs on its device (training/inputs.py, from the UNet's parameter shapes and
     base width): {'weights', 'trainable', 'activations', 'total'}; ``training_mode='full'`` counts a
     whole fp32 copy of the weights as trainable (see :func:`trainable_copy`)."""
     unet = _unet(network)
     shapes = [(tuple(p.shape), p.element_size()) for p in unet.parameters()]
     return estimate_run_memory(shapes, int(getattr(unet, "model_channels", 320)), batch_size, latent_hw, rank,
-                               gradient_checkpointing, training_mode, ema)
+                               gradient_checkpointing, training_mode, ema, paired, dmd)
 
 
 def free_memory_bytes(device: torch.device) -> int:

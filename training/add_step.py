@@ -165,7 +165,7 @@ def step(batch: Batch, models: ADDModels, cfg: ADDConfig, phase: str, *, generat
         raise ValueError(f"step: phase must be 'D', 'G' or 'F', got {phase!r}.")
     if phase == "F":
         if fake is None:
-            with torch.no_grad():
+            with torch.no_grad(), models.fake_score.adapters_enabled(False):  # the student's pass, not the fake's
                 fake = student_forward(batch, models, cfg, generator)
         loss = fake_score_loss(batch, models, cfg, fake.detach(), generator)
         return {"total": loss}, {"fake_loss": float(loss.detach())}

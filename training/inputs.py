@@ -31,6 +31,7 @@ RULES: dict[str, tuple[type, float, float, int, str]] = {
     "lr_disc": (float, 1e-7, 0.1, 0, "1e-4 is typical"),
     "lr_full": (float, 1e-9, 0.1, 0, "1e-6 is typical (the whole network)"),
     "distill_weight": (float, 0.0, 100.0, 0, "the paper's 2.5"),
+    "paired_weight": (float, 0.0, 1000.0, 0, "0 = off; the small_data preset's 100"),
     "max_steps": (int, 1, 1_000_000, 1, "training iterations"),
     "save_every": (int, 0, 1_000_000, 1, "0 = only at the end"),
     "preview_every": (int, 0, 1_000_000, 1, "0 = never"),
@@ -75,14 +76,16 @@ CKPT_SAVING = 4
 
 def estimate_memory(weight_shapes: Iterable[tuple[tuple[int, ...], int]], model_channels: int, batch_size: int,
                     latent_hw: tuple[int, int], rank: int, gradient_checkpointing: bool, training_mode: str = "lora",
-                    ema: bool = False) -> dict[str, int]:
+                    ema: bool = False, paired: bool = False, dmd: bool = False) -> dict[str, int]:
     """Rough bytes a run needs on its device: {'weights', 'trainable', 'activations', 'total'}.
 
     ``weight_shapes``: (shape, bytes per element) of every UNet parameter (from a module or a
     safetensors header); tensors of 2 or more dimensions are the layers that get adapters.
     'weights': the job's frozen copy of the base (the teacher). 'trainable': what is trained, in fp32
     with its gradient and two AdamW moments (and the EMA's copy when ``ema``): the LoRA adapters, or
-    for ``training_mode='full'`` a whole fp32 copy of the weights."""
+    for ``training_mode='full'`` a whole fp32 copy of the weights. ``paired`` (paired_weight > 0): a third
+    graph-holding pass on the generator step (the paired student pass); ``dmd`` (distill_loss 'dmd'): the
+    fake score's LoRA with its gradient and AdamW moments."""
     weights, n_lin, n_all, elt = 0, 0, 0, None
     for shape, size in weight_shapes:
         numel = math.prod(shape)
@@ -93,8 +96,10 @@ def estimate_memory(weight_shapes: Iterable[tuple[tuple[int, ...], int]], model_
             n_lin += shape[0] + numel // shape[0]
     n_trained = n_all if training_mode == "full" else n_lin * rank
     trainable = n_trained * 4 * (4 + int(bool(ema)))  # fp32 param, grad, two AdamW moments (+ EMA)
+    if dmd:
+        trainable += n_lin * rank * 4 * 4
     h, w = latent_hw
-    act = 2 * batch_size * ACT_FACTOR * model_channels * h * w * (elt or 4)
+    act = (2 + int(bool(paired))) * batch_size * ACT_FACTOR * model_channels * h * w * (elt or 4)
     if gradient_checkpointing:
         act //= CKPT_SAVING
     return {"weights": weights, "trainable": trainable, "activations": act, "total": weights + trainable + act}

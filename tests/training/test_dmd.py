@@ -96,3 +96,19 @@ def test_dmd_is_validated():
     with pytest.raises(ADDError, match="distill_loss"):
         tiny_config(distill_loss="dmd", distill_weight=0.0)
     assert tiny_config().distill_loss == "regression"
+
+
+def test_phase_F_draws_the_students_samples_without_the_fake_adapters():
+    cfg = tiny_config(distill_loss="dmd")
+    models = tiny_models(cfg)
+    with torch.no_grad():
+        for p in models.fake_score.trainable_parameters():
+            p.add_(0.2)  # a fake score far from the teacher: its adapters would change the student's samples
+    batch = _batch(cfg)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        fake = add_step.student_forward(batch, models, cfg, gen)
+    expected, _ = step(batch, models, cfg, "F", generator=gen, fake=fake)
+    with models.fake_score.active():
+        got, _ = step(batch, models, cfg, "F", generator=torch.Generator().manual_seed(4))
+    assert torch.equal(got["total"], expected["total"])

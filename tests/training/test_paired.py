@@ -102,3 +102,15 @@ def test_a_run_on_given_images_drops_the_presets_pairs_and_refuses_the_users():
     node = RunRequest(**base, train={"paired_weight": 0.0})
     assert node.config(images=True).paired_weight == 0.0
     assert node.config().paired_weight == preset_fields("small_data")["paired_weight"]
+
+
+def test_the_memory_estimate_counts_the_paired_pass_and_the_fake_scores_adapters():
+    from comfyui_add.training.inputs import estimate_memory
+
+    shapes = [((320, 4, 3, 3), 2), ((320, 320), 2), ((320,), 2)]
+    plain = estimate_memory(shapes, 320, 4, (64, 64), 16, False)
+    paired = estimate_memory(shapes, 320, 4, (64, 64), 16, False, paired=True)
+    dmd = estimate_memory(shapes, 320, 4, (64, 64), 16, False, dmd=True)
+    assert paired["activations"] * 2 == plain["activations"] * 3  # three graph-holding passes, not two
+    assert dmd["trainable"] == 2 * plain["trainable"]  # a second LoRA of the same rank, grads and AdamW moments
+    assert paired["weights"] == dmd["weights"] == plain["weights"]
