@@ -1,21 +1,17 @@
-"""The plugin's one way to read and write model files, and to turn a typed name into a path.
+"""The plugin's one way to read and write model files, and to turn a typed name into a path; every
+layer uses it (training checkpoints, node saves, the headless trainer), and it imports no ComfyUI.
 
 - Reading: :func:`read_safetensors` / :func:`safetensors_header` check the file before any library
   sees it (exists, not empty, not a pickle, the 8-byte header length, the JSON header, every
-  tensor's data offsets against the file size), so a broken download is reported in words and by
-  name. Nothing is ever unpickled: a .pt/.ckpt/.pth file is refused with advice to convert it.
-- Writing: :func:`atomic_write` and its wrappers write a temporary file in the target folder (a
-  short hidden name ending in ``.partial`` that no model list shows and that fits any file name
-  limit), fsync, then rename. ``overwrite=False`` never replaces a file, even one that appears
-  while writing. :func:`atomic_write_first_free` writes once and takes the first free name of a
-  sequence (numbered saves). Temporaries left by a killed process are removed by the next write there.
-- Names: :func:`check_name` / :func:`safe_path` refuse '..', absolute paths, drive letters, NUL and
-  control characters, separators where none are allowed, and names the file system cannot hold.
-- Paths: :func:`resolve_inside` is the one "this typed path stays inside that folder" check (typed
-  folders and files to read, and the folder a save goes to); :func:`is_inside` its lexical test.
-
-Pure Python + torch + safetensors: no ComfyUI import. It lives in core/ because every layer reads and
-writes files through it (the training core's checkpoints, the nodes' saves, the headless trainer).
+  tensor's data offsets against the file size): a broken download is reported by name. Nothing is
+  unpickled: a .pt/.ckpt/.pth file is refused with advice to convert it.
+- Writing: :func:`atomic_write` and its wrappers write a short hidden ``.partial`` file in the target
+  folder (no model list shows it), fsync, then rename; ``overwrite=False`` never replaces a file, even
+  one that appears meanwhile. :func:`atomic_write_first_free` takes the first free name of a sequence
+  (numbered saves). Temporaries left by a killed process are removed by the next write there.
+- Names and paths: :func:`check_name` / :func:`safe_path` refuse '..', absolute paths, drive letters,
+  NUL and control characters, misplaced separators and names the file system cannot hold;
+  :func:`resolve_inside` is the one "this typed path stays inside that folder" check.
 """
 from __future__ import annotations
 
