@@ -65,6 +65,7 @@ class Size:
     clf_epochs: int = 40
     teacher_cfg: float = 2.0  # CFG of the teacher rows and of the teacher-generated training data
     data_steps: int = 10  # teacher steps per generated batch (ADD Train's data_steps)
+    data_cfg: float | None = None  # CFG of the teacher-generated training data (None = teacher_cfg)
     add_steps: int = 300
     add_batch: int = 32
     lora_rank: int = 16
@@ -520,7 +521,7 @@ def teacher_pool(mp, clip: ClassEmbeddingCLIP, size: Size, log: Callable[[str], 
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x0 (N, 1, 8, 8), classes (N,)): ``size.pool_per_class`` teacher samples of every class prompt, made with
     the training data's own sampler (``training.data.teacher_sample``: DDIM, ``data_steps`` steps, CFG
-    ``teacher_cfg``), cached in ``.cache/digits/``."""
+    :func:`data_cfg`), cached in ``.cache/digits/``."""
     from scripts.comfy_host import plugin_module
 
     adapter = plugin_module("adapters.model")
@@ -539,11 +540,17 @@ def teacher_pool(mp, clip: ClassEmbeddingCLIP, size: Size, log: Callable[[str], 
                 xs.append(tr_data.teacher_sample(lambda x, s, cd: adapter.comfy_denoise(network, x, s, cd),
                                                  (size.pool_per_class, 1, 8, 8), schedule, g, size.data_steps,
                                                  cond={"context": ctx}, uncond={"context": unc},
-                                                 cfg_scale=size.teacher_cfg))
+                                                 cfg_scale=data_cfg(size)))
         return {"x0": torch.cat(xs), "classes": torch.arange(CLASSES).repeat_interleave(size.pool_per_class)}
 
-    sd = cached("pool", size.key(*TEACHER_FIELDS, "data_steps", "teacher_cfg", "pool_per_class"), make, log)
+    fields = (*TEACHER_FIELDS, "data_steps", "teacher_cfg", "pool_per_class")
+    sd = cached("pool", size.key(*fields, *(("data_cfg",) if size.data_cfg is not None else ())), make, log)
     return sd["x0"].float(), sd["classes"].long()
+
+
+def data_cfg(size: Size) -> float:
+    """The CFG scale of the teacher-generated training data (``data_cfg``, else ``teacher_cfg``)."""
+    return size.teacher_cfg if size.data_cfg is None else size.data_cfg
 
 
 def pool_noise(size: Size) -> torch.Tensor:
@@ -592,7 +599,7 @@ def train_student(mp, clip: ClassEmbeddingCLIP, size: Size, lora_path: str, *, d
     bank = adapter.PromptBank(clip, PROMPTS, network, 64, 64)
     schedule = tr_schedule.DiscreteSchedule(adapter.schedule_sigmas(mp))
     if data == "teacher":
-        # The teacher's samples from the class prompts (10 DDIM steps at CFG teacher_cfg), made once and
+        # The teacher's samples from the class prompts (data_steps DDIM steps at CFG data_cfg), made once and
         # cached: the same distribution ADD Train's on-the-fly generator draws from, without paying
         # data_steps x 2 teacher calls per training batch in every run of a sweep.
         x_pool, y_pool = teacher_pool(mp, clip, size, log)
@@ -605,7 +612,7 @@ def train_student(mp, clip: ClassEmbeddingCLIP, size: Size, lora_path: str, *, d
     elif data == "teacher_live":
         def data_factory(teacher):
             return tr_data.SyntheticTeacherData(teacher, bank.prompts, lambda ps: bank.encode(ps, device), (1, 8, 8),
-                                                schedule, steps=size.data_steps, cfg_scale=size.teacher_cfg,
+                                                schedule, steps=size.data_steps, cfg_scale=data_cfg(size),
                                                 uncond=bank.uncond_on(device), device=device)
     elif data == "real":
         assert real is not None

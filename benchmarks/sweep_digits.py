@@ -134,6 +134,21 @@ SWEEPS: dict[str, dict[str, dict[str, Any]]] = {
         "dmd_only": {"distill_loss": "dmd", "adv_weight": 0.0},
         "dmd_only_ttur3": {"distill_loss": "dmd", "adv_weight": 0.0, "disc_updates": 3},
     },
+    # the distillation weight lambda with the pairs on: the distillation pull on x_hat is 30-60x below the
+    # adversarial pull at the paper's 2.5, so with the pairs beside them it changed nothing measurable
+    "lambda": {
+        "lam25": {"distill_weight": 25.0},
+        "lam100": {"distill_weight": 100.0},
+        "distill_only_lam100": {"distill_weight": 100.0, "adv_weight": 0.0},
+        "distill_only_lam25": {"distill_weight": 25.0, "adv_weight": 0.0},
+    },
+    # the teacher-generated training data (and the pairs' targets): its CFG (the teacher's 25 steps at CFG 2,
+    # the table's target, keep 0.76 of the test split's diversity) and the sampler's steps
+    "data_cfg": {
+        "data_cfg1": {"data_cfg": 1.0},
+        "data_cfg1.5": {"data_cfg": 1.5},
+        "data_steps25": {"data_steps": 25},
+    },
 }
 
 
