@@ -281,7 +281,7 @@ class PromptBank:
 # --------------------------------------------------------------------------------------------
 def estimate_memory(network, batch_size: int, latent_hw: tuple[int, int], rank: int,
                     gradient_checkpointing: bool, training_mode: str = "lora", ema: bool = False,
-                    paired: bool = False, dmd: bool = False) -> dict[str, int]:
+                    paired: int = 0, dmd: bool = False) -> dict[str, int]:
     """Rough bytes a run needs on its device (training/inputs.py, from the UNet's parameter shapes and
     base width): {'weights', 'trainable', 'activations', 'total'}; ``training_mode='full'`` counts a
     whole fp32 copy of the weights as trainable (see :func:`trainable_copy`)."""

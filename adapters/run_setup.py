@@ -83,7 +83,7 @@ def check_memory(model, cfg: ADDConfig, width: int, height: int, gradient_checkp
     """ADDError with the numbers when the run would not fit the device's free memory."""
     lat_hw = (int(height) // 8, int(width) // 8)
     need = adapter.estimate_memory(model.model, cfg.batch_size, lat_hw, cfg.lora_rank, bool(gradient_checkpointing),
-                                   cfg.training_mode, cfg.ema_decay is not None, paired=cfg.paired_weight > 0,
+                                   cfg.training_mode, cfg.ema_decay is not None, paired=cfg.paired_passes,
                                    dmd=cfg.distill_loss == "dmd")
     # Free device memory plus what the input model occupies there (ComfyUI can offload it).
     free = adapter.free_memory_bytes(device) + (model.loaded_size() if device.type != "cpu" else 0)

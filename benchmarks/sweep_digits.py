@@ -55,6 +55,11 @@ SWEEPS: dict[str, dict[str, dict[str, Any]]] = {
         "balance1": {"adv_grad_balance": 1.0},
         "add_paired100": {"paired_weight": 100.0},
     },
+    # the shipped settings over 3,000 steps (its own sweep name: the runs of 'length' are keyed by configuration
+    # and seed, not by length): --steps 3000 --eval-every 500
+    "length3000": {
+        "add_paired100": {"paired_weight": 100.0},
+    },
     # One seed each, 300 steps: what the discriminator sees, its regularisation, the student's EMA.
     "scan": {
         "add": {},
@@ -141,6 +146,11 @@ SWEEPS: dict[str, dict[str, dict[str, Any]]] = {
         "lam100": {"distill_weight": 100.0},
         "distill_only_lam100": {"distill_weight": 100.0, "adv_weight": 0.0},
         "distill_only_lam25": {"distill_weight": 25.0, "adv_weight": 0.0},
+    },
+    # the pairs' distance: LPIPS-like in the discriminator's feature network instead of latent MSE
+    "paired_metric": {
+        "feat_pairs100": {"paired_metric": "features"},
+        "feat_pairs10": {"paired_metric": "features", "paired_weight": 10.0},
     },
     # the teacher-generated training data (and the pairs' targets): its CFG (the teacher's 25 steps at CFG 2,
     # the table's target, keep 0.76 of the test split's diversity) and the sampler's steps

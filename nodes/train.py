@@ -22,7 +22,8 @@ from ..core import files
 from ..core.errors import ADDError
 from ..core.images import png_bytes
 from ..training import image_folder as image_files
-from ..training.config import DISC_NORMS, DISCRIMINATOR_TYPES, DISTILL_LOSSES, LR_SCHEDULES, TRAINING_MODES
+from ..training.config import (DISC_NORMS, DISCRIMINATOR_TYPES, DISTILL_LOSSES, LR_SCHEDULES, PAIRED_METRICS,
+                               TRAINING_MODES)
 from ..training.presets import PRESET_NAMES, preset_fields
 from ..training.resume import STATE_SUFFIX, check_start, existing_run, state_dir_for
 from ..training.run import ADDRun, RunHooks, RunSpec
@@ -177,6 +178,11 @@ class ADDTrain(io.ComfyNode):
                     "re-noised) or dmd (distribution matching, DMD2: a second LoRA learns the student's samples and the "
                     "student moves along teacher minus that; about 1.5x the time per step; on the digits proof it gave "
                     "the best 4-step student but not a better single step)."),
+                io.Combo.Input("paired_metric", options=list(PAIRED_METRICS), optional=True, tooltip=
+                    "How the noise-paired regression (paired_weight > 0) compares the student's image with the "
+                    "teacher's: mse (in latent space; can blur on large models) or features (an LPIPS-like distance in "
+                    "the discriminator's teacher features at low noise, both sides at the same noise; one more "
+                    "feature pass per step)."),
             ],
             outputs=[io.String.Output(display_name="job_id", tooltip="The job's id, for ADD Training Status."),
                      io.String.Output(display_name="lora_name", tooltip=
@@ -194,7 +200,7 @@ class ADDTrain(io.ComfyNode):
                 save_every, preview_every, training_seed, gradient_checkpointing, run_mode, vae=None, images=None,
                 image_folder="", dinov2_file="", disc_max_timestep=999, disc_norm="batch_local", lr_schedule="constant",
                 training_mode="lora", lr_full=1e-6, preset="none", paired_weight=0.0,
-                distill_loss="regression") -> io.NodeOutput:
+                distill_loss="regression", paired_metric="mse") -> io.NodeOutput:
         args = locals_without_self(locals())
         args["seed"] = args.pop("training_seed")
         job = start_training(**args)
@@ -253,7 +259,7 @@ def start_training(model, clip, name, prompts, max_steps, batch_size, width, hei
                    save_every, preview_every, seed, gradient_checkpointing, run_mode, vae=None, images=None,
                    image_folder="", dinov2_file="", disc_max_timestep=999, disc_norm="batch_local",
                    lr_schedule="constant", training_mode="lora", lr_full=1e-6, preset="none", paired_weight=0.0,
-                   distill_loss="regression") -> Job:
+                   distill_loss="regression", paired_metric="mse") -> Job:
     """Check the widgets, assemble the run on this (prompt) thread (adapters/run_setup.py), start the
     job; returns it at once."""
     # ---- check everything before anything is built ------------------------------------
@@ -269,7 +275,7 @@ def start_training(model, clip, name, prompts, max_steps, batch_size, width, hei
                  teacher_cfg_scale=distill_cfg, batch_size=batch_size, seed=seed, max_steps=max_steps,
                  save_every=save_every, preview_every=preview_every, disc_norm=str(disc_norm),
                  lr_schedule=str(lr_schedule), training_mode=str(training_mode), lr_full=lr_full,
-                 paired_weight=paired_weight, distill_loss=str(distill_loss))
+                 paired_weight=paired_weight, distill_loss=str(distill_loss), paired_metric=str(paired_metric))
     request = RunRequest(lora_path=os.path.join(folder_paths.get_folder_paths("loras")[0], name + ".safetensors"),
                          prompts=tuple(parse_prompts(prompts)), width=width, height=height, data_cfg=data_cfg,
                          data_steps=data_steps, gradient_checkpointing=bool(gradient_checkpointing), train=train,

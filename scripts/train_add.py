@@ -214,7 +214,7 @@ def check_memory_estimate(settings: dict, device_kind: str, free: int) -> None:
     first = header.get(UNET_PREFIX + "input_blocks.0.0.weight", {}).get("shape") or [320]
     need = estimate_memory(shapes, int(first[0]), cfg.batch_size, (settings["height"] // 8, settings["width"] // 8),
                            cfg.lora_rank, bool(settings["gradient_checkpointing"]), cfg.training_mode,
-                           cfg.ema_decay is not None, paired=cfg.paired_weight > 0, dmd=cfg.distill_loss == "dmd")
+                           cfg.ema_decay is not None, paired=cfg.paired_passes, dmd=cfg.distill_loss == "dmd")
     if need["total"] > free:
         raise ConfigError(str(memory_error(need, free, device_kind, where=f"{settings['source']}: ",
                                            training_mode=cfg.training_mode)))

@@ -26,7 +26,7 @@ from .fake_score import FakeScore
 import torch.nn.functional as F
 
 from .discriminator import (Discriminator, HookedActivations, PixelFeatures, TeacherFeatures, check_frozen,
-                            probe_feature_channels)
+                            probe_feature_channels, to_tokens)
 from .losses import DistillationLoss, HingeDLoss, HingeGLoss, R1Penalty
 from .schedule import DiscreteSchedule, add_noise_ve, broadcast_like
 from .student import DenoiseFn, FullStudent, LoRAStudent
@@ -43,6 +43,8 @@ class ADDModels:
     discriminator: Discriminator | None  # None when adv_weight == 0 (distillation-only ablation)
     schedule: DiscreteSchedule
     fake_score: FakeScore | None = None  # distill_loss == 'dmd' only
+    # paired_metric == 'features': the feature network the pairs are compared in (the discriminator's own)
+    pair_features: Callable[[Tensor, Any, torch.Generator], list] | None = None
 
 
 def build_models(network: nn.Module, denoise: DenoiseFn, cfg: ADDConfig, schedule: DiscreteSchedule,
@@ -73,9 +75,8 @@ def build_models(network: nn.Module, denoise: DenoiseFn, cfg: ADDConfig, schedul
     if cfg.distill_loss == "dmd":
         fake_score = FakeScore(student.teacher_network(), student.teacher, cfg.lora_rank, cfg.lora_alpha, gen,
                                target_modules=target_modules)
-    disc = None
-    if cfg.adv_weight > 0:
-        head_channels = cfg.disc_head_channels
+    disc, head_channels = None, cfg.disc_head_channels
+    if cfg.adv_weight > 0 or cfg.paired_metric == "features":
         if feature_fn is None and cfg.discriminator == "pixel":
             feature_fn = PixelFeatures(schedule, cfg.disc_timestep_range)
             head_channels = head_channels or 64  # a latent has too few channels to be a head's width
@@ -90,6 +91,7 @@ def build_models(network: nn.Module, denoise: DenoiseFn, cfg: ADDConfig, schedul
 
             feature_fn = TeacherFeatures(teacher_features, schedule, cfg.disc_timestep_range,
                                          frozen_params=student.teacher_params())
+    if cfg.adv_weight > 0:
         if probe_batch is None:
             raise ValueError("build_models: pass probe_batch (one batch from your data) to size the heads.")
         probe_gen = torch.Generator(device=_gen_device(probe_batch["x0"])).manual_seed(cfg.seed)
@@ -97,7 +99,8 @@ def build_models(network: nn.Module, denoise: DenoiseFn, cfg: ADDConfig, schedul
         disc = Discriminator(feature_fn, channels, c_dim=c_dim, head_channels=head_channels,
                              norm=cfg.disc_norm, spectral=cfg.disc_spectral_norm, generator=gen)
         disc.to(probe_batch["x0"].device)
-    return ADDModels(student=student, discriminator=disc, schedule=schedule, fake_score=fake_score)
+    return ADDModels(student=student, discriminator=disc, schedule=schedule, fake_score=fake_score,
+                     pair_features=feature_fn if cfg.paired_metric == "features" else None)
 
 
 def _gen_device(x: Tensor) -> str:
@@ -212,7 +215,7 @@ def step(batch: Batch, models: ADDModels, cfg: ADDConfig, phase: str, *, generat
     total = cfg.adv_weight * adv + cfg.distill_weight * distill
     losses = {"total": total, "adv": adv, "distill": distill}
     if cfg.paired_weight > 0:
-        losses["paired"] = paired_loss(batch, models)
+        losses["paired"] = paired_loss(batch, models, cfg.paired_metric, generator)
         total = total + cfg.paired_weight * losses["paired"]
         losses["total"] = total
     logs = {"g_loss": float(total.detach()), "adv": float(adv.detach()), "distill": float(distill.detach())}
@@ -273,12 +276,19 @@ def fake_score_loss(batch: Batch, models: ADDModels, cfg: ADDConfig, fake: Tenso
     return (weight * per_sample).mean()
 
 
-def paired_loss(batch: Batch, models: ADDModels) -> Tensor:
+def paired_loss(batch: Batch, models: ADDModels, metric: str = "mse",
+                generator: torch.Generator | None = None) -> Tensor:
     """Noise-paired regression (Luhman & Luhman 2021; the regression term of DMD, arXiv 2311.18828): the
     student's single step from the pure noise a teacher-generated x0 started from, x = noise * sqrt(1 +
-    sigma_top^2) at the top timestep (what the 1-step sampler feeds it), regressed onto that x0:
-    mean ||student(x, sigma_top, c) - x0||^2. It pins WHICH image each noise becomes (the teacher's ODE
-    map), which neither ADD's terms nor distribution matching do."""
+    sigma_top^2) at the top timestep (what the 1-step sampler feeds it), regressed onto that x0. It pins
+    WHICH image each noise becomes (the teacher's ODE map), which neither ADD's terms nor distribution
+    matching do.
+
+    ``metric`` 'mse': mean ||student(x, sigma_top, c) - x0||^2 in latent space. 'features': an LPIPS-like
+    distance in the discriminator's feature network (``models.pair_features``; the teacher's activations
+    at t-hat, the same t-hat and noise for both sides): per layer, the squared distance of the
+    channel-normalised feature vectors summed over channels and averaged over positions, then averaged
+    over layers (latent MSE is known to blur at SD scale; DMD pairs with LPIPS)."""
     noise = batch.get("noise")
     if noise is None:
         raise ADDError("paired_weight > 0 needs teacher-generated training data (each x0 with the noise it was "
@@ -289,7 +299,23 @@ def paired_loss(batch: Batch, models: ADDModels) -> Tensor:
     sigma = models.schedule.sigma(top, dtype=x0.dtype, device=x0.device)
     x = noise.to(x0) * broadcast_like((1.0 + sigma * sigma).sqrt(), x0)
     pred = models.student.student(x, sigma, batch.get("cond"))
-    return (pred.float() - x0.float()).pow(2).mean()
+    if metric == "mse":
+        return (pred.float() - x0.float()).pow(2).mean()
+    if metric != "features" or models.pair_features is None or generator is None:
+        raise ValueError(f"paired_loss: metric {metric!r} needs models.pair_features (build_models with "
+                         "paired_metric='features') and a generator; or use metric='mse'.")
+    state = generator.get_state()
+    with torch.no_grad():
+        target = [to_tokens(f).float() for f in models.pair_features(x0, batch.get("cond"), generator)]
+    generator.set_state(state)  # the same t-hat and noise for the student's side
+    got = [to_tokens(f).float() for f in models.pair_features(pred, batch.get("cond"), generator)]
+    return torch.stack([_unit_channels(a).sub(_unit_channels(b)).pow(2).sum(1).mean()
+                        for a, b in zip(got, target)]).mean()
+
+
+def _unit_channels(f: Tensor, eps: float = 1e-10) -> Tensor:
+    """Tokens (B, C, L) scaled to unit length along C at every position (LPIPS' normalisation)."""
+    return f / (f.pow(2).sum(dim=1, keepdim=True) + eps).sqrt()
 
 
 def _gradient_shares(fake: Tensor, weighted_distill: Tensor | None, logs: dict[str, float],

@@ -16,6 +16,7 @@ from ..core.errors import ADDError
 
 DISTILL_WEIGHTINGS = ("exponential", "sds")
 DISTILL_LOSSES = ("regression", "dmd")
+PAIRED_METRICS = ("mse", "features")
 DISCRIMINATOR_TYPES = ("teacher", "dinov2", "pixel")
 DISC_FEATURES = ("encoder", "input+encoder", "all")
 TRAINING_MODES = ("lora", "full")
@@ -54,6 +55,8 @@ class ADDConfig:
     # student from the noise a teacher-generated x0 started from (batch['noise']) is regressed onto that x0.
     # Needs teacher-generated training data (SyntheticTeacherData); 0 = off (the paper's ADD)
     paired_weight: float = 0.0
+    # the pairs' distance: 'mse' (latent space) | 'features' (LPIPS-like, in the discriminator's feature network)
+    paired_metric: str = "mse"
     r1_gamma: float = 1e-5
     teacher_cfg_scale: float = 1.0  # 1.0 = one conditional teacher pass, no CFG
     teacher_timestep_range: tuple[int, int] = (1, 999)  # t for re-noising the student output
@@ -129,6 +132,12 @@ class ADDConfig:
             raise ADDError(f"ADDConfig.from_dict: unknown keys {unknown}; known keys are {sorted(known)}.")
         return cls(**dict(data))
 
+    @property
+    def paired_passes(self) -> int:
+        """Extra graph-holding passes the pairs add to a generator step: 0 (off), 1 (the student's paired
+        pass, 'mse'), 2 (and the feature network on its output, 'features'); for the memory estimate."""
+        return 0 if self.paired_weight <= 0 else (2 if self.paired_metric == "features" else 1)
+
     def replace(self, **changes: Any) -> "ADDConfig":
         """A validated copy with some fields changed."""
         return dataclasses.replace(self, **changes)
@@ -168,6 +177,7 @@ _RULES: dict[str, tuple[Callable[[Any, ADDConfig], bool], str]] = {
     "adv_grad_balance": (lambda v, c: _finite(v) and 0 <= v <= 100, "a float in [0, 100] (0 = off; 1 = equal pull)"),
     "distill_weighting": (lambda v, c: v in DISTILL_WEIGHTINGS, f"one of {DISTILL_WEIGHTINGS}"),
     "paired_weight": (lambda v, c: _finite(v) and 0 <= v <= 1000, "a float in [0, 1000] (0 = off)"),
+    "paired_metric": (lambda v, c: v in PAIRED_METRICS, f"one of {PAIRED_METRICS}"),
     "distill_loss": (lambda v, c: v in DISTILL_LOSSES and (v == "regression" or c.distill_weight > 0),
                      f"one of {DISTILL_LOSSES} ('dmd' needs distill_weight > 0)"),
     "r1_gamma": (lambda v, c: _finite(v) and v >= 0, "a float >= 0 (paper: 1e-5)"),

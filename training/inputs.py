@@ -76,15 +76,16 @@ CKPT_SAVING = 4
 
 def estimate_memory(weight_shapes: Iterable[tuple[tuple[int, ...], int]], model_channels: int, batch_size: int,
                     latent_hw: tuple[int, int], rank: int, gradient_checkpointing: bool, training_mode: str = "lora",
-                    ema: bool = False, paired: bool = False, dmd: bool = False) -> dict[str, int]:
+                    ema: bool = False, paired: int = 0, dmd: bool = False) -> dict[str, int]:
     """Rough bytes a run needs on its device: {'weights', 'trainable', 'activations', 'total'}.
 
     ``weight_shapes``: (shape, bytes per element) of every UNet parameter (from a module or a
     safetensors header); tensors of 2 or more dimensions are the layers that get adapters.
     'weights': the job's frozen copy of the base (the teacher). 'trainable': what is trained, in fp32
     with its gradient and two AdamW moments (and the EMA's copy when ``ema``): the LoRA adapters, or
-    for ``training_mode='full'`` a whole fp32 copy of the weights. ``paired`` (paired_weight > 0): a third
-    graph-holding pass on the generator step (the paired student pass); ``dmd`` (distill_loss 'dmd'): the
+    for ``training_mode='full'`` a whole fp32 copy of the weights. ``paired`` (``ADDConfig.paired_passes``):
+    the graph-holding passes the pairs add to the generator step (the paired student pass, and with
+    paired_metric 'features' the feature network on its output); ``dmd`` (distill_loss 'dmd'): the
     fake score's LoRA with its gradient and AdamW moments."""
     weights, n_lin, n_all, elt = 0, 0, 0, None
     for shape, size in weight_shapes:
@@ -99,7 +100,7 @@ def estimate_memory(weight_shapes: Iterable[tuple[tuple[int, ...], int]], model_
     if dmd:
         trainable += n_lin * rank * 4 * 4
     h, w = latent_hw
-    act = (2 + int(bool(paired))) * batch_size * ACT_FACTOR * model_channels * h * w * (elt or 4)
+    act = (2 + int(paired)) * batch_size * ACT_FACTOR * model_channels * h * w * (elt or 4)
     if gradient_checkpointing:
         act //= CKPT_SAVING
     return {"weights": weights, "trainable": trainable, "activations": act, "total": weights + trainable + act}

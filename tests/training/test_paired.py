@@ -57,6 +57,52 @@ def test_paired_alone_trains_the_student_toward_the_pairs():
     assert logs["paired"] < 0.5 * first
 
 
+def _one_step_from(models, noise):
+    sched = models.schedule
+    sig = sched.sigma(torch.full((noise.shape[0],), sched.num_timesteps - 1)).float()
+    return models.student.student(noise * (1 + sig[:, None] ** 2).sqrt(), sig, None)
+
+
+def test_feature_metric_compares_both_sides_at_the_same_noise_and_is_zero_on_the_students_own_output():
+    cfg = tiny_config(paired_weight=1.0, paired_metric="features", adv_weight=0.0)
+    models = tiny_models(cfg)
+    assert models.discriminator is None and models.pair_features is not None  # built for the pairs alone
+    batch = _paired_batch()
+    with torch.no_grad():
+        own = dict(batch, x0=_one_step_from(models, batch["noise"]))
+    # a different t-hat or noise on the two sides would leave a distance here
+    assert float(add_step.paired_loss(own, models, "features", torch.Generator().manual_seed(1)).detach()) < 1e-10
+    far = add_step.paired_loss(batch, models, "features", torch.Generator().manual_seed(1))
+    assert float(far.detach()) > 1e-3
+    far.backward()  # the gradient reaches the student through the frozen feature network
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in models.student.trainable_parameters())
+    assert all(p.grad is None for p in models.student.teacher_params())
+
+
+def test_feature_metric_alone_moves_the_one_step_student_toward_its_pairs():
+    cfg = tiny_config(paired_weight=1.0, paired_metric="features", adv_weight=0.0, distill_weight=0.0)
+    models = tiny_models(cfg)
+    batch = _paired_batch()
+    latent = lambda: float((_one_step_from(models, batch["noise"]) - batch["x0"]).pow(2).mean().detach())  # noqa: E731
+    opt = torch.optim.Adam(models.student.trainable_parameters(), lr=1e-2)
+    before = latent()
+    for i in range(60):
+        losses, _ = step(batch, models, cfg, "G", generator=torch.Generator().manual_seed(i))
+        losses["total"].backward()
+        opt.step()
+        opt.zero_grad()
+    assert latent() < 0.5 * before
+
+
+def test_paired_metric_is_checked_and_the_feature_metric_needs_its_network():
+    with pytest.raises(ADDError, match="paired_metric"):
+        tiny_config(paired_metric="lpips")
+    models = tiny_models(tiny_config(paired_weight=1.0))  # mse: no feature network kept for the pairs
+    assert models.pair_features is None
+    with pytest.raises(ValueError, match="pair_features"):
+        add_step.paired_loss(_paired_batch(), models, "features", torch.Generator())
+
+
 def test_paired_weight_without_noise_in_the_data_is_a_clear_error():
     cfg = tiny_config(paired_weight=1.0)
     models = tiny_models(cfg)
@@ -109,8 +155,13 @@ def test_the_memory_estimate_counts_the_paired_pass_and_the_fake_scores_adapters
 
     shapes = [((320, 4, 3, 3), 2), ((320, 320), 2), ((320,), 2)]
     plain = estimate_memory(shapes, 320, 4, (64, 64), 16, False)
-    paired = estimate_memory(shapes, 320, 4, (64, 64), 16, False, paired=True)
+    cfg = tiny_config(paired_weight=1.0)
+    paired = estimate_memory(shapes, 320, 4, (64, 64), 16, False, paired=cfg.paired_passes)
+    features = estimate_memory(shapes, 320, 4, (64, 64), 16, False,
+                               paired=cfg.replace(paired_metric="features").paired_passes)
     dmd = estimate_memory(shapes, 320, 4, (64, 64), 16, False, dmd=True)
     assert paired["activations"] * 2 == plain["activations"] * 3  # three graph-holding passes, not two
+    assert features["activations"] == plain["activations"] * 2  # and the feature network on the paired output
+    assert tiny_config().paired_passes == 0
     assert dmd["trainable"] == 2 * plain["trainable"]  # a second LoRA of the same rank, grads and AdamW moments
     assert paired["weights"] == dmd["weights"] == plain["weights"]
