@@ -152,6 +152,10 @@ SWEEPS: dict[str, dict[str, dict[str, Any]]] = {
         "feat_pairs100": {"paired_metric": "features"},
         "feat_pairs10": {"paired_metric": "features", "paired_weight": 10.0},
     },
+    # DMD2's backward simulation: the 2- and 4-step student trains on its own inputs below the top timestep
+    "bsim": {
+        "bsim": {"backward_simulation": True},
+    },
     # the teacher-generated training data (and the pairs' targets): its CFG (the teacher's 25 steps at CFG 2,
     # the table's target, keep 0.76 of the test split's diversity) and the sampler's steps
     "data_cfg": {

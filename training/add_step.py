@@ -134,9 +134,42 @@ def student_input(x0: Tensor, models: ADDModels, cfg: ADDConfig, generator: torc
 
 
 def student_forward(batch: Batch, models: ADDModels, cfg: ADDConfig, generator: torch.Generator) -> Tensor:
-    """Spec step 3: x_hat_theta = student(x_s, s, c), one evaluation, predicting x0 (B, ...)."""
-    x, sigma, _ = student_input(batch["x0"], models, cfg, generator)
+    """Spec step 3: x_hat_theta = student(x_s, s, c), one evaluation, predicting x0 (B, ...). With
+    ``cfg.backward_simulation`` the inputs below the top timestep are the student's own (:func:`simulated_input`)."""
+    x, sigma, t = student_input(batch["x0"], models, cfg, generator)
+    if cfg.backward_simulation:
+        x = simulated_input(x, t, batch.get("cond"), models, cfg, generator)
     return models.student.student(x, sigma, batch.get("cond"))
+
+
+def simulated_input(x: Tensor, t: Tensor, cond: Any, models: ADDModels, cfg: ADDConfig,
+                    generator: torch.Generator) -> Tensor:
+    """DMD2's backward simulation (arXiv 2405.14867): a sample drawn at a lower student timestep gets the
+    input the multi-step sampler would give it, not the training image re-noised: pure noise at the top
+    timestep, then the student's own steps (predict x0, re-noise with fresh noise to the next timestep,
+    VE form), without gradient, down to its timestep. The multi-step student then trains on its own
+    inputs. Samples at the top keep ``x``. Costs (number of student timesteps - 1) extra student passes
+    without a graph."""
+    levels = sorted(set(int(v) for v in cfg.student_timesteps), reverse=True)
+    t = t.to(x.device)
+    if len(levels) == 1 or bool((t == levels[0]).all()):
+        return x
+    b = x.shape[0]
+
+    def sigma_at(level: int) -> Tensor:
+        return models.schedule.sigma(torch.full((b,), level, dtype=torch.long), dtype=x.dtype, device=x.device)
+
+    eps = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
+    cur = eps * broadcast_like((1.0 + sigma_at(levels[0]) ** 2).sqrt(), x)
+    with torch.no_grad():
+        for k in range(len(levels) - 1):
+            active = broadcast_like(t < levels[k], x).bool()
+            if not bool(active.any()):
+                break
+            x0_hat = models.student.student(cur, sigma_at(levels[k]), cond)
+            fresh = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
+            cur = torch.where(active, add_noise_ve(x0_hat.to(x.dtype), sigma_at(levels[k + 1]), fresh), cur)
+    return torch.where(broadcast_like(t == levels[0], x).bool(), x, cur)
 
 
 def teacher_x0(models: ADDModels, x: Tensor, sigma: Tensor, batch: Batch, cfg_scale: float) -> Tensor:

@@ -55,6 +55,9 @@ class ADDConfig:
     # student from the noise a teacher-generated x0 started from (batch['noise']) is regressed onto that x0.
     # Needs teacher-generated training data (SyntheticTeacherData); 0 = off (the paper's ADD)
     paired_weight: float = 0.0
+    # DMD2's backward simulation: inputs below the top student timestep come from the student's own earlier steps
+    # (no gradient) instead of the training image re-noised, so the multi-step student trains on its own inputs
+    backward_simulation: bool = False
     # the pairs' distance: 'mse' (latent space) | 'features' (LPIPS-like, in the discriminator's feature network)
     paired_metric: str = "mse"
     r1_gamma: float = 1e-5
@@ -178,6 +181,7 @@ _RULES: dict[str, tuple[Callable[[Any, ADDConfig], bool], str]] = {
     "distill_weighting": (lambda v, c: v in DISTILL_WEIGHTINGS, f"one of {DISTILL_WEIGHTINGS}"),
     "paired_weight": (lambda v, c: _finite(v) and 0 <= v <= 1000, "a float in [0, 1000] (0 = off)"),
     "paired_metric": (lambda v, c: v in PAIRED_METRICS, f"one of {PAIRED_METRICS}"),
+    "backward_simulation": (lambda v, c: isinstance(v, bool), "True or False"),
     "distill_loss": (lambda v, c: v in DISTILL_LOSSES and (v == "regression" or c.distill_weight > 0),
                      f"one of {DISTILL_LOSSES} ('dmd' needs distill_weight > 0)"),
     "r1_gamma": (lambda v, c: _finite(v) and v >= 0, "a float >= 0 (paper: 1e-5)"),

@@ -165,3 +165,4 @@ def test_the_memory_estimate_counts_the_paired_pass_and_the_fake_scores_adapters
     assert tiny_config().paired_passes == 0
     assert dmd["trainable"] == 2 * plain["trainable"]  # a second LoRA of the same rank, grads and AdamW moments
     assert paired["weights"] == dmd["weights"] == plain["weights"]
+
