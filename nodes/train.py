@@ -181,8 +181,8 @@ class ADDTrain(io.ComfyNode):
                 io.Combo.Input("paired_metric", options=list(PAIRED_METRICS), optional=True, tooltip=
                     "How the noise-paired regression (paired_weight > 0) compares the student's image with the "
                     "teacher's: mse (in latent space; can blur on large models) or features (an LPIPS-like distance in "
-                    "the discriminator's teacher features at low noise, both sides at the same noise; one more "
-                    "feature pass per step)."),
+                    "the selected discriminator's feature network, re-noised to a t-hat up to disc_max_timestep, the "
+                    "same noise on both sides; two more feature passes per step; not with discriminator pixel)."),
             ],
             outputs=[io.String.Output(display_name="job_id", tooltip="The job's id, for ADD Training Status."),
                      io.String.Output(display_name="lora_name", tooltip=

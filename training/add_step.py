@@ -151,21 +151,26 @@ def simulated_input(x: Tensor, t: Tensor, cond: Any, models: ADDModels, cfg: ADD
     inputs. Samples at the top keep ``x``. Costs (number of student timesteps - 1) extra student passes
     without a graph."""
     levels = sorted(set(int(v) for v in cfg.student_timesteps), reverse=True)
-    t = t.to(x.device)
-    if len(levels) == 1 or bool((t == levels[0]).all()):
+    t_cpu = t.cpu()  # the checks below on the host: no device sync per level
+    if len(levels) == 1 or bool((t_cpu == levels[0]).all()):
         return x
     b = x.shape[0]
 
     def sigma_at(level: int) -> Tensor:
         return models.schedule.sigma(torch.full((b,), level, dtype=torch.long), dtype=x.dtype, device=x.device)
 
+    # the sampler's first input, as student_input gives it: pure noise (eps / alpha_top) from the last timestep
+    # with pure_noise_at_top, else sigma * eps (ComfyUI's noise scaling below sigma_max)
+    s_top = sigma_at(levels[0])
+    pure = levels[0] == models.schedule.num_timesteps - 1 and cfg.pure_noise_at_top
     eps = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
-    cur = eps * broadcast_like((1.0 + sigma_at(levels[0]) ** 2).sqrt(), x)
+    cur = eps * broadcast_like((1.0 + s_top * s_top).sqrt() if pure else s_top, x)
+    t = t.to(x.device)
     with torch.no_grad():
         for k in range(len(levels) - 1):
-            active = broadcast_like(t < levels[k], x).bool()
-            if not bool(active.any()):
+            if not bool((t_cpu < levels[k]).any()):
                 break
+            active = broadcast_like(t < levels[k], x).bool()
             x0_hat = models.student.student(cur, sigma_at(levels[k]), cond)
             fresh = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
             cur = torch.where(active, add_noise_ve(x0_hat.to(x.dtype), sigma_at(levels[k + 1]), fresh), cur)

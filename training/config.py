@@ -180,7 +180,9 @@ _RULES: dict[str, tuple[Callable[[Any, ADDConfig], bool], str]] = {
     "adv_grad_balance": (lambda v, c: _finite(v) and 0 <= v <= 100, "a float in [0, 100] (0 = off; 1 = equal pull)"),
     "distill_weighting": (lambda v, c: v in DISTILL_WEIGHTINGS, f"one of {DISTILL_WEIGHTINGS}"),
     "paired_weight": (lambda v, c: _finite(v) and 0 <= v <= 1000, "a float in [0, 1000] (0 = off)"),
-    "paired_metric": (lambda v, c: v in PAIRED_METRICS, f"one of {PAIRED_METRICS}"),
+    "paired_metric": (lambda v, c: v in PAIRED_METRICS and not (v == "features" and c.discriminator == "pixel"),
+                      f"one of {PAIRED_METRICS}; not 'features' with discriminator 'pixel' (its features are the "
+                      "latent itself, which the metric's per-position normalisation reduces to its direction)"),
     "backward_simulation": (lambda v, c: isinstance(v, bool), "True or False"),
     "distill_loss": (lambda v, c: v in DISTILL_LOSSES and (v == "regression" or c.distill_weight > 0),
                      f"one of {DISTILL_LOSSES} ('dmd' needs distill_weight > 0)"),

@@ -74,6 +74,9 @@ def test_feature_metric_compares_both_sides_at_the_same_noise_and_is_zero_on_the
     assert float(add_step.paired_loss(own, models, "features", torch.Generator().manual_seed(1)).detach()) < 1e-10
     far = add_step.paired_loss(batch, models, "features", torch.Generator().manual_seed(1))
     assert float(far.detach()) > 1e-3
+    # the distance of unit-normalised feature vectors, not the latent MSE: each layer's term lies in [0, 4]
+    assert float(far.detach()) != pytest.approx(float(add_step.paired_loss(batch, models).detach()), rel=1e-3)
+    assert float(far.detach()) <= 4.0
     far.backward()  # the gradient reaches the student through the frozen feature network
     assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in models.student.trainable_parameters())
     assert all(p.grad is None for p in models.student.teacher_params())
@@ -97,6 +100,8 @@ def test_feature_metric_alone_moves_the_one_step_student_toward_its_pairs():
 def test_paired_metric_is_checked_and_the_feature_metric_needs_its_network():
     with pytest.raises(ADDError, match="paired_metric"):
         tiny_config(paired_metric="lpips")
+    with pytest.raises(ADDError, match="not 'features' with discriminator 'pixel'"):
+        tiny_config(paired_metric="features", discriminator="pixel")
     models = tiny_models(tiny_config(paired_weight=1.0))  # mse: no feature network kept for the pairs
     assert models.pair_features is None
     with pytest.raises(ValueError, match="pair_features"):

@@ -62,16 +62,21 @@ def tiny_models(cfg: ADDConfig, network=None, denoise=toy_denoise):
                         feature_modules=TOY_FEATURES[:3], probe_batch=probe)
 
 
-def straight_and_resumed(cfg: ADDConfig, checkpoint_dir: str, split: int = 2):
+def noisy_ring_data(generator: torch.Generator, batch_size: int) -> dict:
+    """Ring samples with a 'noise' entry, as teacher-generated data carries (the noise-paired regression)."""
+    return {"x0": sample_ring(batch_size, generator), "noise": torch.randn(batch_size, 2, generator=generator)}
+
+
+def straight_and_resumed(cfg: ADDConfig, checkpoint_dir: str, split: int = 2, data=ring_data):
     """(a Trainer run straight to cfg.max_steps, one stopped at ``split``, saved, and resumed in a new Trainer)."""
     from comfyui_add.training.checkpoint import load_checkpoint
     from comfyui_add.training.loop import Trainer
 
-    straight = Trainer(tiny_models(cfg), cfg, ring_data)
+    straight = Trainer(tiny_models(cfg), cfg, data)
     straight.run()
-    first = Trainer(tiny_models(cfg.replace(max_steps=split)), cfg.replace(max_steps=split), ring_data)
+    first = Trainer(tiny_models(cfg.replace(max_steps=split)), cfg.replace(max_steps=split), data)
     first.run(checkpoint_dir=str(checkpoint_dir))
-    resumed = Trainer(tiny_models(cfg), cfg, ring_data)
+    resumed = Trainer(tiny_models(cfg), cfg, data)
     load_checkpoint(resumed, str(checkpoint_dir))
     resumed.run()
     return straight, resumed
