@@ -183,6 +183,11 @@ class ADDTrain(io.ComfyNode):
                     "teacher's: mse (in latent space; can blur on large models) or features (an LPIPS-like distance in "
                     "the selected discriminator's feature network, re-noised to a t-hat up to disc_max_timestep, the "
                     "same noise on both sides; two more feature passes per step; not with discriminator pixel)."),
+                io.Boolean.Input("backward_simulation", default=False, optional=True, tooltip=
+                    "DMD2's backward simulation: the student's training inputs below its first timestep come from its "
+                    "own earlier steps (as the 2-4 step sampler makes them) instead of a training image re-noised. "
+                    "Costs up to (number of student_timesteps - 1) extra student passes per step without a graph; "
+                    "no effect with a single student timestep."),
             ],
             outputs=[io.String.Output(display_name="job_id", tooltip="The job's id, for ADD Training Status."),
                      io.String.Output(display_name="lora_name", tooltip=
@@ -200,7 +205,7 @@ class ADDTrain(io.ComfyNode):
                 save_every, preview_every, training_seed, gradient_checkpointing, run_mode, vae=None, images=None,
                 image_folder="", dinov2_file="", disc_max_timestep=999, disc_norm="batch_local", lr_schedule="constant",
                 training_mode="lora", lr_full=1e-6, preset="none", paired_weight=0.0,
-                distill_loss="regression", paired_metric="mse") -> io.NodeOutput:
+                distill_loss="regression", paired_metric="mse", backward_simulation=False) -> io.NodeOutput:
         args = locals_without_self(locals())
         args["seed"] = args.pop("training_seed")
         job = start_training(**args)
@@ -259,7 +264,7 @@ def start_training(model, clip, name, prompts, max_steps, batch_size, width, hei
                    save_every, preview_every, seed, gradient_checkpointing, run_mode, vae=None, images=None,
                    image_folder="", dinov2_file="", disc_max_timestep=999, disc_norm="batch_local",
                    lr_schedule="constant", training_mode="lora", lr_full=1e-6, preset="none", paired_weight=0.0,
-                   distill_loss="regression", paired_metric="mse") -> Job:
+                   distill_loss="regression", paired_metric="mse", backward_simulation=False) -> Job:
     """Check the widgets, assemble the run on this (prompt) thread (adapters/run_setup.py), start the
     job; returns it at once."""
     # ---- check everything before anything is built ------------------------------------
@@ -275,7 +280,8 @@ def start_training(model, clip, name, prompts, max_steps, batch_size, width, hei
                  teacher_cfg_scale=distill_cfg, batch_size=batch_size, seed=seed, max_steps=max_steps,
                  save_every=save_every, preview_every=preview_every, disc_norm=str(disc_norm),
                  lr_schedule=str(lr_schedule), training_mode=str(training_mode), lr_full=lr_full,
-                 paired_weight=paired_weight, distill_loss=str(distill_loss), paired_metric=str(paired_metric))
+                 paired_weight=paired_weight, distill_loss=str(distill_loss), paired_metric=str(paired_metric),
+                 backward_simulation=bool(backward_simulation))
     request = RunRequest(lora_path=os.path.join(folder_paths.get_folder_paths("loras")[0], name + ".safetensors"),
                          prompts=tuple(parse_prompts(prompts)), width=width, height=height, data_cfg=data_cfg,
                          data_steps=data_steps, gradient_checkpointing=bool(gradient_checkpointing), train=train,

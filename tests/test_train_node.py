@@ -390,9 +390,9 @@ def test_sdxl_and_v_prediction_train_through_the_node(T, family, request, loras_
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl", "sd2v"])
 def test_pairs_and_distribution_matching_train_through_the_node_on_every_family(T, family, request, loras_dir):
-    """paired_weight (the teacher data's own noise) compared in the teacher's features (paired_metric) and
-    distill_loss 'dmd' (the fake score's LoRA on the job's copy) on SD1.5, SDXL (ADM conditioning) and
-    v-prediction; the options reach the run's saved config."""
+    """paired_weight (the teacher data's own noise) compared in the teacher's features (paired_metric),
+    distill_loss 'dmd' (the fake score's LoRA on the job's copy) and backward_simulation on SD1.5, SDXL (ADM
+    conditioning) and v-prediction; the options reach the run's saved config."""
     model = request.getfixturevalue(family)
     clip = {"sd15": None, "sdxl": _StandInClip(2048, 1280), "sd2v": _StandInClip(1024, 1024)}[family]
     if family == "sd15":
@@ -400,10 +400,11 @@ def test_pairs_and_distribution_matching_train_through_the_node_on_every_family(
     name = f"pairs_dmd_{family}"
     job = wait(T.start_training(model=model, clip=clip, vae=None, **settings(
         name=name, max_steps=2, preview_every=0, save_every=0, paired_weight=10.0, distill_loss="dmd",
-        paired_metric="features")))
+        paired_metric="features", backward_simulation=True)))
     assert job.state == "done", job.error
     saved = next(json.loads(p.read_text())["config"] for p in (loras_dir / f"{name}.add-state").rglob("meta.json"))
     assert saved["paired_weight"] == 10.0 and saved["distill_loss"] == "dmd" and saved["paired_metric"] == "features"
+    assert saved["backward_simulation"] is True
     assert (loras_dir / f"{name}.safetensors").is_file()
 
 
