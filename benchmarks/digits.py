@@ -66,7 +66,9 @@ class Size:
     teacher_cfg: float = 2.0  # CFG of the teacher rows and of the teacher-generated training data
     data_steps: int = 10  # teacher steps per generated batch (ADD Train's data_steps)
     data_cfg: float | None = None  # CFG of the teacher-generated training data (None = teacher_cfg)
-    add_steps: int = 300
+    # student steps of the proof table: 600 fits its <= 30-minute CPU budget (two seeds side by side); with the
+    # pairs, longer training is better (the sweeps: 300, 1,000 and 3,000 steps)
+    add_steps: int = 600
     add_batch: int = 32
     lora_rank: int = 16
     lr_lora: float = 1e-3
