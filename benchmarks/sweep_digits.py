@@ -151,6 +151,7 @@ SWEEPS: dict[str, dict[str, dict[str, Any]]] = {
     "paired_metric": {
         "feat_pairs100": {"paired_metric": "features"},
         "feat_pairs10": {"paired_metric": "features", "paired_weight": 10.0},
+        "both_pairs100": {"paired_metric": "mse+features"},
     },
     # DMD2's backward simulation: the 2- and 4-step student trains on its own inputs below the top timestep
     "bsim": {

@@ -180,9 +180,10 @@ class ADDTrain(io.ComfyNode):
                     "the best 4-step student but not a better single step)."),
                 io.Combo.Input("paired_metric", options=list(PAIRED_METRICS), optional=True, tooltip=
                     "How the noise-paired regression (paired_weight > 0) compares the student's image with the "
-                    "teacher's: mse (in latent space; can blur on large models) or features (an LPIPS-like distance in "
+                    "teacher's: mse (in latent space; can blur on large models), features (an LPIPS-like distance in "
                     "the selected discriminator's feature network, re-noised to a t-hat up to disc_max_timestep, the "
-                    "same noise on both sides; two more feature passes per step; not with discriminator pixel)."),
+                    "same noise on both sides; two more feature passes per step; not with discriminator pixel), or "
+                    "mse+features (their sum)."),
                 io.Boolean.Input("backward_simulation", default=False, optional=True, tooltip=
                     "DMD2's backward simulation: the student's training inputs below its first timestep come from its "
                     "own earlier steps (as the 2-4 step sampler makes them) instead of a training image re-noised. "

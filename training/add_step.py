@@ -76,7 +76,7 @@ def build_models(network: nn.Module, denoise: DenoiseFn, cfg: ADDConfig, schedul
         fake_score = FakeScore(student.teacher_network(), student.teacher, cfg.lora_rank, cfg.lora_alpha, gen,
                                target_modules=target_modules)
     disc, head_channels = None, cfg.disc_head_channels
-    if cfg.adv_weight > 0 or cfg.paired_metric == "features":
+    if cfg.adv_weight > 0 or "features" in cfg.paired_metric:
         if feature_fn is None and cfg.discriminator == "pixel":
             feature_fn = PixelFeatures(schedule, cfg.disc_timestep_range)
             head_channels = head_channels or 64  # a latent has too few channels to be a head's width
@@ -100,7 +100,7 @@ def build_models(network: nn.Module, denoise: DenoiseFn, cfg: ADDConfig, schedul
                              norm=cfg.disc_norm, spectral=cfg.disc_spectral_norm, generator=gen)
         disc.to(probe_batch["x0"].device)
     return ADDModels(student=student, discriminator=disc, schedule=schedule, fake_score=fake_score,
-                     pair_features=feature_fn if cfg.paired_metric == "features" else None)
+                     pair_features=feature_fn if "features" in cfg.paired_metric else None)
 
 
 def _gen_device(x: Tensor) -> str:
@@ -326,7 +326,8 @@ def paired_loss(batch: Batch, models: ADDModels, metric: str = "mse",
     distance in the discriminator's feature network (``models.pair_features``; the teacher's activations
     at t-hat, the same t-hat and noise for both sides): per layer, the squared distance of the
     channel-normalised feature vectors summed over channels and averaged over positions, then averaged
-    over layers (latent MSE is known to blur at SD scale; DMD pairs with LPIPS)."""
+    over layers (latent MSE is known to blur at SD scale; DMD pairs with LPIPS). 'mse+features': their sum
+    (the latent term keeps pixel-level noise in view, which the feature distance lets through)."""
     noise = batch.get("noise")
     if noise is None:
         raise ADDError("paired_weight > 0 needs teacher-generated training data (each x0 with the noise it was "
@@ -337,18 +338,20 @@ def paired_loss(batch: Batch, models: ADDModels, metric: str = "mse",
     sigma = models.schedule.sigma(top, dtype=x0.dtype, device=x0.device)
     x = noise.to(x0) * broadcast_like((1.0 + sigma * sigma).sqrt(), x0)
     pred = models.student.student(x, sigma, batch.get("cond"))
+    mse = (pred.float() - x0.float()).pow(2).mean()
     if metric == "mse":
-        return (pred.float() - x0.float()).pow(2).mean()
-    if metric != "features" or models.pair_features is None or generator is None:
+        return mse
+    if metric not in ("features", "mse+features") or models.pair_features is None or generator is None:
         raise ValueError(f"paired_loss: metric {metric!r} needs models.pair_features (build_models with "
-                         "paired_metric='features') and a generator; or use metric='mse'.")
+                         "paired_metric='features' or 'mse+features') and a generator; or use metric='mse'.")
     state = generator.get_state()
     with torch.no_grad():
         target = [to_tokens(f).float() for f in models.pair_features(x0, batch.get("cond"), generator)]
     generator.set_state(state)  # the same t-hat and noise for the student's side
     got = [to_tokens(f).float() for f in models.pair_features(pred, batch.get("cond"), generator)]
-    return torch.stack([_unit_channels(a).sub(_unit_channels(b)).pow(2).sum(1).mean()
+    feat = torch.stack([_unit_channels(a).sub(_unit_channels(b)).pow(2).sum(1).mean()
                         for a, b in zip(got, target)]).mean()
+    return feat + mse if metric == "mse+features" else feat
 
 
 def _unit_channels(f: Tensor, eps: float = 1e-10) -> Tensor:

@@ -16,7 +16,7 @@ from ..core.errors import ADDError
 
 DISTILL_WEIGHTINGS = ("exponential", "sds")
 DISTILL_LOSSES = ("regression", "dmd")
-PAIRED_METRICS = ("mse", "features")
+PAIRED_METRICS = ("mse", "features", "mse+features")
 DISCRIMINATOR_TYPES = ("teacher", "dinov2", "pixel")
 DISC_FEATURES = ("encoder", "input+encoder", "all")
 TRAINING_MODES = ("lora", "full")
@@ -58,7 +58,8 @@ class ADDConfig:
     # DMD2's backward simulation: inputs below the top student timestep come from the student's own earlier steps
     # (no gradient) instead of the training image re-noised, so the multi-step student trains on its own inputs
     backward_simulation: bool = False
-    # the pairs' distance: 'mse' (latent space) | 'features' (LPIPS-like, in the discriminator's feature network)
+    # the pairs' distance: 'mse' (latent space) | 'features' (LPIPS-like, in the discriminator's feature network) |
+    # 'mse+features' (their sum)
     paired_metric: str = "mse"
     r1_gamma: float = 1e-5
     teacher_cfg_scale: float = 1.0  # 1.0 = one conditional teacher pass, no CFG
@@ -139,7 +140,7 @@ class ADDConfig:
     def paired_passes(self) -> int:
         """Extra graph-holding passes the pairs add to a generator step: 0 (off), 1 (the student's paired
         pass, 'mse'), 2 (and the feature network on its output, 'features'); for the memory estimate."""
-        return 0 if self.paired_weight <= 0 else (2 if self.paired_metric == "features" else 1)
+        return 0 if self.paired_weight <= 0 else (2 if "features" in self.paired_metric else 1)
 
     def replace(self, **changes: Any) -> "ADDConfig":
         """A validated copy with some fields changed."""
@@ -180,8 +181,8 @@ _RULES: dict[str, tuple[Callable[[Any, ADDConfig], bool], str]] = {
     "adv_grad_balance": (lambda v, c: _finite(v) and 0 <= v <= 100, "a float in [0, 100] (0 = off; 1 = equal pull)"),
     "distill_weighting": (lambda v, c: v in DISTILL_WEIGHTINGS, f"one of {DISTILL_WEIGHTINGS}"),
     "paired_weight": (lambda v, c: _finite(v) and 0 <= v <= 1000, "a float in [0, 1000] (0 = off)"),
-    "paired_metric": (lambda v, c: v in PAIRED_METRICS and not (v == "features" and c.discriminator == "pixel"),
-                      f"one of {PAIRED_METRICS}; not 'features' with discriminator 'pixel' (its features are the "
+    "paired_metric": (lambda v, c: v in PAIRED_METRICS and not ("features" in v and c.discriminator == "pixel"),
+                      f"one of {PAIRED_METRICS}; no 'features' with discriminator 'pixel' (its features are the "
                       "latent itself, which the metric's per-position normalisation reduces to its direction)"),
     "backward_simulation": (lambda v, c: isinstance(v, bool), "True or False"),
     "distill_loss": (lambda v, c: v in DISTILL_LOSSES and (v == "regression" or c.distill_weight > 0),

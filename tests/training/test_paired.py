@@ -97,10 +97,20 @@ def test_feature_metric_alone_moves_the_one_step_student_toward_its_pairs():
     assert latent() < 0.5 * before
 
 
+def test_the_summed_metric_is_the_latent_mse_plus_the_feature_distance():
+    models = tiny_models(tiny_config(paired_weight=1.0, paired_metric="mse+features"))
+    batch = _paired_batch()
+    got = add_step.paired_loss(batch, models, "mse+features", torch.Generator().manual_seed(2))
+    parts = (add_step.paired_loss(batch, models, "mse"),
+             add_step.paired_loss(batch, models, "features", torch.Generator().manual_seed(2)))
+    assert float(got.detach()) == pytest.approx(float((parts[0] + parts[1]).detach()), rel=1e-6)
+    assert min(float(p.detach()) for p in parts) > 0
+
+
 def test_paired_metric_is_checked_and_the_feature_metric_needs_its_network():
     with pytest.raises(ADDError, match="paired_metric"):
         tiny_config(paired_metric="lpips")
-    with pytest.raises(ADDError, match="not 'features' with discriminator 'pixel'"):
+    with pytest.raises(ADDError, match="no 'features' with discriminator 'pixel'"):
         tiny_config(paired_metric="features", discriminator="pixel")
     models = tiny_models(tiny_config(paired_weight=1.0))  # mse: no feature network kept for the pairs
     assert models.pair_features is None
