@@ -66,9 +66,9 @@ class Size:
     teacher_cfg: float = 2.0  # CFG of the teacher rows and of the teacher-generated training data
     data_steps: int = 10  # teacher steps per generated batch (ADD Train's data_steps)
     data_cfg: float | None = None  # CFG of the teacher-generated training data (None = teacher_cfg)
-    # student steps of the proof table: 600 fits its <= 30-minute CPU budget (two seeds side by side); with the
+    # student steps of the proof table: 500 fits its <= 30-minute CPU budget (two seeds side by side); with the
     # pairs, longer training is better (the sweeps: 300, 1,000 and 3,000 steps)
-    add_steps: int = 600
+    add_steps: int = 500
     add_batch: int = 32
     lora_rank: int = 16
     lr_lora: float = 1e-3
@@ -84,6 +84,8 @@ class Size:
     # ADDConfig.paired_weight: the noise-paired regression of the 1-step student onto the pool sample each noise
     # became (the small_data preset's; 0 = the paper's terms only). Runs on the real split have no pairs: 0 there.
     paired_weight: float = 100.0
+    # ADDConfig.paired_metric: the pairs' distance (the small_data preset's 'mse+features': the sweeps' winner)
+    paired_metric: str = "mse+features"
     per_class: int = 100  # samples per class per row
     pool_per_class: int = 256  # teacher samples per class prompt in the cached training-data pool
     seed: int = 0
@@ -596,7 +598,8 @@ def train_student(mp, clip: ClassEmbeddingCLIP, size: Size, lora_path: str, *, d
         disc_spectral_norm=size.spectral_norm, ema_decay=size.ema_decay, disc_norm=size.disc_norm,
         disc_features=size.disc_features, adv_grad_balance=size.adv_grad_balance,
         training_mode=size.training_mode, lr_full=size.lr_full,
-        paired_weight=size.paired_weight if data != "real" else 0.0), **(overrides or {})})  # one validation of the whole set
+        paired_weight=size.paired_weight if data != "real" else 0.0, paired_metric=size.paired_metric),
+        **(overrides or {})})  # one validation of the whole set
     network = adapter.frozen_copy(mp, device)
     bank = adapter.PromptBank(clip, PROMPTS, network, 64, 64)
     schedule = tr_schedule.DiscreteSchedule(adapter.schedule_sigmas(mp))

@@ -76,7 +76,8 @@ def build_models(network: nn.Module, denoise: DenoiseFn, cfg: ADDConfig, schedul
         fake_score = FakeScore(student.teacher_network(), student.teacher, cfg.lora_rank, cfg.lora_alpha, gen,
                                target_modules=target_modules)
     disc, head_channels = None, cfg.disc_head_channels
-    if cfg.adv_weight > 0 or "features" in cfg.paired_metric:
+    pair_features = cfg.paired_weight > 0 and "features" in cfg.paired_metric
+    if cfg.adv_weight > 0 or pair_features:
         if feature_fn is None and cfg.discriminator == "pixel":
             feature_fn = PixelFeatures(schedule, cfg.disc_timestep_range)
             head_channels = head_channels or 64  # a latent has too few channels to be a head's width
@@ -100,7 +101,7 @@ def build_models(network: nn.Module, denoise: DenoiseFn, cfg: ADDConfig, schedul
                              norm=cfg.disc_norm, spectral=cfg.disc_spectral_norm, generator=gen)
         disc.to(probe_batch["x0"].device)
     return ADDModels(student=student, discriminator=disc, schedule=schedule, fake_score=fake_score,
-                     pair_features=feature_fn if "features" in cfg.paired_metric else None)
+                     pair_features=feature_fn if pair_features else None)
 
 
 def _gen_device(x: Tensor) -> str:

@@ -10,8 +10,9 @@ why, is measured in ``benchmarks/README_digits.md``:
   1,347 images): higher learning rates, the discriminator at low noise only, per-sample head norm,
   cosine decay, the input convolution among the discriminator's features (so pixel-level noise is
   visible to it), an EMA of the student's weights, and the noise-paired regression (``paired_weight`` 100:
-  the 1-step student from the noise each teacher sample started from, regressed onto that sample; dropped
-  when the run trains on given images, which have no noise to pair with).
+  the 1-step student from the noise each teacher sample started from, regressed onto that sample, measured
+  as latent MSE plus a feature distance, ``paired_metric`` 'mse+features'; dropped when the run trains on
+  given images, which have no noise to pair with).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"lr_lora": 1e-4, "lr_disc": 1e-4, "distill_weight": 2.5, "disc_betas": (0.0, 0.999),
               "disc_norm": "batch_local", "lr_schedule": "constant", "disc_features": "encoder", "ema_decay": None},
     "small_data": {"lr_lora": 1e-3, "lr_disc": 1e-3, "disc_timestep_range": (0, 50), "disc_norm": "sample",
-                   "lr_schedule": "cosine", "disc_features": "input+encoder", "ema_decay": 0.99, "paired_weight": 100.0},
+                   "lr_schedule": "cosine", "disc_features": "input+encoder", "ema_decay": 0.99, "paired_weight": 100.0,
+                   "paired_metric": "mse+features"},
 }
 
 

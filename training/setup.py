@@ -176,7 +176,8 @@ class RunRequest:
         """The run's ADDConfig for a model whose schedule's last timestep is ``t_max`` (999 for SD-class
         models: what a config file is checked with before its model is loaded). ``images``: the run
         trains on given images, which have no noise to pair with, so a preset's ``paired_weight`` is
-        dropped there, and one the user set is refused."""
+        dropped there, and one the user set is refused. A preset's feature distance for the pairs falls back
+        to 'mse' with the pixel discriminator (its features are the latent itself)."""
         fields = {k: (RULES[k][0](v) if k in RULES else v) for k, v in self.train.items()}  # checked: numbers
         if "student_timesteps" in fields:
             fields["student_timesteps"] = parse_timesteps(fields["student_timesteps"], t_max,
@@ -191,6 +192,9 @@ class RunRequest:
                                "which carry no noise to pair with (the noise-paired regression needs the teacher's own "
                                "samples). Set paired_weight to 0, or train from prompts.")
             fields["paired_weight"] = 0.0  # the preset's, on data it cannot use
+        if (fields.get("discriminator") == "pixel" and "features" in str(fields.get("paired_metric", ""))
+                and "paired_metric" in preset_fields(self.preset) and "paired_metric" not in self.explicit):
+            fields["paired_metric"] = "mse"  # the preset's feature distance needs a discriminator with features
         try:
             return config_for_model(t_max, **fields)
         except (TypeError, ValueError) as exc:  # name the input, not ADDConfig's field

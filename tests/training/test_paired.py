@@ -165,6 +165,21 @@ def test_a_run_on_given_images_drops_the_presets_pairs_and_refuses_the_users():
     assert node.config().paired_weight == preset_fields("small_data")["paired_weight"]
 
 
+def test_the_presets_feature_distance_falls_back_to_mse_with_the_pixel_discriminator_and_a_users_is_refused():
+    from comfyui_add.training.presets import preset_fields
+    from comfyui_add.training.setup import RunRequest
+
+    assert "features" in preset_fields("small_data")["paired_metric"]
+    base = dict(lora_path="x.safetensors", prompts=("a cat",), width=512, height=512, preset="small_data")
+    assert RunRequest(**base).config().paired_metric == preset_fields("small_data")["paired_metric"]
+    pixel = RunRequest(**base, train={"discriminator": "pixel"})
+    assert pixel.config().paired_metric == "mse" and pixel.config().paired_weight > 0
+    mine = RunRequest(**base, train={"discriminator": "pixel", "paired_metric": "features"},
+                      explicit=frozenset({"paired_metric"}))
+    with pytest.raises(ADDError, match="paired_metric"):
+        mine.config()
+
+
 def test_the_memory_estimate_counts_the_paired_pass_and_the_fake_scores_adapters():
     from comfyui_add.training.inputs import estimate_memory
 
