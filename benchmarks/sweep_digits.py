@@ -42,7 +42,9 @@ OUT = ROOT / "out" / "sweeps"
 # --------------------------------------------------------------------------------------------
 # Every configuration starts from benchmarks.digits.FULL as it is now. The sweeps before 'paired' ran when FULL had
 # no noise-paired regression (paired_weight 0; since 'critic': EMA + input features): add {"paired_weight": 0.0}
-# to re-run one of them as it was.
+# to re-run one of them as it was. Every sweep up to 'paired_metric' ran with the pairs measured as latent MSE
+# (FULL's paired_metric was 'mse', now 'mse+features'): add {"paired_metric": "mse"} to re-run one as it was. The
+# README's commands give --steps (FULL.add_steps is the proof table's 500).
 
 SWEEPS: dict[str, dict[str, dict[str, Any]]] = {
     # Does longer training help or hurt, and is the adversarial part the cause? (--steps 1000 or more)
