@@ -50,17 +50,17 @@ SWEEPS: dict[str, dict[str, dict[str, Any]]] = {
     # Does longer training help or hurt, and is the adversarial part the cause? (--steps 1000 or more)
     "length": {
         "add": {"paired_weight": 0.0},  # round two's settings
-        "pairs_only": {"adv_weight": 0.0, "distill_weight": 0.0},
-        "adv_paired100": {"distill_weight": 0.0, "paired_weight": 100.0},
+        "pairs_only": {"adv_weight": 0.0, "distill_weight": 0.0, "paired_metric": "mse"},
+        "adv_paired100": {"distill_weight": 0.0, "paired_weight": 100.0, "paired_metric": "mse"},
         "distill_only": {"adv_weight": 0.0},
         "adv_only": {"distill_weight": 0.0},
         "balance1": {"adv_grad_balance": 1.0},
-        "add_paired100": {"paired_weight": 100.0},
+        "add_paired100": {"paired_weight": 100.0, "paired_metric": "mse"},
     },
     # the shipped settings over 3,000 steps (its own sweep name: the runs of 'length' are keyed by configuration
     # and seed, not by length): --steps 3000 --eval-every 500
     "length3000": {
-        "add_paired100": {"paired_weight": 100.0},
+        "add_paired100": {"paired_weight": 100.0, "paired_metric": "mse"},
     },
     # One seed each, 300 steps: what the discriminator sees, its regularisation, the student's EMA.
     "scan": {
@@ -126,9 +126,9 @@ SWEEPS: dict[str, dict[str, dict[str, Any]]] = {
     # the noise-paired regression (paired_weight): the 1-step student from the noise each pool sample started
     # from, regressed onto that sample (the teacher's ODE map), alone and added to ADD
     "paired": {
-        "paired_only": {"adv_weight": 0.0, "distill_weight": 0.0, "paired_weight": 1.0},
-        "add_paired10": {"paired_weight": 10.0},
-        "add_paired100": {"paired_weight": 100.0},
+        "paired_only": {"adv_weight": 0.0, "distill_weight": 0.0, "paired_weight": 1.0, "paired_metric": "mse"},
+        "add_paired10": {"paired_weight": 10.0, "paired_metric": "mse"},
+        "add_paired100": {"paired_weight": 100.0, "paired_metric": "mse"},
     },
     # which student timesteps are trained: the single step starts at 999 only; the default spreads the batch
     # over four (999, 749, 499, 249), so a quarter of it trains the 1-step map
@@ -144,10 +144,8 @@ SWEEPS: dict[str, dict[str, dict[str, Any]]] = {
     # the distillation weight lambda with the pairs on: the distillation pull on x_hat is 30-60x below the
     # adversarial pull at the paper's 2.5, so with the pairs beside them it changed nothing measurable
     "lambda": {
-        "lam25": {"distill_weight": 25.0},
-        "lam100": {"distill_weight": 100.0},
-        "distill_only_lam100": {"distill_weight": 100.0, "adv_weight": 0.0},
-        "distill_only_lam25": {"distill_weight": 25.0, "adv_weight": 0.0},
+        "lam25": {"distill_weight": 25.0, "paired_metric": "mse"},
+        "lam100": {"distill_weight": 100.0, "paired_metric": "mse"},
     },
     # the pairs' distance: LPIPS-like in the discriminator's feature network instead of latent MSE
     "paired_metric": {
@@ -157,14 +155,14 @@ SWEEPS: dict[str, dict[str, dict[str, Any]]] = {
     },
     # DMD2's backward simulation: the 2- and 4-step student trains on its own inputs below the top timestep
     "bsim": {
-        "bsim": {"backward_simulation": True},
+        "bsim": {"backward_simulation": True, "paired_metric": "mse"},
     },
     # the teacher-generated training data (and the pairs' targets): its CFG (the teacher's 25 steps at CFG 2,
     # the table's target, keep 0.76 of the test split's diversity) and the sampler's steps
     "data_cfg": {
-        "data_cfg1": {"data_cfg": 1.0},
-        "data_cfg1.5": {"data_cfg": 1.5},
-        "data_steps25": {"data_steps": 25},
+        "data_cfg1": {"data_cfg": 1.0, "paired_metric": "mse"},
+        "data_cfg1.5": {"data_cfg": 1.5, "paired_metric": "mse"},
+        "data_steps25": {"data_steps": 25, "paired_metric": "mse"},
     },
 }
 
