@@ -43,7 +43,7 @@ class ADDModels:
     discriminator: Discriminator | None  # None when adv_weight == 0 (distillation-only ablation)
     schedule: DiscreteSchedule
     fake_score: FakeScore | None = None  # distill_loss == 'dmd' only
-    # paired_metric == 'features': the feature network the pairs are compared in (the discriminator's own)
+    # paired_metric 'features' / 'mse+features' with pairs on: the feature network the pairs are compared in (D's own)
     pair_features: Callable[[Tensor, Any, torch.Generator], list] | None = None
 
 
