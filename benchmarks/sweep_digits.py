@@ -158,6 +158,23 @@ SWEEPS: dict[str, dict[str, dict[str, Any]]] = {
     "bsim": {
         "bsim": {"backward_simulation": True, "paired_metric": "mse"},
     },
+    # the student's capacity with the shipped pairs: a regression onto the teacher's ODE map may want more freedom
+    # than ADD's terms alone did ('student' ran without pairs)
+    "student_pairs": {
+        "lora64": {"lora_rank": 64},
+        "full_1e-4": {"training_mode": "full", "lr_full": 1e-4, "lora_rank": 1024},
+    },
+    # backward simulation with the shipped pairs over 1,000 steps, where the 4-step student declined
+    # (--steps 1000 --eval-every 250; 'length/add_both' is the same run without it)
+    "bsim1000": {
+        "bsim_both": {"backward_simulation": True},
+    },
+    # the adversarial weight with the shipped pairs: at 1 step ADD, adversarial only and pairs only are equal
+    # within the spread; does a larger adversarial weight make the term count there?
+    "adv_weight": {
+        "adv5": {"adv_weight": 5.0},
+        "adv20": {"adv_weight": 20.0},
+    },
     # the teacher-generated training data (and the pairs' targets): its CFG (the teacher's 25 steps at CFG 2,
     # the table's target, keep 0.76 of the test split's diversity) and the sampler's steps
     "data_cfg": {

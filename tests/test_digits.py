@@ -88,3 +88,31 @@ def test_the_pool_pairs_are_the_noise_each_teacher_sample_started_from(comfy):
                                        cfg_scale=size.teacher_cfg, return_noise=True)
     assert torch.equal(drawn, eps)
     assert torch.equal(x0, x_pool[rows]) and bool((y_pool[rows] == c).all())
+
+
+def test_the_noise_report_splits_pixel_fd_and_finds_the_background_noise_the_clamp_turns_into_brightness():
+    """benchmarks/digits_noise.py: its two terms add up to the evaluator's Frechet distance, and a background
+    that is right on average but noisy reads brighter after the clamp (the noise below -1 is cut)."""
+    import numpy as np
+
+    from benchmarks import digits as D
+    from benchmarks.digits_noise import NoiseReport, pixel_fd_terms
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(400, 6)), rng.normal(0.3, 1.5, size=(300, 6))
+    mean_term, cov_term = pixel_fd_terms(a, b)
+    assert mean_term + cov_term == pytest.approx(D.frechet_distance(a, b), rel=1e-6)
+    assert mean_term == pytest.approx(((a.mean(0) - b.mean(0)) ** 2).sum())
+
+    report = NoiseReport()
+    x_test = D.load_split(D.Size().seed)[2].numpy()
+    clean = report.measure(x_test)
+    assert clean["pix_fd"] == pytest.approx(0.0, abs=1e-6)
+    noisy_x = x_test + rng.normal(0.0, 0.3, size=x_test.shape)
+    noisy = report.measure(noisy_x)
+    assert noisy["bg_raw_mean"] == pytest.approx(clean["bg_raw_mean"], abs=0.02)  # unbiased before the clamp
+    assert noisy["bg_raw_spread"] > 0.25 > clean["bg_raw_spread"]
+    # clamped: half of N(0, 0.3) is cut at -1, the other half adds 0.3 * E|z| / 2 ~ 0.12 on average
+    assert noisy["bg_clamped_mean"] - clean["bg_clamped_mean"] == pytest.approx(0.3 * math.sqrt(2 / math.pi) / 2,
+                                                                               abs=0.03)
+    assert noisy["mean_term"] > 10 * clean["mean_term"] + 0.05 and noisy["outside_pca"] > clean["outside_pca"]
