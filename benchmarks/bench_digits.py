@@ -91,14 +91,16 @@ def run(size: D.Size, out_dir: Path, log=D._log, rows_wanted: set[str] | None = 
 
     want = (lambda n: rows_wanted is None or n in rows_wanted)
     teacher_rows = [(1, 1.0), (1, size.teacher_cfg), (4, 1.0), (4, size.teacher_cfg), (25, size.teacher_cfg)]
-    # ADD = the small_data preset: the paper's two terms plus the noise-paired regression (size.paired_weight);
-    # the ablations remove one of ADD's terms and keep the pairs; the last two rows are the pairs alone and
-    # the paper's two terms alone (README_digits.md: the study)
+    # ADD = the small_data preset: the adversarial term, distribution matching as the distillation term
+    # (size.distill_loss, size.distill_weight) and the noise-paired regression (size.paired_weight); the
+    # ablations remove one of ADD's terms and keep the pairs; the last two rows are the pairs alone and the
+    # paper's two terms alone (its distillation regression at lambda 2.5, no pairs; README_digits.md: the study)
     runs = [("ADD", dict(data="teacher"), (1, 2, 4)),
             ("distillation only", dict(data="teacher", adv_weight=0.0), (1, 2)),
             ("adversarial only", dict(data="teacher", distill_weight=0.0), (1, 2)),
             ("pairs only", dict(data="teacher", adv_weight=0.0, distill_weight=0.0), (1, 2)),
-            ("ADD without pairs", dict(data="teacher", overrides={"paired_weight": 0.0}), (1, 2, 4))]
+            ("ADD without pairs", dict(data="teacher", distill_weight=2.5,
+                                       overrides={"paired_weight": 0.0, "distill_loss": "regression"}), (1, 2, 4))]
     with tempfile.TemporaryDirectory(prefix="add-digits-") as tmp:
         for seed in seeds:
             for steps, cfg in teacher_rows:

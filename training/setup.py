@@ -24,7 +24,7 @@ from typing import Any, Iterable, Mapping
 from ..core.errors import ADDError
 from .config import ADDConfig
 from .inputs import RULES, check_run_inputs
-from .presets import PRESET_NAMES, apply_preset, preset_fields
+from .presets import PRESET_NAMES, WITH_PAIRS_ONLY, apply_preset, preset_fields
 
 RUN_MODES = ("polite", "alongside")
 MAX_STUDENT_STEPS = 8
@@ -176,7 +176,8 @@ class RunRequest:
         """The run's ADDConfig for a model whose schedule's last timestep is ``t_max`` (999 for SD-class
         models: what a config file is checked with before its model is loaded). ``images``: the run
         trains on given images, which have no noise to pair with, so a preset's ``paired_weight`` is
-        dropped there, and one the user set is refused. A preset's feature distance for the pairs falls back
+        dropped there (with the settings it was measured beside, ``presets.WITH_PAIRS_ONLY``: the user's
+        values stay), and one the user set is refused. A preset's feature distance for the pairs falls back
         to 'mse' with the pixel discriminator (its features are the latent itself)."""
         fields = {k: (RULES[k][0](v) if k in RULES else v) for k, v in self.train.items()}  # checked: numbers
         if "student_timesteps" in fields:
@@ -184,6 +185,7 @@ class RunRequest:
                                                           self.names.get("student_timesteps", "student_timesteps"))
         if self.disc_max_timestep is not None:
             fields["disc_timestep_range"] = (0, min(int(self.disc_max_timestep), t_max))
+        before = dict(fields)
         fields, _ = apply_preset(self.preset, fields, explicit=self.explicit, t_max=t_max)
         if images and float(fields.get("paired_weight", 0.0) or 0.0) > 0:
             from_preset = "paired_weight" in preset_fields(self.preset) and "paired_weight" not in self.explicit
@@ -192,6 +194,12 @@ class RunRequest:
                                "which carry no noise to pair with (the noise-paired regression needs the teacher's own "
                                "samples). Set paired_weight to 0, or train from prompts.")
             fields["paired_weight"] = 0.0  # the preset's, on data it cannot use
+            for key in WITH_PAIRS_ONLY:  # the preset's settings measured only beside its pairs: the user's stay
+                if key in preset_fields(self.preset) and key not in self.explicit:
+                    if key in before:
+                        fields[key] = before[key]
+                    else:
+                        fields.pop(key, None)
         if (fields.get("discriminator") == "pixel" and "features" in str(fields.get("paired_metric", ""))
                 and "paired_metric" in preset_fields(self.preset) and "paired_metric" not in self.explicit):
             fields["paired_metric"] = "mse"  # the preset's feature distance needs a discriminator with features

@@ -165,6 +165,31 @@ def test_a_run_on_given_images_drops_the_presets_pairs_and_refuses_the_users():
     assert node.config().paired_weight == preset_fields("small_data")["paired_weight"]
 
 
+def test_on_given_images_the_presets_distribution_matching_gives_way_to_the_users_distillation_settings():
+    """small_data's distribution matching (lambda 25) was measured beside its pairs only: where the pairs are
+    dropped (given images) the distillation term is the user's (the widget's, or ADDConfig's default)."""
+    from comfyui_add.training.config import ADDConfig
+    from comfyui_add.training.presets import WITH_PAIRS_ONLY, preset_fields
+    from comfyui_add.training.setup import RunRequest
+
+    small = preset_fields("small_data")
+    assert small["distill_loss"] == "dmd" and small["distill_weight"] == 25.0
+    assert set(WITH_PAIRS_ONLY) <= set(small)
+    base = dict(lora_path="x.safetensors", prompts=("a cat",), width=512, height=512, preset="small_data")
+    prompts = RunRequest(**base).config()
+    assert (prompts.distill_loss, prompts.distill_weight) == ("dmd", 25.0)
+    images = RunRequest(**base).config(images=True)
+    assert (images.distill_loss, images.distill_weight) == (ADDConfig.distill_loss, ADDConfig.distill_weight)
+    widgets = RunRequest(**base, train={"distill_loss": "regression", "distill_weight": 4.0})
+    assert (widgets.config(images=True).distill_loss, widgets.config(images=True).distill_weight) == ("regression", 4.0)
+    assert widgets.config().distill_loss == "dmd"  # the preset wins over the widgets where its pairs run
+    mine = RunRequest(**base, train={"distill_weight": 7.0}, explicit=frozenset({"distill_weight"}))
+    assert mine.config(images=True).distill_weight == 7.0 and mine.config().distill_weight == 7.0
+    # the paper preset has no pairs: its distillation weight stays on images too
+    paper = RunRequest(**{**base, "preset": "paper"}, train={"distill_weight": 9.0})
+    assert paper.config(images=True).distill_weight == preset_fields("paper")["distill_weight"]
+
+
 def test_the_presets_feature_distance_falls_back_to_mse_with_the_pixel_discriminator_and_a_users_is_refused():
     from comfyui_add.training.presets import preset_fields
     from comfyui_add.training.setup import RunRequest
