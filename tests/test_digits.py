@@ -22,9 +22,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_add_one_step_beats_the_teachers_one_step_at_its_data_cfg(comfy, tmp_path):
-    # ADD = the small_data settings, the noise-paired regression and distribution matching included. At these reduced sizes (100
-    # steps) the ablation rows do not yet separate (benchmarks/README_digits.md: the pairs overtake after
-    # ~200 full-size steps); the full proof's goal lines check that ordering.
+    # ADD = the small_data settings, the noise-paired regression and distribution matching included. At these
+    # reduced sizes (100 steps) the ablation rows do not yet separate (benchmarks/README_digits.md: the pairs
+    # overtake after ~200 full-size steps); the full proof's goal lines check that ordering.
     from benchmarks import bench_digits
     from benchmarks import digits as D
 
