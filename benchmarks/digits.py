@@ -593,12 +593,11 @@ def train_student(mp, clip: ClassEmbeddingCLIP, size: Size, lora_path: str, *, d
 
     device = torch.device(device) if device is not None else torch.device("cpu")
     t_max = len(adapter.schedule_sigmas(mp)) - 1
+    lam = size.distill_weight if distill_weight is None else distill_weight
     cfg = tr_config.ADDConfig(**{**dict(
         student_timesteps=(999, 749, 499, 249), num_train_timesteps=t_max + 1, lora_rank=size.lora_rank,
-        lora_alpha=float(size.lora_rank), lr_lora=size.lr_lora, lr_disc=size.lr_disc,
-        distill_weight=size.distill_weight if distill_weight is None else distill_weight,
-        distill_loss=size.distill_loss if (size.distill_weight if distill_weight is None else distill_weight) > 0
-        else "regression",
+        lora_alpha=float(size.lora_rank), lr_lora=size.lr_lora, lr_disc=size.lr_disc, distill_weight=lam,
+        distill_loss=size.distill_loss if lam > 0 else "regression",
         adv_weight=adv_weight, teacher_cfg_scale=size.distill_cfg, lr_schedule=size.lr_schedule, batch_size=size.add_batch,
         seed=size.seed if seed is None else seed,
         max_steps=int(steps or size.add_steps), save_every=save_every, preview_every=0,

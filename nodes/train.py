@@ -24,7 +24,7 @@ from ..core.images import png_bytes
 from ..training import image_folder as image_files
 from ..training.config import (DISC_NORMS, DISCRIMINATOR_TYPES, DISTILL_LOSSES, LR_SCHEDULES, PAIRED_METRICS,
                                TRAINING_MODES)
-from ..training.presets import PRESET_NAMES, preset_fields
+from ..training.presets import PRESET_NAMES, fields_on_run
 from ..training.resume import STATE_SUFFIX, check_start, existing_run, state_dir_for
 from ..training.run import ADDRun, RunHooks, RunSpec
 from ..training.setup import RUN_MODES, WIDGET_NAMES, RunRequest, describe_change, parse_prompts
@@ -220,10 +220,8 @@ class ADDTrain(io.ComfyNode):
             line += f" (resuming at step {job.start_step})"
             if job.message.startswith("resuming from"):  # broken state files were skipped: say which
                 line += f"; {job.message}"
-        if preset != "none":
-            fields = preset_fields(preset)
-            if images is not None or str(image_folder).strip():
-                fields.pop("paired_weight", None)  # images carry no noise to pair with (training/setup.py)
+        if preset != "none":  # on images: without the pairs (no noise to pair with) and what they came with
+            fields = fields_on_run(preset, images=images is not None or bool(str(image_folder).strip()))
             line += f"\npreset {preset}: " + ", ".join(f"{k} = {v}" for k, v in fields.items())
         return io.NodeOutput(job.id, os.path.basename(job.lora_path), ui={"text": [line]})
 

@@ -157,6 +157,26 @@ def test_preset_sets_the_fields_it_names_and_they_are_saved_with_the_run(T, sd15
         start(T, sd15, name="preset_bad", preset="fast")
 
 
+def test_the_nodes_text_lists_what_the_preset_set_on_this_run(T, sd15, loras_dir):
+    """From prompts small_data sets its pairs and its distribution matching; on given images it sets neither
+    (no noise to pair with; training/setup.py keeps the user's distillation there), and the text says so."""
+    from comfyui_add.training.presets import WITH_PAIRS_ONLY
+
+    model, clip, vae = sd15
+    texts = {}
+    for run, extra in (("prompts", {}), ("images", {"images": torch.rand(2, 64, 64, 3)})):
+        s = settings(name=f"preset_text_{run}", max_steps=1, preview_every=0, save_every=0, preset="small_data",
+                     **extra)
+        s["training_seed"] = s.pop("seed")
+        out = T.ADDTrain.execute(model=model, clip=clip, vae=vae, **s)
+        job = wait(T.REGISTRY.get(out.args[0]))
+        assert job.state == "done", job.error
+        texts[run] = out.ui["text"][0]
+    for key in ("paired_weight", *WITH_PAIRS_ONLY):
+        assert f"{key} = " in texts["prompts"] and f"{key} = " not in texts["images"], (key, texts)
+    assert "lr_lora = 0.001" in texts["images"] and "lr_lora = 0.001" in texts["prompts"]
+
+
 @pytest.mark.parametrize("which", ["encoder", "input+encoder", "all"])
 def test_discriminator_feature_sets_are_real_modules_that_run(T, sd15, plugin, which):
     adapter = plugin("adapters.model")

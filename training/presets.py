@@ -14,8 +14,9 @@ why, is measured in ``benchmarks/README_digits.md``:
   as latent MSE plus a feature distance, ``paired_metric`` 'mse+features'; dropped when the run trains on
   given images, which have no noise to pair with), and distribution matching in place of the paper's
   distillation regression (``distill_loss`` 'dmd', ``distill_weight`` 25: beside the pairs it made the 2-
-  and 4-step students better under both distances, recall and diversity on digits and stopped the 4-step student's decline with longer
-  training; on given images, without the pairs it was measured with, the user's values stay).
+  and 4-step students better under both distances, recall and diversity on digits and stopped the 4-step
+  student's decline with longer training; on given images, without the pairs it was measured with, the
+  user's values stay).
 """
 
 from __future__ import annotations
@@ -50,6 +51,17 @@ def preset_fields(name: str, t_max: int = 999) -> dict[str, Any]:
         if key in out:
             lo, hi = out[key]
             out[key] = (min(lo, t_max), min(hi, t_max))
+    return out
+
+
+def fields_on_run(name: str, images: bool = False, t_max: int = 999) -> dict[str, Any]:
+    """What preset ``name`` sets on a run: :func:`preset_fields`, less (on given images) its pairs and the
+    settings measured only beside them (``WITH_PAIRS_ONLY``), which ``training.setup.RunRequest.config``
+    leaves to the user there."""
+    out = preset_fields(name, t_max)
+    if images and "paired_weight" in out:
+        for key in ("paired_weight", *WITH_PAIRS_ONLY):
+            out.pop(key, None)
     return out
 
 

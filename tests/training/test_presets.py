@@ -30,3 +30,14 @@ def test_preset_wins_over_widgets_but_not_over_explicit_keys():
 
 def test_timestep_ranges_are_clipped_to_the_models_schedule():
     assert preset_fields("small_data", t_max=30)["disc_timestep_range"] == (0, 30)
+
+
+def test_on_given_images_a_preset_sets_neither_its_pairs_nor_what_was_measured_beside_them():
+    from comfyui_add.training.presets import WITH_PAIRS_ONLY, fields_on_run, preset_fields
+
+    small = preset_fields("small_data")
+    assert fields_on_run("small_data") == small
+    on_images = fields_on_run("small_data", images=True)
+    assert "paired_weight" not in on_images and not set(WITH_PAIRS_ONLY) & set(on_images)
+    assert {k: v for k, v in small.items() if k in on_images} == on_images and on_images["lr_lora"] == small["lr_lora"]
+    assert fields_on_run("paper", images=True) == preset_fields("paper")  # no pairs there: nothing is left out
