@@ -25,10 +25,10 @@ SWEEPS: dict[str, dict[str, dict[str, Any]]] = {
         "adv_only": {"distill_weight": 0.0},
         "balance1": {"adv_grad_balance": 1.0},
         "add_paired100": {"paired_weight": 100.0, "paired_metric": "mse"},
-        "add_both": {},  # the shipped settings: the pairs as mse+features
+        "add_both": {},  # round three's shipped settings: the pairs as mse+features, the regression
     },
-    # the shipped settings over 3,000 steps (its own sweep name: the runs of 'length' are keyed by configuration
-    # and seed, not by length): --steps 3000 --eval-every 500
+    # round three's settings (MSE pairs, the regression) over 3,000 steps (its own sweep name: the runs of
+    # 'length' are keyed by configuration and seed, not by length): --steps 3000 --eval-every 500
     "length3000": {
         "add_paired100": {"paired_weight": 100.0, "paired_metric": "mse"},
     },
