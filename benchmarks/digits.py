@@ -66,8 +66,8 @@ class Size:
     teacher_cfg: float = 2.0  # CFG of the teacher rows and of the teacher-generated training data
     data_steps: int = 10  # teacher steps per generated batch (ADD Train's data_steps)
     data_cfg: float | None = None  # CFG of the teacher-generated training data (None = teacher_cfg)
-    # student steps of the proof table: 500 fits its <= 30-minute CPU budget (two seeds side by side); with the
-    # pairs, longer training is better (the sweeps: 300, 1,000 and 3,000 steps)
+    # student steps of the proof table: 500 take 31 min on 2 CPU cores (two seeds side by side; the budget is
+    # 30); with the pairs, longer training is better (the sweeps: 300, 1,000 and 3,000 steps)
     add_steps: int = 500
     add_batch: int = 32
     lora_rank: int = 16

@@ -194,6 +194,7 @@ class RunRequest:
                                "which carry no noise to pair with (the noise-paired regression needs the teacher's own "
                                "samples). Set paired_weight to 0, or train from prompts.")
             fields["paired_weight"] = 0.0  # the preset's, on data it cannot use
+        if images and "paired_weight" in preset_fields(self.preset):
             for key in WITH_PAIRS_ONLY:  # the preset's settings measured only beside its pairs: the user's stay
                 if key in preset_fields(self.preset) and key not in self.explicit:
                     if key in before:

@@ -185,6 +185,9 @@ def test_on_given_images_the_presets_distribution_matching_gives_way_to_the_user
     assert widgets.config().distill_loss == "dmd"  # the preset wins over the widgets where its pairs run
     mine = RunRequest(**base, train={"distill_weight": 7.0}, explicit=frozenset({"distill_weight"}))
     assert mine.config(images=True).distill_weight == 7.0 and mine.config().distill_weight == 7.0
+    # pairs turned off by hand (a config file's key): on images the preset's distribution matching still gives way
+    off = RunRequest(**base, train={"paired_weight": 0.0}, explicit=frozenset({"paired_weight"}))
+    assert off.config(images=True).distill_loss == ADDConfig.distill_loss
     # the paper preset has no pairs: its distillation weight stays on images too
     paper = RunRequest(**{**base, "preset": "paper"}, train={"distill_weight": 9.0})
     assert paper.config(images=True).distill_weight == preset_fields("paper")["distill_weight"]
