@@ -37,6 +37,33 @@ _load_package()  # core/ and training/ as the package 'comfyui_add', without Com
 # pytest puts tests/ on sys.path, so the harness is a top-level module here.
 pytest_plugins = ["server_harness"]
 
+# Files a passing test wrote into a ComfyUI home's output/ that are at least this long are deleted
+# when it ends (tests/scratch.py says why); a failing test's stay for a look.
+LARGE_OUTPUT = 1 << 20
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    item.stash.setdefault(_OUTCOMES, {})[report.when] = report.passed
+    return report
+
+
+_OUTCOMES = pytest.StashKey[dict]()
+
+
+@pytest.fixture(autouse=True)
+def _give_back_output_disk(request, tmp_path_factory):
+    import time
+
+    from scratch import new_large_files
+
+    start = time.time() - 1.0  # file times can trail the clock by a tick
+    yield
+    if all(request.node.stash.get(_OUTCOMES, {}).values()):
+        for path in new_large_files(tmp_path_factory.getbasetemp(), start, LARGE_OUTPUT):
+            path.unlink()
+
 
 @pytest.fixture(scope="session")
 def comfy_home(tmp_path_factory) -> Path:

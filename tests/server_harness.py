@@ -7,6 +7,8 @@ prompt over HTTP, waits for it and returns its history entry (outputs, status, e
 from __future__ import annotations
 
 
+import shutil
+
 import pytest
 
 from scripts.comfy_host import ROOT
@@ -26,3 +28,4 @@ def comfy_server(tmp_path_factory, tiny):
             image_size=128)
     with running_server(home) as srv:
         yield srv
+    shutil.rmtree(home)

@@ -32,6 +32,7 @@ def srv(tmp_path_factory, tiny):
     _plant_files(home, tiny)
     with running_server(home) as server:
         yield server
+    shutil.rmtree(home)  # its planted and written files: ~2 GB of disk
 
 
 def _plant_files(home: Path, tiny) -> None:

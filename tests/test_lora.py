@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 from safetensors import safe_open
+from scratch import model_folder
 
 
 # --------------------------------------------------------------------------------------------
@@ -31,13 +32,10 @@ def lora_extract(plugin):
 @pytest.fixture(scope="module")
 def loras_dir(comfy, tiny, tmp_path_factory):
     """A tmp folder registered as a 'loras' folder, holding the tiny LoRA files."""
-    import folder_paths
-
-    d = tmp_path_factory.mktemp("loras")
-    for name in ("tiny_sd15_kohya", "tiny_sd15_comfy", "tiny_sd15_peft", "tiny_lcm_lora_sd15"):
-        shutil.copy(tiny[name], d / f"{name}.safetensors")
-    folder_paths.add_model_folder_path("loras", str(d))
-    return d
+    with model_folder(tmp_path_factory, "loras", "loras", first=False) as d:
+        for name in ("tiny_sd15_kohya", "tiny_sd15_comfy", "tiny_sd15_peft", "tiny_lcm_lora_sd15"):
+            shutil.copy(tiny[name], d / f"{name}.safetensors")
+        yield d
 
 
 def _load(path):

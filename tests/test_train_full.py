@@ -14,15 +14,13 @@ from safetensors.torch import load_file
 
 from test_train_headless import config, in_process, meta, one_thread  # noqa: F401  (autouse fixture)
 from test_train_node import settings, wait
+from scratch import model_folder
 
 
 @pytest.fixture(scope="module")
 def loras_dir(comfy, tmp_path_factory):
-    import folder_paths
-
-    d = tmp_path_factory.mktemp("full_loras")
-    folder_paths.add_model_folder_path("loras", str(d), is_default=True)
-    return d
+    with model_folder(tmp_path_factory, "loras", "full_loras") as d:
+        yield d
 
 
 def deepcopy_network(net):

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from scratch import model_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "train_add.py"
@@ -37,11 +38,8 @@ def one_thread():
 @pytest.fixture(scope="module")
 def loras_dir(comfy, tmp_path_factory):
     """A folder registered first in ComfyUI's 'loras' paths, so the node and the script share runs."""
-    import folder_paths
-
-    d = tmp_path_factory.mktemp("headless_loras")
-    folder_paths.add_model_folder_path("loras", str(d), is_default=True)
-    return d
+    with model_folder(tmp_path_factory, "loras", "headless_loras") as d:
+        yield d
 
 
 def config(tiny, path: Path, output: Path, **over) -> Path:

@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 from safetensors import safe_open
+from scratch import model_folder
 
 
 @pytest.fixture(scope="module")
@@ -18,11 +19,8 @@ def T(plugin):
 @pytest.fixture(scope="module")
 def loras_dir(comfy, tmp_path_factory):
     """An empty folder registered first in ComfyUI's 'loras' paths: where trained LoRAs land."""
-    import folder_paths
-
-    d = tmp_path_factory.mktemp("trained_loras")
-    folder_paths.add_model_folder_path("loras", str(d), is_default=True)
-    return d
+    with model_folder(tmp_path_factory, "loras", "trained_loras") as d:
+        yield d
 
 
 def settings(**over):

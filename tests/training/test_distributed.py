@@ -4,6 +4,7 @@ process running both data streams; stream bookkeeping across world sizes; collec
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 
 import pytest
@@ -64,7 +65,8 @@ def ddp_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     runs = [("clean", CFG.to_dict(), -1), ("nan", NAN_CFG.to_dict(), 1)]
     mp.start_processes(_rank_main, args=(2, _free_port(), runs, str(out)), nprocs=2, start_method="spawn", join=True)
-    return out
+    yield out
+    shutil.rmtree(out)
 
 
 def _state(trainer: Trainer) -> dict[str, torch.Tensor]:
