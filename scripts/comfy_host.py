@@ -86,6 +86,12 @@ def import_comfy(base_directory: str | os.PathLike | None = None, load_plugin: b
         if base_directory is not None:
             comfy.cli_args.args.base_directory = str(base_directory)
         import folder_paths  # noqa: F401  (reads args.base_directory at import)
+
+        if (root / "utils" / "__init__.py").is_file():
+            # ComfyUI's utils package, imported before nodes.py puts comfy/ (which has a utils.py)
+            # first on sys.path, as its main.py does: else comfy_extras' nodes_images (server ->
+            # utils.install_util) fails to import
+            importlib.import_module("utils")
         import nodes as comfy_nodes
 
         if load_plugin:

@@ -582,3 +582,12 @@ def test_the_scan_catches_an_access_put_back_into_a_real_file(own_names):
                             "ms = model.inner_model.inner_model.model_sampling", 1)
     assert broken != source
     assert [f for f in private_accesses(broken, own_names, "sampling.py") if ".inner_model" in f]
+
+
+def test_the_in_process_host_imports_comfyuis_image_nodes_as_a_start_does(host_nodes):
+    # nodes_images imports ComfyUI's server, which needs its utils package (not comfy/utils.py that
+    # nodes.py puts first on sys.path): scripts/comfy_host.py imports it first, as main.py does
+    import utils
+
+    assert hasattr(utils, "__path__"), utils  # the package, not comfy/utils.py
+    assert "ImageCrop" in host_nodes.NODE_CLASS_MAPPINGS
