@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 # One compute thread per process, here and in every server / torchrun process the tests start: the
@@ -40,6 +41,7 @@ pytest_plugins = ["server_harness"]
 # Files a passing test wrote into a ComfyUI home's output/ that are at least this long are deleted
 # when it ends (tests/scratch.py says why); a failing test's stay for a look.
 LARGE_OUTPUT = 1 << 20
+_OUTCOMES = pytest.StashKey[dict]()  # {'setup' / 'call' / 'teardown': passed} of the running test
 
 
 @pytest.hookimpl(wrapper=True)
@@ -49,13 +51,8 @@ def pytest_runtest_makereport(item, call):
     return report
 
 
-_OUTCOMES = pytest.StashKey[dict]()
-
-
 @pytest.fixture(autouse=True)
 def _give_back_output_disk(request, tmp_path_factory):
-    import time
-
     from scratch import new_large_files
 
     start = time.time() - 1.0  # file times can trail the clock by a tick

@@ -6,7 +6,6 @@ prompt over HTTP, waits for it and returns its history entry (outputs, status, e
 """
 from __future__ import annotations
 
-
 import shutil
 
 import pytest
