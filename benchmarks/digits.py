@@ -20,8 +20,10 @@ its wheel. Everything a user's run goes through is the real thing:
 - teacher rows are sampled with ComfyUI's ``comfy.sample.sample`` (euler, CFG).
 
 The evaluator is a small CNN classifier trained on the same train split and frozen: class accuracy
-against the prompted class, Frechet distance of its penultimate features (generated vs the held-out
-test split), and diversity within a class (mean pairwise feature distance, relative to the test split's).
+against the prompted class, Frechet distance of its penultimate features (generated vs held-out digits),
+and diversity within a class (mean pairwise feature distance, relative to the held-out digits'), with
+more (:class:`Evaluator`). The held-out digits are the test split for the proof table and a separate
+validation split for the sweeps that choose its settings (:func:`load_splits`).
 """
 from __future__ import annotations
 
@@ -93,6 +95,9 @@ class Size:
     per_class: int = 100  # samples per class per row
     pool_per_class: int = 256  # teacher samples per class prompt in the cached training-data pool
     seed: int = 0
+    # digits of the train part held out as the validation split the sweeps score against (the test split is
+    # the proof's alone); the teacher and the classifiers train on the rest (load_splits)
+    val_digits: int = 300
     # ADDConfig.training_mode: 'lora' (adapters of rank lora_rank, lr_lora) | 'full' (every weight, lr_full;
     # sampled through the LoRA the run exports, extracted at rank lora_rank: a rank at least the widest
     # layer, e.g. 1024, keeps the full fine-tune up to fp16 rounding; the error is in train_student's result)
@@ -109,23 +114,51 @@ REDUCED = Size(name="reduced", teacher_iters=500, clf_epochs=15, data_steps=6, a
                per_class=30, pool_per_class=64)
 REDUCED_MARGIN = 0.75  # the reduced test: ADD 1-step FD below this share of the teacher's 1-step FD
 TEACHER_FIELDS = ("model_channels", "context_dim", "teacher_iters", "teacher_batch", "teacher_lr", "class_dropout",
-                  "seed")
+                  "seed", "val_digits")
+CLASSIFIER_FIELDS = ("clf_epochs", "seed", "val_digits")
 
 
 # --------------------------------------------------------------------------------------------
 # data
 # --------------------------------------------------------------------------------------------
-def load_split(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_train, y_train, x_test, y_test): digits as (N, 1, 8, 8) in [-1, 1], a fixed stratified
-    75/25 split."""
+@dataclass(frozen=True)
+class Splits:
+    """Three disjoint stratified splits of scikit-learn's 1,797 digits, each (x (N, 1, 8, 8) in [-1, 1], y (N,)):
+    ``train`` (the teacher, the classifiers, the pixel basis), ``val`` (what the sweeps score against, to choose
+    settings) and ``test`` (what the proof table reports, used for nothing else)."""
+
+    train: tuple[torch.Tensor, torch.Tensor]
+    val: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+    index: dict[str, np.ndarray]  # 'train' / 'val' / 'test' -> rows of load_digits()
+
+    def reference(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The held-out digits samples are compared with: 'val' (the sweeps) or 'test' (the proof)."""
+        if name not in ("val", "test"):
+            raise ValueError(f"the reference split must be 'val' or 'test', got {name!r}")
+        ref = getattr(self, name)
+        if len(ref[1]) == 0:
+            raise ValueError("this size has no validation split (val_digits 0): score against 'test', or set "
+                             "val_digits")
+        return ref
+
+
+def load_splits(size: Size) -> Splits:
+    """The fixed splits of ``size``: a stratified 75/25 train/test split (``size.seed``; the test split is the
+    one every earlier proof table used), then ``size.val_digits`` of the train part held out, stratified,
+    as the validation split (0: none, the teacher sees the whole train part)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
     y = torch.tensor(d.target, dtype=torch.long)
-    tr, te = train_test_split(np.arange(len(y)), test_size=0.25, random_state=seed, stratify=d.target)
-    return x[tr], y[tr], x[te], y[te]
+    tr, te = train_test_split(np.arange(len(y)), test_size=0.25, random_state=size.seed, stratify=d.target)
+    if size.val_digits > 0:
+        tr, va = train_test_split(tr, test_size=size.val_digits, random_state=size.seed, stratify=d.target[tr])
+    else:
+        va = tr[:0]
+    return Splits((x[tr], y[tr]), (x[va], y[va]), (x[te], y[te]), {"train": tr, "val": va, "test": te})
 
 
 class ClassEmbeddingCLIP:
@@ -337,6 +370,38 @@ def cached(name: str, key: str, make: Callable[[], dict], log: Callable[[str], N
     return sd
 
 
+def teacher_and_classifier(size: Size, splits: Splits, clip: ClassEmbeddingCLIP, log: Callable[[str], None] = _log,
+                           device: torch.device | str = "cpu", cache: bool = True) -> tuple[dict, dict]:
+    """(teacher state dict, classifier state dict), both trained on ``splits.train``, cached in ``.cache/digits/``
+    (``cache`` False: trained again)."""
+    x, y = splits.train
+
+    def teacher() -> dict:
+        return train_teacher(size, x, y, clip, log, device=device)
+
+    def classifier() -> dict:
+        return train_classifier(size, x, y)
+
+    if not cache:
+        return teacher(), classifier()
+    return (cached("teacher", size.key(*TEACHER_FIELDS), teacher, log),
+            cached("classifier", size.key(*CLASSIFIER_FIELDS), classifier, log))
+
+
+def prepare(size: Size, log: Callable[[str], None] = _log, device: torch.device | str = "cpu") -> None:
+    """The teacher, the classifier and the teacher-data pool of ``size`` in the cache, made once with every core,
+    before worker processes (one thread each) start: otherwise each worker would train its own."""
+    import os
+
+    from scripts.comfy_host import import_comfy
+
+    import_comfy()
+    torch.set_num_threads(max(1, os.cpu_count() or 2))
+    clip = ClassEmbeddingCLIP(size.context_dim, seed=size.seed)
+    teacher_sd, _ = teacher_and_classifier(size, load_splits(size), clip, log, device=device)
+    teacher_pool(model_patcher(size, teacher_sd), clip, size, log)
+
+
 # --------------------------------------------------------------------------------------------
 # metrics
 # --------------------------------------------------------------------------------------------
@@ -359,44 +424,45 @@ class Evaluator:
     under each):
 
     - ``fd``: Frechet distance of the frozen classifier's 128-d penultimate features (generated vs the
-      held-out test split);
+      held-out reference digits: the test split for the proof, the validation split for the
+      sweeps, :meth:`Splits.reference`);
     - ``pix_fd``: Frechet distance of pixel features (the first ``pca_dims`` principal components of the
       train split's pixels): a second, pixel-space distance that the classifier's invariances cannot hide;
     - ``precision`` / ``recall`` (Kynkaanniemi et al. 2019, k-NN manifolds, k=3) in the classifier's
-      feature space: the share of samples inside the test split's manifold (quality) and of test digits
+      feature space: the share of samples inside the reference digits' manifold (quality) and of reference digits
       inside the samples' manifold (coverage);
     - ``acc``: share classified as the prompted digit; ``acc2``: the same by a second, independent
       classifier (logistic regression on pixels, scikit-learn);
-    - ``diversity``: mean within-class feature distance relative to the test split's;
+    - ``diversity``: mean within-class feature distance relative to the reference digits';
     - ``speckle``: mean absolute difference of neighbouring pixels, in [0, 1] (pixel noise raises it);
       ``background``: mean brightness, in [0, 1], of the pixels that are dark in > 90 % of real digits.
     """
 
-    def __init__(self, clf_state: dict, x_test: torch.Tensor, y_test: torch.Tensor,
+    def __init__(self, clf_state: dict, x_ref: torch.Tensor, y_ref: torch.Tensor,
                  x_train: torch.Tensor | None = None, y_train: torch.Tensor | None = None, pca_dims: int = 32,
                  k: int = 3) -> None:
         self.clf = Classifier()
         self.clf.load_state_dict(clf_state)
         self.clf.eval().requires_grad_(False)
         self.k = k
-        self.test_feats = self._features(x_test)
-        self.test_acc = float((self._logits(x_test).argmax(1) == y_test).float().mean())
-        self.test_div = self._diversity(self.test_feats, y_test.numpy())
-        self.test_radii = _knn_radii(self.test_feats, k)
-        ref = x_test if x_train is None else x_train
-        pix = _pixels(ref)
+        self.ref_feats = self._features(x_ref)
+        self.ref_acc = float((self._logits(x_ref).argmax(1) == y_ref).float().mean())
+        self.ref_div = self._diversity(self.ref_feats, y_ref.numpy())
+        self.ref_radii = _knn_radii(self.ref_feats, k)
+        basis_digits = x_ref if x_train is None else x_train
+        pix = _pixels(basis_digits)
         self.pix_mean = pix.mean(0)
         _, _, vt = np.linalg.svd(pix - self.pix_mean, full_matrices=False)
         self.pix_basis = vt[:pca_dims].T  # (64, pca_dims)
-        self.test_pix = self._pix_feats(x_test)
-        self.dark = (_pixels(ref) < -0.9).mean(0) > 0.9  # pixels dark in > 90 % of real digits
+        self.ref_pix = self._pix_feats(x_ref)
+        self.dark = (pix < -0.9).mean(0) > 0.9  # pixels dark in > 90 % of real digits
         self.clf2 = None
         if x_train is not None and y_train is not None:
             from sklearn.linear_model import LogisticRegression
 
             self.clf2 = LogisticRegression(max_iter=2000, C=0.5).fit(_pixels(x_train), y_train.numpy())
-            self.test_acc2 = float((self.clf2.predict(_pixels(x_test)) == y_test.numpy()).mean())
-        self.test_texture = self.texture(x_test)
+            self.ref_acc2 = float((self.clf2.predict(_pixels(x_ref)) == y_ref.numpy()).mean())
+        self.ref_texture = self.texture(x_ref)
 
     @torch.no_grad()
     def _features(self, x: torch.Tensor) -> np.ndarray:
@@ -411,11 +477,13 @@ class Evaluator:
 
     @staticmethod
     def _diversity(feats: np.ndarray, labels: np.ndarray) -> float:
+        from scipy.spatial.distance import cdist
+
         out = []
         for c in range(CLASSES):
             f = feats[labels == c]
             if len(f) > 1:
-                d = np.sqrt(((f[:, None] - f[None]) ** 2).sum(-1))
+                d = cdist(f, f)
                 out.append(d.sum() / (len(f) * (len(f) - 1)))
         return float(np.mean(out))
 
@@ -430,11 +498,11 @@ class Evaluator:
     def metrics(self, samples: torch.Tensor, classes: torch.Tensor) -> dict[str, float]:
         feats = self._features(samples)
         acc = float((self._logits(samples).argmax(1) == classes).float().mean())
-        precision, recall = precision_recall(self.test_feats, feats, self.k, self.test_radii)
-        out = {"fd": frechet_distance(feats, self.test_feats), "pix_fd": frechet_distance(self._pix_feats(samples),
-                                                                                          self.test_pix),
+        precision, recall = precision_recall(self.ref_feats, feats, self.k, self.ref_radii)
+        out = {"fd": frechet_distance(feats, self.ref_feats), "pix_fd": frechet_distance(self._pix_feats(samples),
+                                                                                          self.ref_pix),
                "precision": precision, "recall": recall, "acc": acc,
-               "diversity": self._diversity(feats, classes.numpy()) / self.test_div}
+               "diversity": self._diversity(feats, classes.numpy()) / self.ref_div}
         if self.clf2 is not None:
             out["acc2"] = float((self.clf2.predict(_pixels(samples)) == classes.numpy()).mean())
         out.update(self.texture(samples))
@@ -447,8 +515,9 @@ def _pixels(x: torch.Tensor) -> np.ndarray:
 
 def _knn_radii(feats: np.ndarray, k: int) -> np.ndarray:
     """Distance of every point to its k-th nearest neighbour in the same set (itself excluded)."""
-    d = np.sqrt(((feats[:, None] - feats[None]) ** 2).sum(-1))
-    return np.sort(d, axis=1)[:, k]
+    from scipy.spatial.distance import cdist
+
+    return np.partition(cdist(feats, feats), k, axis=1)[:, k]
 
 
 def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3,
@@ -457,7 +526,9 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3,
     inside some real point's k-NN ball; recall = share of ``real`` inside some fake point's k-NN ball."""
     real_radii = _knn_radii(real, k) if real_radii is None else real_radii
     fake_radii = _knn_radii(fake, k)
-    d = np.sqrt(((fake[:, None] - real[None]) ** 2).sum(-1))  # (F, R)
+    from scipy.spatial.distance import cdist
+
+    d = cdist(fake, real)  # (F, R) Euclidean distances
     precision = float((d <= real_radii[None, :]).any(1).mean())
     recall = float((d <= fake_radii[:, None]).any(0).mean())
     return precision, recall

@@ -169,11 +169,20 @@ SWEEPS: dict[str, dict[str, dict[str, Any]]] = {
         "data_cfg1.5": {"data_cfg": 1.5, "paired_metric": "mse"},
         "data_steps25": {"data_steps": 25, "paired_metric": "mse"},
     },
+    # the shipped choices checked again on the validation split (every sweep above was scored on the test split,
+    # before the splits had a validation part): the shipped settings against each choice undone, at the proof's
+    # length (--steps 500 --eval-every 250)
+    "validation": {
+        "shipped": {},
+        "regression": {"distill_loss": "regression", "distill_weight": 2.5},
+        "mse_pairs": {"paired_metric": "mse"},
+        "paper_terms": {"paired_weight": 0.0, "distill_loss": "regression", "distill_weight": 2.5},
+    },
 }
 
 # the distillation term of every sweep before 'dmd_pairs1000' (FULL's until then); a configuration's own keys win
 REGRESSION: dict[str, Any] = {"distill_loss": "regression", "distill_weight": 2.5}
-_AFTER_REGRESSION = ("dmd_pairs1000",)
+_AFTER_REGRESSION = ("dmd_pairs1000", "validation")
 for _sweep, _configs in SWEEPS.items():
     if _sweep not in _AFTER_REGRESSION:
         for _name, _overrides in _configs.items():

@@ -5,7 +5,9 @@ A configuration is a dict of overrides: fields of :class:`benchmarks.digits.Size
 ``add_batch``, ``lora_rank``, ``lr_lora``, ``disc_t_hi``, ``data`` ...) and fields of ``ADDConfig``
 (``r1_gamma``, ``disc_features``, ``distill_weighting`` ...). Every (configuration, seed) run trains
 the LoRA the way ADD Train does (``digits.train_student``), writes it every ``eval_every`` steps and
-scores the 1-step student at each of those checkpoints (1, 2 and 4 steps at the last one).
+scores the 1-step student at each of those checkpoints (1, 2 and 4 steps at the last one), against the
+validation split (``--reference val``, the default: settings are chosen there, and the test split stays the
+proof table's alone; ``--reference test`` scores on the test split instead, into ``<sweep>-test``).
 
 Results: ``out/sweeps/<sweep>/runs/<config>-s<seed>.jsonl`` (one line per evaluated checkpoint),
 ``out/sweeps/<sweep>.csv`` (every line of every run) and ``out/sweeps/<sweep>.png`` (FD, pixel FD,
@@ -14,7 +16,7 @@ configuration). A killed sweep resumes: a run continues from its last saved stat
 node's own resume) and evaluated checkpoints are not evaluated again; finished runs are skipped.
 
     .venv/bin/python -m benchmarks.sweep_digits --sweep NAME [--configs a,b] [--seeds 0,1] [--jobs 2]
-        [--steps N] [--eval-every N] [--device cpu|cuda] [--reduced] [--list]
+        [--steps N] [--eval-every N] [--device cpu|cuda] [--reference val|test] [--reduced] [--list]
 
 ``--list`` prints the named sweeps and their configurations.
 """
@@ -65,26 +67,10 @@ def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str
 # --------------------------------------------------------------------------------------------
 # one run (a worker process)
 # --------------------------------------------------------------------------------------------
-def prepare(reduced: bool) -> None:
-    """Teacher, classifier and teacher-data pool in the cache, once, before the workers start."""
-    import torch
-
-    from benchmarks import digits as D
-    from scripts.comfy_host import import_comfy
-
-    import_comfy()
-    torch.set_num_threads(max(1, (os.cpu_count() or 2)))
-    base = D.REDUCED if reduced else D.FULL
-    x, y, _, _ = D.load_split(base.seed)
-    clip = D.ClassEmbeddingCLIP(base.context_dim, seed=base.seed)
-    teacher_sd = D.cached("teacher", base.key(*D.TEACHER_FIELDS), lambda: D.train_teacher(base, x, y, clip))
-    D.cached("classifier", base.key("clf_epochs", "seed"), lambda: D.train_classifier(base, x, y))
-    D.teacher_pool(D.model_patcher(base, teacher_sd), clip, base)
-
-
-def run_one(sweep: str, name: str, overrides: dict[str, Any], seed: int, out: Path, reduced: bool,
-            device: str) -> None:
-    """Train one (configuration, seed), scoring every saved checkpoint; resumable."""
+def run_one(sweep: str, name: str, overrides: dict[str, Any], seed: int, out: Path, base, device: str = "cpu",
+            reference: str = "val") -> None:
+    """Train one (configuration, seed), scoring every saved checkpoint against the ``reference`` split
+    ('val': the validation split, so that no setting is chosen on the test split the proof reports); resumable."""
     import torch
 
     from benchmarks import digits as D
@@ -95,7 +81,6 @@ def run_one(sweep: str, name: str, overrides: dict[str, Any], seed: int, out: Pa
 
     comfy.utils.PROGRESS_BAR_ENABLED = False
     size_over, cfg_over, kw = split_overrides(overrides)
-    base = D.REDUCED if reduced else D.FULL
     # The teacher, classifier and evaluation seeds stay the base's: only the student run's seed changes.
     size = dataclasses.replace(base, **size_over)
     run_dir = out / "runs"
@@ -107,12 +92,12 @@ def run_one(sweep: str, name: str, overrides: dict[str, Any], seed: int, out: Pa
         for line in results.read_text().splitlines():
             if line.strip():
                 done_steps.add((json.loads(line)["step"], json.loads(line)["sample_steps"]))
-    x, y, x_test, y_test = D.load_split(base.seed)
+    splits = D.load_splits(base)
+    held_out = splits.reference(reference)  # before any training: a size without that split fails here
     clip = D.ClassEmbeddingCLIP(size.context_dim, seed=base.seed)
-    teacher_sd = D.cached("teacher", base.key(*D.TEACHER_FIELDS), lambda: D.train_teacher(base, x, y, clip))
-    clf_sd = D.cached("classifier", base.key("clf_epochs", "seed"), lambda: D.train_classifier(base, x, y))
+    teacher_sd, clf_sd = D.teacher_and_classifier(base, splits, clip)
     mp = D.model_patcher(size, teacher_sd)
-    ev = D.Evaluator(clf_sd, x_test, y_test, x, y)
+    ev = D.Evaluator(clf_sd, *held_out, *splits.train)
     classes = D.prompted_classes(size)
     lora = run_dir / f"{tag}.safetensors"
     t0 = time.perf_counter()
@@ -129,7 +114,7 @@ def run_one(sweep: str, name: str, overrides: dict[str, Any], seed: int, out: Pa
                 continue
             s, _ = D.sample_student(mp, path, clip, size, n, noise_seed=seed)
             m = ev.metrics(s, classes)
-            row = {"sweep": sweep, "config": name, "seed": seed, "step": step, "sample_steps": n,
+            row = {"sweep": sweep, "config": name, "seed": seed, "reference": reference, "step": step, "sample_steps": n,
                    "train_s": round(time.perf_counter() - t0, 1), **{k: m.get(k) for k in metric_keys()},
                    **{k: round(v, 5) for k, v in game.items()}}
             with open(results, "a", encoding="utf-8") as f:
@@ -143,7 +128,7 @@ def run_one(sweep: str, name: str, overrides: dict[str, Any], seed: int, out: Pa
     info = D.train_student(mp, clip, size, str(lora), seed=seed, save_every=eval_every, on_save=score,
                            overrides=cfg_over, device=torch.device(device), log=lambda m: print(m, flush=True),
                            on_progress=recent.append,
-                           real=(x, y), **kw)
+                           real=splits.train, **kw)
     # A run resumed after its last save has nothing new to save: score the final file if needed.
     score(size.add_steps, str(lora))
     (run_dir / f"{tag}.done").write_text(json.dumps({"seconds": info["seconds"]}))
@@ -235,6 +220,12 @@ def table(rows: list[dict], sample_steps: int = 1) -> str:
     return "\n".join(lines)
 
 
+def base_size(reduced: bool):
+    from benchmarks import digits as D
+
+    return D.REDUCED if reduced else D.FULL
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sweep", default="length", help="a named sweep (see --list) or a new name with --config")
@@ -247,12 +238,16 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-every", type=int, default=0, help="score a checkpoint every N steps (default: steps/4)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--reduced", action="store_true", help="the reduced sizes (teacher, samples per class)")
+    ap.add_argument("--reference", choices=("val", "test"), default="val",
+                    help="the held-out digits every run is scored against: 'val' (the validation split, to choose "
+                         "settings; default) or 'test' (the proof's split; results go to out/sweeps/<sweep>-test)")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--report", action="store_true", help="only write the CSV, plot and tables of what has run")
     ap.add_argument("--worker", nargs=3, metavar=("NAME", "OVERRIDES_JSON", "SEED"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    out = Path(args.out) / args.sweep
+    label = args.sweep if args.reference == "val" else f"{args.sweep}-test"  # its folder, CSV and plot
+    out = Path(args.out) / label
     if args.list:
         for sw, cfgs in SWEEPS.items():
             print(sw)
@@ -261,7 +256,7 @@ def main(argv=None) -> int:
         return 0
     if args.worker:
         name, over, seed = args.worker
-        run_one(args.sweep, name, json.loads(over), int(seed), out, args.reduced, args.device)
+        run_one(args.sweep, name, json.loads(over), int(seed), out, base_size(args.reduced), args.device, args.reference)
         return 0
 
     configs = dict(SWEEPS.get(args.sweep, {}))
@@ -292,7 +287,9 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     if todo:
-        prepare(args.reduced)
+        from benchmarks import digits as D
+
+        D.prepare(base_size(args.reduced))
     running: list[tuple[subprocess.Popen, str, Any]] = []
     failed = []
     bar = tqdm(total=len(configs) * len(seeds), initial=len(configs) * len(seeds) - len(todo), unit="run",
@@ -303,7 +300,8 @@ def main(argv=None) -> int:
         while todo and len(running) < jobs:
             c, o, s = todo.pop(0)
             cmd = [sys.executable, "-m", "benchmarks.sweep_digits", "--sweep", args.sweep, "--out", args.out,
-                   "--device", args.device, "--worker", c, json.dumps(o), str(s)] + (["--reduced"] if args.reduced else [])
+                   "--device", args.device, "--reference", args.reference, "--worker", c, json.dumps(o), str(s)
+                   ] + (["--reduced"] if args.reduced else [])
             log = open(logs / f"{c}-s{s}.log", "a", encoding="utf-8")
             running.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), f"{c}-s{s}",
                             log))
@@ -317,17 +315,17 @@ def main(argv=None) -> int:
                     failed.append(tag)
                     tqdm.write(f"{tag} failed (rc {p.returncode}): see {logs / (tag + '.log')}")
                 rows = collect(out)
-                write_csv(rows, Path(args.out) / f"{args.sweep}.csv")
+                write_csv(rows, Path(args.out) / f"{label}.csv")
     bar.close()
     rows = collect(out)
-    write_csv(rows, Path(args.out) / f"{args.sweep}.csv")
+    write_csv(rows, Path(args.out) / f"{label}.csv")
     if rows:
-        plot(rows, Path(args.out) / f"{args.sweep}.png", f"digits sweep '{args.sweep}'")
+        plot(rows, Path(args.out) / f"{label}.png", f"digits sweep '{args.sweep}', scored on the {args.reference} split")
         for n in (1, 2, 4):
             if any(r["sample_steps"] == n for r in rows):
                 print(f"\n{n} step{'s' if n > 1 else ''}:")
                 print(table(rows, n))
-    print(f"\n{args.out}/{args.sweep}.csv, {args.out}/{args.sweep}.png" + (f"; failed: {failed}" if failed else ""))
+    print(f"\n{args.out}/{label}.csv, {args.out}/{label}.png" + (f"; failed: {failed}" if failed else ""))
     return 1 if failed else 0
 
 

@@ -8,6 +8,7 @@ test measures what it generates with a frozen digit classifier instead.
 """
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -19,6 +20,40 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 pytestmark = pytest.mark.slow
+
+
+def test_the_splits_are_disjoint_stratified_and_the_test_split_is_the_earlier_one():
+    """The sweeps choose settings on the validation split, the proof reports the test split: the three never
+    share a digit, each has every class in its share, and the test split is the 75/25 split earlier proof
+    tables were scored on."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from benchmarks import digits as D
+
+    labels = load_digits().target
+    splits = D.load_splits(D.FULL)
+    idx = splits.index
+    assert {k: len(v) for k, v in idx.items()} == {"train": 1797 - 450 - D.FULL.val_digits, "val": D.FULL.val_digits,
+                                                    "test": 450}
+    assert len(np.unique(np.concatenate(list(idx.values())))) == 1797  # disjoint, and every digit used
+    for name, rows in idx.items():
+        share = np.bincount(labels[rows], minlength=10) / len(rows)
+        assert np.abs(share - np.bincount(labels) / 1797).max() < 0.01, name  # stratified
+        x, y = getattr(splits, name)
+        assert x.shape == (len(rows), 1, 8, 8) and (y.numpy() == labels[rows]).all()
+    _, earlier_test = train_test_split(np.arange(1797), test_size=0.25, random_state=D.FULL.seed, stratify=labels)
+    assert (idx["test"] == earlier_test).all()
+    assert splits.reference("val")[0] is splits.val[0] and splits.reference("test")[0] is splits.test[0]
+    import dataclasses
+
+    none = D.load_splits(dataclasses.replace(D.FULL, val_digits=0))
+    assert len(none.index["train"]) == 1797 - 450 and len(none.index["val"]) == 0
+    with pytest.raises(ValueError, match="no validation split"):
+        none.reference("val")
+    with pytest.raises(ValueError, match="'val' or 'test'"):
+        splits.reference("train")
 
 
 def test_add_one_step_beats_the_teachers_one_step_at_its_data_cfg(comfy, tmp_path):
@@ -65,9 +100,8 @@ def test_the_pool_pairs_are_the_noise_each_teacher_sample_started_from(comfy):
     from scripts.comfy_host import plugin_module
 
     size = D.REDUCED
-    x, y, _, _ = D.load_split(size.seed)
     clip = D.ClassEmbeddingCLIP(size.context_dim, seed=size.seed)
-    teacher_sd = D.cached("teacher", size.key(*D.TEACHER_FIELDS), lambda: D.train_teacher(size, x, y, clip))
+    teacher_sd, _ = D.teacher_and_classifier(size, D.load_splits(size), clip)
     mp = D.model_patcher(size, teacher_sd)
     x_pool, y_pool = D.teacher_pool(mp, clip, size)
     noise = D.pool_noise(size)
@@ -105,7 +139,7 @@ def test_the_noise_report_splits_pixel_fd_and_finds_the_background_noise_the_cla
     assert mean_term == pytest.approx(((a.mean(0) - b.mean(0)) ** 2).sum())
 
     report = NoiseReport()
-    x_test = D.load_split(D.Size().seed)[2].numpy()
+    x_test = D.load_splits(D.FULL).test[0].numpy()
     clean = report.measure(x_test)
     assert clean["pix_fd"] == pytest.approx(0.0, abs=1e-6)
     noisy_x = x_test + rng.normal(0.0, 0.3, size=x_test.shape)
@@ -116,3 +150,52 @@ def test_the_noise_report_splits_pixel_fd_and_finds_the_background_noise_the_cla
     assert noisy["bg_clamped_mean"] - clean["bg_clamped_mean"] == pytest.approx(0.3 * math.sqrt(2 / math.pi) / 2,
                                                                                abs=0.03)
     assert noisy["mean_term"] > 10 * clean["mean_term"] + 0.05 and noisy["outside_pca"] > clean["outside_pca"]
+
+
+def test_a_sweep_run_is_scored_on_the_validation_split_unless_told_the_test_split(comfy, tmp_path):
+    """The sweeps choose settings, so they score against the validation split; the same run (same seed, so
+    the same samples) scored with ``reference='test'`` gets other figures, and each row says its split."""
+    import dataclasses
+    import json
+
+    from benchmarks import digits as D
+    from benchmarks import sweep_digits
+
+    tiny = dataclasses.replace(D.REDUCED, name="sweep-test", teacher_iters=30, clf_epochs=2, pool_per_class=8,
+                               per_class=6, add_steps=2, add_batch=4)
+    rows = {}
+    for reference in ("val", "test"):
+        out = tmp_path / reference
+        sweep_digits.run_one("t", "c", {}, 0, out, tiny, reference=reference)
+        rows[reference] = [json.loads(line) for line in (out / "runs" / "c-s0.jsonl").read_text().splitlines()]
+        assert (out / "runs" / "c-s0.done").is_file()
+    assert [(r["step"], r["sample_steps"]) for r in rows["val"]] == [(r["step"], r["sample_steps"]) for r in rows["test"]]
+    assert {r["reference"] for r in rows["val"]} == {"val"} and {r["reference"] for r in rows["test"]} == {"test"}
+    # the same samples (speckle is a property of the samples alone) against other digits (FD, precision, recall)
+    for v, t in zip(rows["val"], rows["test"]):
+        assert v["speckle"] == t["speckle"]
+        assert v["fd"] != t["fd"]
+    with pytest.raises(ValueError, match="no validation split"):
+        sweep_digits.run_one("t", "c", {}, 0, tmp_path / "none", dataclasses.replace(tiny, val_digits=0))
+
+
+def test_seeds_in_parallel_share_one_teacher_made_before_they_start(comfy, tmp_path):
+    """``bench_digits --jobs 2``: the teacher, classifier and pool are made once, on every core, before the seed
+    processes start; each seed then loads them from the cache instead of training its own copy."""
+    import dataclasses
+
+    from benchmarks import bench_digits
+    from benchmarks import digits as D
+
+    sets = {"teacher_iters": 31, "clf_epochs": 2, "pool_per_class": 8, "per_class": 6,
+            "add_steps": 2, "add_batch": 4}
+    size = dataclasses.replace(D.REDUCED, **sets)
+    for name, fields in (("teacher", D.TEACHER_FIELDS), ("classifier", D.CLASSIFIER_FIELDS)):
+        (D.CACHE / f"{name}-{size.key(*fields)}.safetensors").unlink(missing_ok=True)  # made by this run
+    result = bench_digits.run_parallel(size, tmp_path, (0, 1), 2, [f"{k}={json.dumps(v)}" for k, v in sets.items()])
+    for seed in (0, 1):
+        log = (tmp_path / f"seed-{seed}" / "log.txt").read_text()
+        assert "teacher: cached" in log and "classifier: cached" in log and "pool: cached" in log, log[-2000:]
+        assert "trained in" not in log
+    assert len(result["per_seed"]["ADD 1 step"]) == 2  # both seeds scored
+    assert result["teacher_s"] > 0 and result["seconds"] > result["teacher_s"]

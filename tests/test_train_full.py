@@ -207,7 +207,7 @@ def test_digits_train_student_takes_the_training_mode_and_samples_through_the_ex
     assert D.Size().training_mode == "lora" and D.Size() == D.FULL  # the proof's defaults are unchanged
     size = D.Size(name="full-test", training_mode="full", lr_full=1e-3, lora_rank=1024, add_steps=2, add_batch=4,
                   per_class=2)
-    x, y, _, _ = D.load_split(size.seed)
+    x, y = D.load_splits(size).train
     clip = D.ClassEmbeddingCLIP(size.context_dim, seed=size.seed)
     mp = D.model_patcher(size)  # untrained weights: this checks the plumbing, not the quality
     lora = str(tmp_path / "digits_full.safetensors")
