@@ -7,12 +7,13 @@ Rows (``per_class`` samples of each of the 10 class prompts, the same seeds in e
   (``teacher_cfg``), and 25 steps with CFG (the target): ComfyUI's KSampler path (euler, "normal");
 * ADD 1 / 2 / 4 steps: the LoRA trained by ``ADDRun`` on teacher-generated data from the class
   prompts (ADD Train's default), applied with ComfyUI's LoRA loader, sampled with the ADD sampler;
-* ablations at 1 step: distillation only (``adv_weight`` 0), adversarial only (``distill_weight`` 0);
-* ADD trained on the real train split instead of teacher data (1 and 4 steps).
+* ablations at 1 and 2 steps: distillation only (``adv_weight`` 0), adversarial only (``distill_weight``
+  0), pairs only (both 0), and ADD without pairs (the paper's two terms: regression at lambda 2.5, also at
+  4 steps).
 
-Metrics from a classifier trained on the train split (frozen): FD = Frechet distance of its
-penultimate features to the held-out test split's, acc = share classified as the prompted digit,
-div = mean within-class feature distance relative to the test split's. Every row's samples go to
+Metrics from classifiers trained on the train split (frozen), against the held-out test split
+(``digits.Evaluator``: FD, pixel FD, precision, recall, accuracy by two classifiers, diversity, speckle,
+background); the sweeps that chose the settings score on the validation split instead. Every row's samples go to
 ``out/digits/<row>.npz`` (``samples`` (N, 1, 8, 8) in [-1, 1], ``classes`` (N,)) and a picture grid
 (rows x classes) to ``out/digits/grid.png``. The trained teacher and classifier are cached in
 ``.cache/digits/`` (delete it to retrain them).
@@ -61,8 +62,10 @@ def run(size: D.Size, out_dir: Path, log=D._log, rows_wanted: set[str] | None = 
     clip = D.ClassEmbeddingCLIP(size.context_dim, seed=size.seed)
     t_teacher = time.perf_counter()
     teacher_sd, clf_sd = D.teacher_and_classifier(size, splits, clip, log, device=device, cache=cache)
-    teacher_s = time.perf_counter() - t_teacher
     mp = D.model_patcher(size, teacher_sd)
+    if rows_wanted is None or rows_wanted - {"teacher 1", "teacher 4", "teacher 25"}:
+        D.teacher_pool(mp, clip, size, log)  # the students' training data, made (or loaded) inside the timed block
+    teacher_s = time.perf_counter() - t_teacher
     ev = D.Evaluator(clf_sd, *splits.test, *splits.train)
     log(f"classifier: {ev.ref_acc:.1%} on the test split; second classifier {ev.ref_acc2:.1%}")
     classes = D.prompted_classes(size)
@@ -115,11 +118,18 @@ def run(size: D.Size, out_dir: Path, log=D._log, rows_wanted: set[str] | None = 
 
 
 def run_parallel(size: D.Size, out_dir: Path, seeds: tuple[int, ...], jobs: int, sets: list[str] = ()) -> dict:
-    """:func:`run` once per seed in ``jobs`` processes at a time (one thread each), merged as one result."""
+    """:func:`run` once per seed in ``jobs`` processes at a time (one thread each), merged as one result.
+    ``sets``: the ``FIELD=JSON`` changes that make ``size`` from FULL (or REDUCED), which each worker applies."""
+    import dataclasses
     import json
     import subprocess
 
     t_start = time.perf_counter()
+    base = D.REDUCED if size.name == "reduced" else D.FULL
+    rebuilt = dataclasses.replace(base, **{k: json.loads(v) for k, _, v in (a.partition("=") for a in sets)})
+    if rebuilt != size:  # each worker rebuilds its size from --reduced and --set, as main() does
+        raise ValueError(f"run_parallel: the workers would rebuild another size from {list(sets)} than {size}; "
+                         "pass every field that differs from FULL (or REDUCED) in sets")
     D.prepare(size)  # once, on every core: not once per worker
     prepare_s = time.perf_counter() - t_start
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")

@@ -68,8 +68,8 @@ class Size:
     teacher_cfg: float = 2.0  # CFG of the teacher rows and of the teacher-generated training data
     data_steps: int = 10  # teacher steps per generated batch (ADD Train's data_steps)
     data_cfg: float | None = None  # CFG of the teacher-generated training data (None = teacher_cfg)
-    # student steps of the proof table: 500 take 31 min on 2 CPU cores (two seeds side by side; the budget is
-    # 30); with the pairs, longer training is better (the sweeps: 300, 1,000 and 3,000 steps)
+    # student steps of the proof table: 500 take 28.5 min on 2 CPU cores (two seeds side by side, the teacher
+    # cached; the budget is 30); with the pairs, longer training is better (the sweeps: 300, 1,000 and 3,000 steps)
     add_steps: int = 500
     add_batch: int = 32
     lora_rank: int = 16
@@ -396,10 +396,14 @@ def prepare(size: Size, log: Callable[[str], None] = _log, device: torch.device 
     from scripts.comfy_host import import_comfy
 
     import_comfy()
+    threads = torch.get_num_threads()
     torch.set_num_threads(max(1, os.cpu_count() or 2))
-    clip = ClassEmbeddingCLIP(size.context_dim, seed=size.seed)
-    teacher_sd, _ = teacher_and_classifier(size, load_splits(size), clip, log, device=device)
-    teacher_pool(model_patcher(size, teacher_sd), clip, size, log)
+    try:
+        clip = ClassEmbeddingCLIP(size.context_dim, seed=size.seed)
+        teacher_sd, _ = teacher_and_classifier(size, load_splits(size), clip, log, device=device)
+        teacher_pool(model_patcher(size, teacher_sd), clip, size, log)
+    finally:
+        torch.set_num_threads(threads)  # the caller's own count again (a test worker's one thread)
 
 
 # --------------------------------------------------------------------------------------------
@@ -622,9 +626,14 @@ def teacher_pool(mp, clip: ClassEmbeddingCLIP, size: Size, log: Callable[[str], 
                                                  cfg_scale=data_cfg(size)))
         return {"x0": torch.cat(xs), "classes": torch.arange(CLASSES).repeat_interleave(size.pool_per_class)}
 
-    fields = (*TEACHER_FIELDS, "data_steps", "teacher_cfg", "pool_per_class")
-    sd = cached("pool", size.key(*fields, *(("data_cfg",) if size.data_cfg is not None else ())), make, log)
+    sd = cached("pool", pool_key(size), make, log)
     return sd["x0"].float(), sd["classes"].long()
+
+
+def pool_key(size: Size) -> str:
+    """The cache key of :func:`teacher_pool`'s file, ``.cache/digits/pool-<key>.safetensors``."""
+    fields = (*TEACHER_FIELDS, "data_steps", "teacher_cfg", "pool_per_class")
+    return size.key(*fields, *(("data_cfg",) if size.data_cfg is not None else ()))
 
 
 def data_cfg(size: Size) -> float:

@@ -177,6 +177,9 @@ SWEEPS: dict[str, dict[str, dict[str, Any]]] = {
         "regression": {"distill_loss": "regression", "distill_weight": 2.5},
         "mse_pairs": {"paired_metric": "mse"},
         "paper_terms": {"paired_weight": 0.0, "distill_loss": "regression", "distill_weight": 2.5},
+        # two of round one's choices that the preset keeps: the student's EMA, the input convolution's features
+        "no_ema": {"ema_decay": None},
+        "encoder_features": {"disc_features": "encoder"},
     },
 }
 

@@ -94,6 +94,7 @@ def run_one(sweep: str, name: str, overrides: dict[str, Any], seed: int, out: Pa
                 done_steps.add((json.loads(line)["step"], json.loads(line)["sample_steps"]))
     splits = D.load_splits(base)
     held_out = splits.reference(reference)  # before any training: a size without that split fails here
+    stamp(out, base, reference)
     clip = D.ClassEmbeddingCLIP(size.context_dim, seed=base.seed)
     teacher_sd, clf_sd = D.teacher_and_classifier(base, splits, clip)
     mp = D.model_patcher(size, teacher_sd)
@@ -132,6 +133,32 @@ def run_one(sweep: str, name: str, overrides: dict[str, Any], seed: int, out: Pa
     # A run resumed after its last save has nothing new to save: score the final file if needed.
     score(size.add_steps, str(lora))
     (run_dir / f"{tag}.done").write_text(json.dumps({"seconds": info["seconds"]}))
+
+
+def stamp(out: Path, base, reference: str) -> None:
+    """Mark ``out`` (a sweep's folder) with the teacher and the split its runs are scored against, or refuse it
+    when it holds runs made with another teacher or scored on another split: resuming them would mix figures
+    that do not compare (a finished run is skipped, and its rows would show in the tables as current)."""
+    from benchmarks import digits as D
+
+    want = {"teacher": base.key(*D.TEACHER_FIELDS), "reference": reference}
+    path = out / "stamp.json"
+    runs = list((out / "runs").glob("*.jsonl")) if (out / "runs").is_dir() else []
+    have = json.loads(path.read_text()) if path.is_file() else ({"teacher": "unknown (made before stamps)",
+                                                                  "reference": "unknown"} if runs else None)
+    if have is not None and have != want:
+        raise ValueError(f"{out} holds runs of teacher {have['teacher']} scored on the {have['reference']} split; this "
+                         f"sweep is teacher {want['teacher']} on the {want['reference']} split. Move that folder away "
+                         "(or pass another --sweep name or --out) to start these runs afresh.")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(want))
+
+
+def worker_command(args: argparse.Namespace, name: str, overrides: dict[str, Any], seed: int) -> list[str]:
+    """The command line of one (configuration, seed) worker: the parent's sweep, folder, device, split and size."""
+    return [sys.executable, "-m", "benchmarks.sweep_digits", "--sweep", args.sweep, "--out", args.out,
+            "--device", args.device, "--reference", args.reference, "--worker", name, json.dumps(overrides), str(seed)
+            ] + (["--reduced"] if args.reduced else [])
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,6 +316,10 @@ def main(argv=None) -> int:
     if todo:
         from benchmarks import digits as D
 
+        try:
+            stamp(out, base_size(args.reduced), args.reference)  # before any work: a folder of other runs is refused
+        except ValueError as e:
+            ap.error(str(e))
         D.prepare(base_size(args.reduced))
     running: list[tuple[subprocess.Popen, str, Any]] = []
     failed = []
@@ -299,9 +330,7 @@ def main(argv=None) -> int:
     while todo or running:
         while todo and len(running) < jobs:
             c, o, s = todo.pop(0)
-            cmd = [sys.executable, "-m", "benchmarks.sweep_digits", "--sweep", args.sweep, "--out", args.out,
-                   "--device", args.device, "--reference", args.reference, "--worker", c, json.dumps(o), str(s)
-                   ] + (["--reduced"] if args.reduced else [])
+            cmd = worker_command(args, c, o, s)
             log = open(logs / f"{c}-s{s}.log", "a", encoding="utf-8")
             running.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), f"{c}-s{s}",
                             log))

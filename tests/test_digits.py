@@ -152,21 +152,32 @@ def test_the_noise_report_splits_pixel_fd_and_finds_the_background_noise_the_cla
     assert noisy["mean_term"] > 10 * clean["mean_term"] + 0.05 and noisy["outside_pca"] > clean["outside_pca"]
 
 
-def test_a_sweep_run_is_scored_on_the_validation_split_unless_told_the_test_split(comfy, tmp_path):
+def test_a_sweep_run_is_scored_on_the_validation_split_unless_told_the_test_split(comfy, tmp_path, monkeypatch):
     """The sweeps choose settings, so they score against the validation split; the same run (same seed, so
     the same samples) scored with ``reference='test'`` gets other figures, and each row says its split."""
     import dataclasses
-    import json
+
+    import torch
 
     from benchmarks import digits as D
     from benchmarks import sweep_digits
 
     tiny = dataclasses.replace(D.REDUCED, name="sweep-test", teacher_iters=30, clf_epochs=2, pool_per_class=8,
                                per_class=6, add_steps=2, add_batch=4)
+    splits = D.load_splits(tiny)
+    seen = []
+
+    class Spy(D.Evaluator):  # which digits each run's evaluator compares with
+        def __init__(self, clf_state, x_ref, *args, **kwargs):
+            seen.append(x_ref)
+            super().__init__(clf_state, x_ref, *args, **kwargs)
+
+    monkeypatch.setattr(D, "Evaluator", Spy)
     rows = {}
-    for reference in ("val", "test"):
+    for reference, split in (("val", splits.val), ("test", splits.test)):
         out = tmp_path / reference
         sweep_digits.run_one("t", "c", {}, 0, out, tiny, reference=reference)
+        assert torch.equal(seen[-1], split[0])
         rows[reference] = [json.loads(line) for line in (out / "runs" / "c-s0.jsonl").read_text().splitlines()]
         assert (out / "runs" / "c-s0.done").is_file()
     assert [(r["step"], r["sample_steps"]) for r in rows["val"]] == [(r["step"], r["sample_steps"]) for r in rows["test"]]
@@ -177,6 +188,15 @@ def test_a_sweep_run_is_scored_on_the_validation_split_unless_told_the_test_spli
         assert v["fd"] != t["fd"]
     with pytest.raises(ValueError, match="no validation split"):
         sweep_digits.run_one("t", "c", {}, 0, tmp_path / "none", dataclasses.replace(tiny, val_digits=0))
+    # A folder of runs scored on one split (or made with another teacher) is not resumed as another's.
+    with pytest.raises(ValueError, match="scored on the val split"):
+        sweep_digits.run_one("t", "c", {}, 0, tmp_path / "val", tiny, reference="test")
+    with pytest.raises(ValueError, match="holds runs of teacher"):
+        sweep_digits.run_one("t", "c", {}, 0, tmp_path / "val", dataclasses.replace(tiny, teacher_iters=29))
+    # The parent hands its split to every worker it starts.
+    args = sweep_digits.argparse.Namespace(sweep="t", out=str(tmp_path), device="cpu", reference="test", reduced=True)
+    cmd = sweep_digits.worker_command(args, "c", {}, 0)
+    assert cmd[cmd.index("--reference") + 1] == "test" and "--reduced" in cmd
 
 
 def test_seeds_in_parallel_share_one_teacher_made_before_they_start(comfy, tmp_path):
@@ -190,12 +210,15 @@ def test_seeds_in_parallel_share_one_teacher_made_before_they_start(comfy, tmp_p
     sets = {"teacher_iters": 31, "clf_epochs": 2, "pool_per_class": 8, "per_class": 6,
             "add_steps": 2, "add_batch": 4}
     size = dataclasses.replace(D.REDUCED, **sets)
-    for name, fields in (("teacher", D.TEACHER_FIELDS), ("classifier", D.CLASSIFIER_FIELDS)):
-        (D.CACHE / f"{name}-{size.key(*fields)}.safetensors").unlink(missing_ok=True)  # made by this run
+    for name, key in (("teacher", size.key(*D.TEACHER_FIELDS)), ("classifier", size.key(*D.CLASSIFIER_FIELDS)),
+                      ("pool", D.pool_key(size))):
+        (D.CACHE / f"{name}-{key}.safetensors").unlink(missing_ok=True)  # made by this run
     result = bench_digits.run_parallel(size, tmp_path, (0, 1), 2, [f"{k}={json.dumps(v)}" for k, v in sets.items()])
     for seed in (0, 1):
         log = (tmp_path / f"seed-{seed}" / "log.txt").read_text()
         assert "teacher: cached" in log and "classifier: cached" in log and "pool: cached" in log, log[-2000:]
         assert "trained in" not in log
     assert len(result["per_seed"]["ADD 1 step"]) == 2  # both seeds scored
-    assert result["teacher_s"] > 0 and result["seconds"] > result["teacher_s"]
+    with pytest.raises(ValueError, match="would rebuild another size"):  # a size the workers cannot rebuild
+        bench_digits.run_parallel(dataclasses.replace(size, lora_rank=3), tmp_path, (0, 1), 2,
+                                  [f"{k}={json.dumps(v)}" for k, v in sets.items()])
