@@ -305,6 +305,11 @@ def main(argv=None) -> int:
             c["eval_every"] = args.eval_every
     seeds = [int(s) for s in args.seeds.split(",")]
     jobs = args.jobs or (4 if args.device.startswith("cuda") else 2)
+    if not args.report:  # a folder of another teacher or split is refused, even when all its runs are done
+        try:
+            stamp(out, base_size(args.reduced), args.reference)
+        except ValueError as e:
+            ap.error(str(e))
     todo = [(c, o, s) for c, o in configs.items() for s in seeds
             if not (out / "runs" / f"{c}-s{s}.done").is_file()] if not args.report else []
     out.mkdir(parents=True, exist_ok=True)
@@ -316,10 +321,6 @@ def main(argv=None) -> int:
     if todo:
         from benchmarks import digits as D
 
-        try:
-            stamp(out, base_size(args.reduced), args.reference)  # before any work: a folder of other runs is refused
-        except ValueError as e:
-            ap.error(str(e))
         D.prepare(base_size(args.reduced))
     running: list[tuple[subprocess.Popen, str, Any]] = []
     failed = []
@@ -348,6 +349,9 @@ def main(argv=None) -> int:
     bar.close()
     rows = collect(out)
     write_csv(rows, Path(args.out) / f"{label}.csv")
+    made = json.loads((out / "stamp.json").read_text()) if (out / "stamp.json").is_file() else None
+    print(f"\n{label}: " + (f"teacher {made['teacher']}, scored on the {made['reference']} split" if made else
+                            "made before sweep folders were stamped: teacher and split unknown"))
     if rows:
         plot(rows, Path(args.out) / f"{label}.png", f"digits sweep '{args.sweep}', scored on the {args.reference} split")
         for n in (1, 2, 4):

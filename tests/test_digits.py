@@ -152,7 +152,8 @@ def test_the_noise_report_splits_pixel_fd_and_finds_the_background_noise_the_cla
     assert noisy["mean_term"] > 10 * clean["mean_term"] + 0.05 and noisy["outside_pca"] > clean["outside_pca"]
 
 
-def test_a_sweep_run_is_scored_on_the_validation_split_unless_told_the_test_split(comfy, tmp_path, monkeypatch):
+def test_a_sweep_run_is_scored_on_the_validation_split_unless_told_the_test_split(comfy, tmp_path, monkeypatch,
+                                                                                    capsys):
     """The sweeps choose settings, so they score against the validation split; the same run (same seed, so
     the same samples) scored with ``reference='test'`` gets other figures, and each row says its split."""
     import dataclasses
@@ -193,6 +194,11 @@ def test_a_sweep_run_is_scored_on_the_validation_split_unless_told_the_test_spli
         sweep_digits.run_one("t", "c", {}, 0, tmp_path / "val", tiny, reference="test")
     with pytest.raises(ValueError, match="holds runs of teacher"):
         sweep_digits.run_one("t", "c", {}, 0, tmp_path / "val", dataclasses.replace(tiny, teacher_iters=29))
+    # ... and the command refuses it too, even when every run in it is done (nothing left to train): its
+    # rows would otherwise be reported as this teacher's (here the command's teacher is FULL's, not tiny's)
+    with pytest.raises(SystemExit):
+        sweep_digits.main(["--sweep", "val", "--config", "c={}", "--seeds", "0", "--out", str(tmp_path)])
+    assert "holds runs of teacher" in capsys.readouterr().err
     # The parent hands its split to every worker it starts.
     args = sweep_digits.argparse.Namespace(sweep="t", out=str(tmp_path), device="cpu", reference="test", reduced=True)
     cmd = sweep_digits.worker_command(args, "c", {}, 0)
