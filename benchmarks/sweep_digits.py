@@ -150,8 +150,11 @@ def stamp(out: Path, base, reference: str) -> None:
         raise ValueError(f"{out} holds runs of teacher {have['teacher']} scored on the {have['reference']} split; this "
                          f"sweep is teacher {want['teacher']} on the {want['reference']} split. Move that folder away "
                          "(or pass another --sweep name or --out) to start these runs afresh.")
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(want))
+    if have is None:  # written once (the parent, before its workers start), atomically: workers only read it
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        tmp.write_text(json.dumps(want))
+        os.replace(tmp, path)
 
 
 def worker_command(args: argparse.Namespace, name: str, overrides: dict[str, Any], seed: int) -> list[str]:
