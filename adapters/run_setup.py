@@ -27,7 +27,7 @@ import comfy.utils
 from ..core.errors import ADDError
 from ..training import image_folder as image_files
 from ..training.config import ADDConfig
-from ..training.data import LatentDataset, SyntheticTeacherData
+from ..training.data import LatentDataset, SyntheticTeacherData, WithRealImages
 from ..training.inputs import memory_error
 from ..training.run import RunSpec
 from ..training.schedule import DiscreteSchedule
@@ -159,7 +159,9 @@ def build_run_spec(model, clip, vae, request: RunRequest, plan: RunPlan, lora_pa
     """The run's inputs from ComfyUI objects -> (RunSpec, decode_preview(latents) -> IMAGE).
 
     ``images`` (N, H, W, 3) are the training images, if any (``folder_captions`` when they came from
-    an image folder, else the prompts caption them). Inputs are already checked (plan_run, check_start).
+    an image folder, else the prompts caption them); with ``images_for`` 'discriminator' the student trains on the
+    teacher's samples of the images' captions and the images are the discriminator's real side. Inputs are
+    already checked (plan_run, check_start).
     """
     cfg, prompts = plan.cfg, list(request.prompts)
     width, height = int(request.width), int(request.height)
@@ -167,8 +169,16 @@ def build_run_spec(model, clip, vae, request: RunRequest, plan: RunPlan, lora_pa
     network = adapter.frozen_copy(model, device)
     c = adapter.latent_channels(model)
     captions = prompts if images is None else _captions(prompts, int(images.shape[0]), folder_captions)
+    # images_for 'discriminator': the teacher generates the student's data from the images' own captions (one
+    # entry per image, so each caption as often as among the images): D's two sides then carry the same texts
+    for_d = images is not None and cfg.images_for == "discriminator"
     bank = adapter.PromptBank(clip, sorted(set(captions)) if captions else [""], network, width, height)
     schedule = DiscreteSchedule(adapter.schedule_sigmas(model))
+
+    def teacher_data(teacher):
+        return SyntheticTeacherData(teacher, captions if for_d else bank.prompts, lambda ps: bank.encode(ps, device),
+                                    (c, *lat_hw), schedule, steps=int(request.data_steps),
+                                    cfg_scale=float(request.data_cfg), uncond=bank.uncond_on(device), device=device)
 
     if images is not None:
         pixels = fit_images(images, width, height)
@@ -179,13 +189,12 @@ def build_run_spec(model, clip, vae, request: RunRequest, plan: RunPlan, lora_pa
         cond, pooled = bank.encode(captions, device)
         uncond = bank.uncond_on(device)
 
-        def data_factory(_teacher):
+        def data_factory(teacher):
+            if for_d:
+                return WithRealImages(teacher_data(teacher), LatentDataset(lat, cond=cond, pooled=pooled))
             return LatentDataset(lat, cond=cond, pooled=pooled, uncond=uncond)
     else:
-        def data_factory(teacher):
-            return SyntheticTeacherData(teacher, bank.prompts, lambda ps: bank.encode(ps, device), (c, *lat_hw),
-                                        schedule, steps=int(request.data_steps), cfg_scale=float(request.data_cfg),
-                                        uncond=bank.uncond_on(device), device=device)
+        data_factory = teacher_data
 
     feature_fn = None
     decoder = _private_taesd(vae, device)

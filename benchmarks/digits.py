@@ -701,6 +701,20 @@ def train_student(mp, clip: ClassEmbeddingCLIP, size: Size, lora_path: str, *, d
         def data_factory(_teacher):
             return tr_data.LatentDataset(x_pool.to(device), cond=cond, pooled=pooled, uncond=bank.uncond_on(device),
                                          noise=noise)
+    elif data == "teacher+real":
+        # the teacher's pool for the student's inputs and the pairs, the real train split for what D calls real
+        assert real is not None
+        x_pool, y_pool = teacher_pool(mp, clip, size, log)
+        cond, pooled = bank.encode([PROMPTS[int(c)] for c in y_pool], device)
+        noise = pool_noise(size).to(device)
+        x_tr, y_tr = real
+        cond_r, pooled_r = bank.encode([PROMPTS[int(c)] for c in y_tr], device)
+
+        def data_factory(_teacher):
+            return tr_data.WithRealImages(
+                tr_data.LatentDataset(x_pool.to(device), cond=cond, pooled=pooled, uncond=bank.uncond_on(device),
+                                      noise=noise),
+                tr_data.LatentDataset(x_tr.to(device), cond=cond_r, pooled=pooled_r))
     elif data == "teacher_live":
         def data_factory(teacher):
             return tr_data.SyntheticTeacherData(teacher, bank.prompts, lambda ps: bank.encode(ps, device), (1, 8, 8),
@@ -714,7 +728,7 @@ def train_student(mp, clip: ClassEmbeddingCLIP, size: Size, lora_path: str, *, d
         def data_factory(_teacher):
             return tr_data.LatentDataset(x_tr.to(device), cond=cond, pooled=pooled, uncond=bank.uncond_on(device))
     else:
-        raise ValueError(f"data must be 'teacher', 'teacher_live' or 'real', got {data!r}")
+        raise ValueError(f"data must be 'teacher', 'teacher+real', 'teacher_live' or 'real', got {data!r}")
     spec = tr_run.RunSpec(
         cfg=cfg, network=network, denoise=adapter.comfy_denoise, data=None, data_factory=data_factory,
         schedule=schedule, lora_path=lora_path, device=device, feature_modules=adapter.feature_modules(network, cfg.disc_features),

@@ -181,11 +181,28 @@ SWEEPS: dict[str, dict[str, dict[str, Any]]] = {
         "no_ema": {"ema_decay": None},
         "encoder_features": {"disc_features": "encoder"},
     },
+    # the paper's data for the discriminator: the real train split as what D calls real, while the student's inputs,
+    # the distillation term and the pairs stay the teacher's (data 'teacher+real'); with the ablations beside it
+    # (--steps 500, on the validation split)
+    "real_disc": {
+        "add_realD": {"data": "teacher+real"},
+        "adv_only_realD": {"data": "teacher+real", "distill_weight": 0.0},
+        "distill_only": {"adv_weight": 0.0},
+    },
+    # the rest of the preset's choices from rounds one and two, each undone on its own on the validation split
+    # (--steps 500; the shipped run is 'validation/shipped'): the learning rates, the discriminator's noise range,
+    # its head norm
+    "validation2": {
+        "lr3e-4": {"lr_lora": 3e-4, "lr_disc": 3e-4},
+        "lr3e-3": {"lr_lora": 3e-3, "lr_disc": 3e-3},
+        "disc_t999": {"disc_t_hi": 999},
+        "norm_batch_local": {"disc_norm": "batch_local"},
+    },
 }
 
 # the distillation term of every sweep before 'dmd_pairs1000' (FULL's until then); a configuration's own keys win
 REGRESSION: dict[str, Any] = {"distill_loss": "regression", "distill_weight": 2.5}
-_AFTER_REGRESSION = ("dmd_pairs1000", "validation")
+_AFTER_REGRESSION = ("dmd_pairs1000", "validation", "real_disc", "validation2")
 for _sweep, _configs in SWEEPS.items():
     if _sweep not in _AFTER_REGRESSION:
         for _name, _overrides in _configs.items():

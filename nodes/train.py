@@ -22,8 +22,8 @@ from ..core import files
 from ..core.errors import ADDError
 from ..core.images import png_bytes
 from ..training import image_folder as image_files
-from ..training.config import (DISC_NORMS, DISCRIMINATOR_TYPES, DISTILL_LOSSES, LR_SCHEDULES, PAIRED_METRICS,
-                               TRAINING_MODES)
+from ..training.config import (DISC_NORMS, DISCRIMINATOR_TYPES, DISTILL_LOSSES, IMAGES_FOR, LR_SCHEDULES,
+                               PAIRED_METRICS, TRAINING_MODES)
 from ..training.presets import PRESET_NAMES, fields_on_run
 from ..training.resume import STATE_SUFFIX, check_start, existing_run, state_dir_for
 from ..training.run import ADDRun, RunHooks, RunSpec
@@ -135,8 +135,9 @@ class ADDTrain(io.ComfyNode):
                     "Needed for images (encoding) and the dinov2 discriminator; a TinyVAE (TAESD) also decodes the "
                     "previews (otherwise a cheap latent approximation is shown)."),
                 io.Image.Input("images", optional=True, tooltip=
-                    "Train on these images (encoded with the VAE) instead of teacher-generated ones; captions are taken "
-                    "from the prompt lines in order (cycled)."),
+                    "Train on these images (encoded with the VAE) instead of teacher-generated ones, or (images_for "
+                    "discriminator) give them to the discriminator as real; captions are taken from the prompt lines in "
+                    "order (cycled)."),
                 io.String.Input("image_folder", default="", optional=True, tooltip=
                     "A folder inside ComfyUI's input/ with images (png/jpg/webp/bmp/tif, natural order) and same-name "
                     "UTF-8 .txt captions (e.g. my_dataset); symbolic links in input/ are followed. Empty = not used."),
@@ -192,6 +193,12 @@ class ADDTrain(io.ComfyNode):
                     "own earlier steps (as the 2-4 step sampler makes them) instead of a training image re-noised. "
                     "Costs up to (number of student_timesteps - 1) extra student passes per step without a graph; "
                     "no effect with a single student timestep."),
+                io.Combo.Input("images_for", options=list(IMAGES_FOR), optional=True, tooltip=
+                    "What the images (or image_folder) are for. training: the student learns from them (no noise-paired "
+                    "regression). discriminator: the teacher generates the student's training images from the images' "
+                    "captions (with the preset's noise-paired regression), and the images are what the discriminator "
+                    "learns as real, as in the ADD paper. On the digits proof the discriminator on real digits made the "
+                    "4-step student better under both distances, the 1- and 2-step ones equal."),
             ],
             outputs=[io.String.Output(display_name="job_id", tooltip="The job's id, for ADD Training Status."),
                      io.String.Output(display_name="lora_name", tooltip=
@@ -209,7 +216,8 @@ class ADDTrain(io.ComfyNode):
                 save_every, preview_every, training_seed, gradient_checkpointing, run_mode, vae=None, images=None,
                 image_folder="", dinov2_file="", disc_max_timestep=999, disc_norm="batch_local", lr_schedule="constant",
                 training_mode="lora", lr_full=1e-6, preset="none", paired_weight=0.0,
-                distill_loss="regression", paired_metric="mse", backward_simulation=False) -> io.NodeOutput:
+                distill_loss="regression", paired_metric="mse", backward_simulation=False,
+                images_for="training") -> io.NodeOutput:
         args = locals_without_self(locals())
         args["seed"] = args.pop("training_seed")
         job = start_training(**args)
@@ -221,7 +229,8 @@ class ADDTrain(io.ComfyNode):
             if job.message.startswith("resuming from"):  # broken state files were skipped: say which
                 line += f"; {job.message}"
         if preset != "none":  # on images: without the pairs (no noise to pair with) and what they came with
-            fields = fields_on_run(preset, images=images is not None or bool(str(image_folder).strip()))
+            fields = fields_on_run(preset, images=(images is not None or bool(str(image_folder).strip()))
+                                   and images_for == "training")
             line += f"\npreset {preset}: " + ", ".join(f"{k} = {v}" for k, v in fields.items())
         return io.NodeOutput(job.id, os.path.basename(job.lora_path), ui={"text": [line]})
 
@@ -266,7 +275,8 @@ def start_training(model, clip, name, prompts, max_steps, batch_size, width, hei
                    save_every, preview_every, seed, gradient_checkpointing, run_mode, vae=None, images=None,
                    image_folder="", dinov2_file="", disc_max_timestep=999, disc_norm="batch_local",
                    lr_schedule="constant", training_mode="lora", lr_full=1e-6, preset="none", paired_weight=0.0,
-                   distill_loss="regression", paired_metric="mse", backward_simulation=False) -> Job:
+                   distill_loss="regression", paired_metric="mse", backward_simulation=False,
+                   images_for="training") -> Job:
     """Check the widgets, assemble the run on this (prompt) thread (adapters/run_setup.py), start the
     job; returns it at once."""
     # ---- check everything before anything is built ------------------------------------
@@ -283,7 +293,7 @@ def start_training(model, clip, name, prompts, max_steps, batch_size, width, hei
                  save_every=save_every, preview_every=preview_every, disc_norm=str(disc_norm),
                  lr_schedule=str(lr_schedule), training_mode=str(training_mode), lr_full=lr_full,
                  paired_weight=paired_weight, distill_loss=str(distill_loss), paired_metric=str(paired_metric),
-                 backward_simulation=bool(backward_simulation))
+                 backward_simulation=bool(backward_simulation), images_for=str(images_for))
     request = RunRequest(lora_path=os.path.join(folder_paths.get_folder_paths("loras")[0], name + ".safetensors"),
                          prompts=tuple(parse_prompts(prompts)), width=width, height=height, data_cfg=data_cfg,
                          data_steps=data_steps, gradient_checkpointing=bool(gradient_checkpointing), train=train,

@@ -46,7 +46,8 @@ RUN_KEYS: dict[str, tuple[object, str]] = {
                     "with ComfyUI's loader"),
     "output": (None, "the LoRA to write, e.g. loras/my_turbo_lora.safetensors; its state goes beside it"),
     "prompts": ([], "list of prompts (or one string, a prompt per line): the teacher makes the training images"),
-    "image_folder": ("", "folder of training images with same-name .txt captions (instead of teacher images)"),
+    "image_folder": ("", "folder of images with same-name .txt captions: the training images instead of the teacher's, "
+                         "or (images_for 'discriminator') what the discriminator learns as real"),
     "width": (512, "training width in pixels (multiple of 8)"),
     "height": (512, "training height in pixels (multiple of 8)"),
     "data_cfg": (7.0, "CFG scale of the teacher when it generates training images"),

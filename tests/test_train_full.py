@@ -126,9 +126,10 @@ def test_node_trains_full_reports_the_export_and_refuses_a_mode_change_on_resume
 
     T = plugin("nodes.train")
     model, clip, vae = sd15
-    assert list(T.ADDTrain.INPUT_TYPES()["optional"])[-7:] == ["training_mode", "lr_full", "preset", "paired_weight",
+    assert list(T.ADDTrain.INPUT_TYPES()["optional"])[-8:] == ["training_mode", "lr_full", "preset", "paired_weight",
                                                                "distill_loss", "paired_metric",
-                                                               "backward_simulation"]  # appended last, in release order
+                                                               "backward_simulation",
+                                                               "images_for"]  # appended last, in release order
     run = settings(name="full_node", training_mode="full", lr_full=1e-3, lora_rank=8, lora_alpha=8.0, max_steps=2,
                    save_every=1, preview_every=1)
     job = wait(T.start_training(model=model, clip=clip, vae=vae, **run))

@@ -139,6 +139,17 @@ def test_preset_fills_the_fields_it_names_and_the_files_own_keys_win(tiny, comfy
     assert cfg.lora_rank == 4
     with pytest.raises(ConfigError, match=r"preset 'fast' is not known"):
         check_config(json.loads(config(tiny, tmp_path / "q.json", out, preset="fast").read_text()))
+    # a file's images for the discriminator: the preset's pairs stay (the student learns from the teacher's data)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for_d = check_config(json.loads(config(tiny, tmp_path / "d.json", out, preset="small_data", image_folder=str(folder),
+                                           images_for="discriminator").read_text()))
+    assert for_d["request"].config(images=True).paired_weight == small["paired_weight"] > 0
+    with pytest.raises(ConfigError, match=r"images_for is 'discriminator' but adv_weight is 0"):
+        check_config(json.loads(config(tiny, tmp_path / "e.json", out, image_folder=str(folder), adv_weight=0.0,
+                                       images_for="discriminator").read_text()))
+    with pytest.raises(ConfigError, match=r"images_for is 'discriminator' but no images"):
+        check_config(json.loads(config(tiny, tmp_path / "f.json", out, images_for="discriminator").read_text()))
 
 
 def test_two_ranks_equal_one_process_and_resume_across_world_sizes(tiny, comfy, plugin, loras_dir, tmp_path):

@@ -162,7 +162,8 @@ def test_the_nodes_text_lists_what_the_preset_set_on_this_run(T, sd15, loras_dir
 
     model, clip, vae = sd15
     texts = {}
-    for run, extra in (("prompts", {}), ("images", {"images": torch.rand(2, 64, 64, 3)})):
+    for run, extra in (("prompts", {}), ("images", {"images": torch.rand(2, 64, 64, 3)}),
+                       ("images_for_d", {"images": torch.rand(2, 64, 64, 3), "images_for": "discriminator"})):
         s = settings(name=f"preset_text_{run}", max_steps=1, preview_every=0, save_every=0, preset="small_data",
                      **extra)
         s["training_seed"] = s.pop("seed")
@@ -172,6 +173,7 @@ def test_the_nodes_text_lists_what_the_preset_set_on_this_run(T, sd15, loras_dir
         texts[run] = out.ui["text"][0]
     for key in ("paired_weight", *WITH_PAIRS_ONLY):
         assert f"{key} = " in texts["prompts"] and f"{key} = " not in texts["images"], (key, texts)
+        assert f"{key} = " in texts["images_for_d"], (key, texts)  # images for D: the student learns the teacher's
     assert "lr_lora = 0.001" in texts["images"] and "lr_lora = 0.001" in texts["prompts"]
 
 
@@ -248,6 +250,44 @@ def test_images_train_from_the_vae_latents(T, sd15, loras_dir):
     assert (loras_dir / "image_run.add-state" / "run.json").is_file()
     run = json.loads((loras_dir / "image_run.add-state" / "run.json").read_text())
     assert run["data"] == "images" and run["images"] == 3
+
+
+def test_images_for_the_discriminator_keep_the_teachers_data_and_pairs_and_are_what_d_calls_real(T, sd15, loras_dir,
+                                                                                                   plugin, monkeypatch):
+    """images_for 'discriminator': the student's batches are the teacher's samples of the images' captions (with
+    the noise the preset's pairs need), and the discriminator's real side is rows of the given images' latents."""
+    run_setup = plugin("adapters.run_setup")
+    seen, prompt_lists = [], []
+
+    class Recording(run_setup.WithRealImages):
+        def __call__(self, generator, batch_size):
+            batch = super().__call__(generator, batch_size)
+            lat = self.real.latents.flatten(1)
+            seen.append((all(bool((lat == r.flatten()).all(1).any()) for r in batch["real"]["x0"]),
+                         "noise" in batch, bool((lat == batch["x0"][0].flatten()).all(1).any())))
+            prompt_lists.append(list(self.data.prompts))
+            return batch
+
+    monkeypatch.setattr(run_setup, "WithRealImages", Recording)
+    imgs = torch.rand(4, 64, 64, 3, generator=torch.Generator().manual_seed(1))
+    job = wait(start(T, sd15, name="images_for_d", images=imgs, images_for="discriminator", preset="small_data",
+                     prompts="a red fox\na blue car\na green tree", max_steps=2, preview_every=0))
+    assert job.state == "done", job.error
+    assert seen and all(real_rows and noise and not teacher_is_image for real_rows, noise, teacher_is_image in seen)
+    # the teacher draws from the images' captions (the prompt lines cycled over the 4 images): both sides alike
+    assert prompt_lists[0] == ["a red fox", "a blue car", "a green tree", "a red fox"]
+    run = json.loads((loras_dir / "images_for_d.add-state" / "run.json").read_text())
+    assert run["data"] == "teacher+images" and run["images"] == 4
+    saved = next(json.loads(p.read_text())["config"] for p in (loras_dir / "images_for_d.add-state").rglob("meta.json"))
+    assert saved["images_for"] == "discriminator" and saved["paired_weight"] == 100.0  # the preset's pairs stay
+
+
+def test_images_for_the_discriminator_needs_images_and_a_known_value_is_checked(T, sd15, loras_dir):
+    imgs = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(2))
+    with pytest.raises(ValueError, match="images_for is 'discriminator' but no images"):
+        start(T, sd15, name="d_no_images", images_for="discriminator")
+    with pytest.raises(ValueError, match="images_for"):
+        start(T, sd15, name="d_unknown", images=imgs, images_for="sideways")
 
 
 def test_gradient_checkpointing_recomputes_the_blocks_and_gives_the_same_first_step(T, plugin, sd15, loras_dir,

@@ -31,7 +31,8 @@ from .losses import DistillationLoss, HingeDLoss, HingeGLoss, R1Penalty
 from .schedule import DiscreteSchedule, add_noise_ve, broadcast_like
 from .student import DenoiseFn, FullStudent, LoRAStudent
 
-Batch = Mapping[str, Any]  # {"x0": (B, ...) latents, "cond": any, "uncond": any?, "pooled": (B, c)?}
+Batch = Mapping[str, Any]  # {"x0": (B, ...) latents, "cond": any, "uncond": any?, "pooled": (B, c)?,
+#                            "noise": (B, ...)? (the pairs), "real": {"x0", "cond"?, "pooled"?}? (D's real side)}
 DataFn = Callable[[torch.Generator, int], Batch]  # (generator, batch_size) -> batch; deterministic
 
 
@@ -220,8 +221,11 @@ def step(batch: Batch, models: ADDModels, cfg: ADDConfig, phase: str, *, generat
             with torch.no_grad():
                 fake = student_forward(batch, models, cfg, generator)
         fake = fake.detach()  # sg(x_hat_theta): no gradient to the student in the D phase
-        real_logits, real_inputs = disc(x0, cond, pooled, generator=generator, grad_through_features=False,
-                                        return_inputs=True)
+        # what D calls real: the batch's own x0, or a second set of images beside it (``batch['real']``:
+        # e.g. the user's images while the pairs and the student's inputs come from the teacher)
+        real = batch.get("real") or {"x0": x0, "cond": cond, "pooled": pooled}
+        real_logits, real_inputs = disc(real["x0"], real.get("cond"), real.get("pooled"), generator=generator,
+                                        grad_through_features=False, return_inputs=True)
         fake_logits = disc(fake, cond, pooled, generator=generator, grad_through_features=False)
         hinge = _HINGE_D(real_logits, fake_logits)
         r1 = R1Penalty(cfg.r1_gamma)(real_logits, real_inputs)

@@ -17,6 +17,7 @@ from ..core.errors import ADDError
 DISTILL_WEIGHTINGS = ("exponential", "sds")
 DISTILL_LOSSES = ("regression", "dmd")
 PAIRED_METRICS = ("mse", "features", "mse+features")
+IMAGES_FOR = ("training", "discriminator")
 DISCRIMINATOR_TYPES = ("teacher", "dinov2", "pixel")
 DISC_FEATURES = ("encoder", "input+encoder", "all")
 TRAINING_MODES = ("lora", "full")
@@ -61,6 +62,10 @@ class ADDConfig:
     # the pairs' distance: 'mse' (latent space) | 'features' (LPIPS-like, in the discriminator's feature network) |
     # 'mse+features' (their sum)
     paired_metric: str = "mse"
+    # what given images are for: 'training' (the student learns from them; no pairs) | 'discriminator' (the
+    # student, the distillation term and the pairs use the teacher's samples of the prompts; the images are what
+    # the discriminator learns as real: the paper's ADD). Data assembly only (adapters/run_setup.py, batch['real'])
+    images_for: str = "training"
     r1_gamma: float = 1e-5
     teacher_cfg_scale: float = 1.0  # 1.0 = one conditional teacher pass, no CFG
     teacher_timestep_range: tuple[int, int] = (1, 999)  # t for re-noising the student output
@@ -185,6 +190,8 @@ _RULES: dict[str, tuple[Callable[[Any, ADDConfig], bool], str]] = {
                       f"one of {PAIRED_METRICS}; no 'features' with discriminator 'pixel' (its features are the "
                       "latent itself, which the metric's per-position normalisation reduces to its direction)"),
     "backward_simulation": (lambda v, c: isinstance(v, bool), "True or False"),
+    "images_for": (lambda v, c: v in IMAGES_FOR and (v == "training" or c.adv_weight > 0),
+                   f"one of {IMAGES_FOR} ('discriminator' needs adv_weight > 0: the images feed the discriminator only)"),
     "distill_loss": (lambda v, c: v in DISTILL_LOSSES and (v == "regression" or c.distill_weight > 0),
                      f"one of {DISTILL_LOSSES} ('dmd' needs distill_weight > 0)"),
     "r1_gamma": (lambda v, c: _finite(v) and v >= 0, "a float >= 0 (paper: 1e-5)"),

@@ -137,3 +137,25 @@ def noised(x0: Tensor, sigma: Tensor, generator: torch.Generator) -> Tensor:
     """x0 + sigma * eps (VE) with eps from ``generator`` -- small helper for previews."""
     eps = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=x0.dtype).to(x0.device)
     return add_noise_ve(x0, sigma, eps)
+
+
+class WithRealImages:
+    """Teacher-generated batches with the discriminator's real side drawn from real images (the paper's ADD: D
+    learns the data, not the teacher). ``data`` gives the student's inputs, the distillation term and the pairs
+    (``"noise"``); ``real`` (e.g. a :class:`LatentDataset` of the user's images, with their own conditioning) gives
+    ``batch["real"]``, what ``add_step.step`` hands the discriminator as real in place of ``x0``."""
+
+    def __init__(self, data: Callable[[torch.Generator, int], dict[str, Any]],
+                 real: Callable[[torch.Generator, int], dict[str, Any]]) -> None:
+        self.data, self.real = data, real
+
+    def __call__(self, generator: torch.Generator, batch_size: int) -> dict[str, Any]:
+        batch = self.data(generator, batch_size)
+        r = self.real(generator, batch_size)
+        for key in ("cond", "pooled"):  # a conditional D must see both sides conditioned, or it learns the difference
+            if (batch.get(key) is None) != (r.get(key) is None):
+                raise ADDError(f"WithRealImages: the training batches {'have' if batch.get(key) is not None else 'lack'} "
+                               f"'{key}' and the real images {'have' if r.get(key) is not None else 'lack'} it; give "
+                               "both the same kind of conditioning.")
+        batch["real"] = {k: r[k] for k in ("x0", "cond", "pooled") if r.get(k) is not None}
+        return batch

@@ -86,12 +86,17 @@ def config_for_model(t_max: int, **fields) -> ADDConfig:
 
 
 def run_summary(width: int, height: int, prompt_list: list[str], data_cfg: float, data_steps: int,
-                n_images: int | None = None) -> dict:
+                n_images: int | None = None, images_for: str = "training") -> dict:
     """What run.json records of a run's data, and what a resume must match (training.resume.RUN_INFO_COMPARED):
-    size, and the prompts (count and hash), data_cfg and data_steps of teacher data, or the image count."""
+    size, and the prompts (count and hash), data_cfg and data_steps of teacher data, or the image count
+    (``images_for`` 'discriminator': 'teacher+images', the teacher's samples of the images' captions: the image
+    count, data_cfg and data_steps)."""
     info = {"width": int(width), "height": int(height)}
-    if n_images is not None:
+    if n_images is not None and images_for == "training":
         return {**info, "data": "images", "images": int(n_images)}
+    if n_images is not None:  # the teacher's samples of the images' captions, the images the discriminator's
+        return {**info, "data": "teacher+images", "images": int(n_images), "data_cfg": float(data_cfg),
+                "data_steps": int(data_steps)}
     texts = sorted(set(prompt_list))
     digest = hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()[:16]
     return {**info, "data": "teacher", "prompts": len(texts), "prompts_sha256": digest, "data_cfg": float(data_cfg),
@@ -166,19 +171,33 @@ class RunRequest:
         unknown = sorted(set(self.train) - {f.name for f in dataclasses.fields(ADDConfig)})
         if unknown:
             raise ADDError(f"{self.where}unknown training settings {unknown}.")
+        if self.images_for == "discriminator" and not has_images:
+            raise ADDError(f"{self.where}images_for is 'discriminator' but no images are given: connect 'images' or set "
+                           "image_folder (the images the discriminator learns as real), or set images_for to 'training'.")
         if not self.prompts and not has_images:
             raise ADDError(f"{self.where}prompts is empty and no images are given: type at least one prompt per line "
                            "(the teacher then generates the training images), or give images to train on (connect "
                            "'images' or set image_folder).")
         return self
 
+    @property
+    def images_for(self) -> str:
+        """What given images are for (ADDConfig.images_for): 'training' unless the request says otherwise."""
+        return str(self.train.get("images_for", "training"))
+
     def config(self, t_max: int = 999, images: bool = False) -> ADDConfig:
         """The run's ADDConfig for a model whose schedule's last timestep is ``t_max`` (999 for SD-class
         models: what a config file is checked with before its model is loaded). ``images``: the run
         trains on given images, which have no noise to pair with, so a preset's ``paired_weight`` is
         dropped there (with the settings it was measured beside, ``presets.WITH_PAIRS_ONLY``: the user's
-        values stay), and one the user set is refused. A preset's feature distance for the pairs falls back
-        to 'mse' with the pixel discriminator (its features are the latent itself)."""
+        values stay), and one the user set is refused; with ``images_for`` 'discriminator' the student trains on the
+        teacher's samples and the images only feed the discriminator, so the pairs stay. A preset's feature distance
+        for the pairs falls back to 'mse' with the pixel discriminator (its features are the latent itself)."""
+        if self.images_for == "discriminator" and float(self.train.get("adv_weight", 1.0) or 0.0) <= 0:
+            raise ADDError(f"{self.where}images_for is 'discriminator' but adv_weight is 0: the images feed only the "
+                           "discriminator, which adv_weight 0 turns off. Set adv_weight above 0, or images_for to "
+                           "'training' to train on the images.")
+        images = images and self.images_for == "training"
         fields = {k: (RULES[k][0](v) if k in RULES else v) for k, v in self.train.items()}  # checked: numbers
         if "student_timesteps" in fields:
             fields["student_timesteps"] = parse_timesteps(fields["student_timesteps"], t_max,
@@ -192,7 +211,8 @@ class RunRequest:
             if not from_preset:
                 raise ADDError(f"{self.where}paired_weight is {fields['paired_weight']}, but this run trains on images, "
                                "which carry no noise to pair with (the noise-paired regression needs the teacher's own "
-                               "samples). Set paired_weight to 0, or train from prompts.")
+                               "samples). Set paired_weight to 0, train from prompts, or set images_for to "
+                               "'discriminator' (the teacher's samples train the student, the images the discriminator).")
             fields["paired_weight"] = 0.0  # the preset's, on data it cannot use
         if images and "paired_weight" in preset_fields(self.preset):
             for key in WITH_PAIRS_ONLY:  # the preset's settings measured only beside its pairs: the user's stay
@@ -211,4 +231,5 @@ class RunRequest:
 
     def run_info(self, n_images: int | None = None) -> dict:
         """run.json's record of the data (see :func:`run_summary`)."""
-        return run_summary(self.width, self.height, list(self.prompts), self.data_cfg, self.data_steps, n_images)
+        return run_summary(self.width, self.height, list(self.prompts), self.data_cfg, self.data_steps, n_images,
+                           self.images_for)
