@@ -188,6 +188,9 @@ SWEEPS: dict[str, dict[str, dict[str, Any]]] = {
         "add_realD": {"data": "teacher+real"},
         "adv_only_realD": {"data": "teacher+real", "distill_weight": 0.0},
         "distill_only": {"adv_weight": 0.0},
+        # a stronger pull of the real-data discriminator beside the pairs (with D on the teacher's samples, weight 5
+        # made the single step worse: 'adv_weight')
+        "add_realD_adv5": {"data": "teacher+real", "adv_weight": 5.0},
     },
     # the rest of the preset's choices from rounds one and two, each undone on its own on the validation split
     # (--steps 500; the shipped run is 'validation/shipped'): the learning rates, the discriminator's noise range,
