@@ -175,24 +175,26 @@ class JobRegistry:
                 return
             job.state = "running"
             self.emit(job, force=True)
+            failed = False
             try:
                 body(job)
             except torch.OutOfMemoryError as exc:
-                job.state = "failed"
+                failed = True
                 job.error = (f"Out of memory at step {job.step} ({str(exc).splitlines()[0]}). The last checkpoint "
                              f"(step {job.last_checkpoint_step}) is intact. Lower batch_size or width/height, turn on "
                              "gradient_checkpointing, or free memory, then queue the same name to resume.")
             except Exception as exc:  # the job fails visibly; the server keeps serving
-                job.state = "failed"
+                failed = True
                 job.error = str(exc) if isinstance(exc, ADDError) else f"{type(exc).__name__}: {exc}"
                 log.error("ADD training job %s (%s) failed:\n%s", job.id, job.name, traceback.format_exc())
             finally:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-            if job.state == "failed":
+            if failed or job.state == "failed":
                 ckpt = job.last_checkpoint_step
                 job.message = (f"failed; resume from step {ckpt} by queuing the same name" if ckpt is not None
                                else "failed before the first checkpoint")
+                job.state = "failed"  # last: a reader that sees 'failed' sees its error and message too
             self.emit(job, force=True)
 
 

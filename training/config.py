@@ -63,8 +63,9 @@ class ADDConfig:
     # 'mse+features' (their sum)
     paired_metric: str = "mse"
     # what given images are for: 'training' (the student learns from them; no pairs) | 'discriminator' (the
-    # student, the distillation term and the pairs use the teacher's samples of the prompts; the images are what
-    # the discriminator learns as real: the paper's ADD). Data assembly only (adapters/run_setup.py, batch['real'])
+    # student, the distillation term and the pairs use the teacher's samples of the images' captions; the images
+    # are what the discriminator learns as real: the paper's ADD). Data assembly only (adapters/run_setup.py,
+    # batch['real'])
     images_for: str = "training"
     r1_gamma: float = 1e-5
     teacher_cfg_scale: float = 1.0  # 1.0 = one conditional teacher pass, no CFG

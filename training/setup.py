@@ -172,8 +172,9 @@ class RunRequest:
         if unknown:
             raise ADDError(f"{self.where}unknown training settings {unknown}.")
         if self.images_for == "discriminator" and not has_images:
-            raise ADDError(f"{self.where}images_for is 'discriminator' but no images are given: connect 'images' or set "
-                           "image_folder (the images the discriminator learns as real), or set images_for to 'training'.")
+            raise ADDError(f"{self.where}images_for is 'discriminator' but no images are given: connect 'images' or "
+                           "set image_folder (the images the discriminator learns as real), or set images_for to "
+                           "'training'.")
         if not self.prompts and not has_images:
             raise ADDError(f"{self.where}prompts is empty and no images are given: type at least one prompt per line "
                            "(the teacher then generates the training images), or give images to train on (connect "
@@ -193,7 +194,9 @@ class RunRequest:
         values stay), and one the user set is refused; with ``images_for`` 'discriminator' the student trains on the
         teacher's samples and the images only feed the discriminator, so the pairs stay. A preset's feature distance
         for the pairs falls back to 'mse' with the pixel discriminator (its features are the latent itself)."""
-        if self.images_for == "discriminator" and float(self.train.get("adv_weight", 1.0) or 0.0) <= 0:
+        adv = self.train.get("adv_weight", 1.0)  # a non-number is ADDConfig's to refuse, by its rule
+        adv_off = isinstance(adv, (int, float)) and not isinstance(adv, bool) and adv <= 0
+        if self.images_for == "discriminator" and adv_off:
             raise ADDError(f"{self.where}images_for is 'discriminator' but adv_weight is 0: the images feed only the "
                            "discriminator, which adv_weight 0 turns off. Set adv_weight above 0, or images_for to "
                            "'training' to train on the images.")
@@ -212,7 +215,8 @@ class RunRequest:
                 raise ADDError(f"{self.where}paired_weight is {fields['paired_weight']}, but this run trains on images, "
                                "which carry no noise to pair with (the noise-paired regression needs the teacher's own "
                                "samples). Set paired_weight to 0, train from prompts, or set images_for to "
-                               "'discriminator' (the teacher's samples train the student, the images the discriminator).")
+                               "'discriminator' (the teacher's samples train the student, the images the "
+                               "discriminator).")
             fields["paired_weight"] = 0.0  # the preset's, on data it cannot use
         if images and "paired_weight" in preset_fields(self.preset):
             for key in WITH_PAIRS_ONLY:  # the preset's settings measured only beside its pairs: the user's stay
